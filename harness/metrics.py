@@ -1,0 +1,71 @@
+"""Quality metrics, one function per name: prediction + example -> {metric: value}."""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Callable, Optional
+
+from .sandbox import run_program
+from .tasks import Example
+
+_NUMBER = re.compile(r"-?[$0-9.,]*[0-9]")
+
+
+@lru_cache(maxsize=1)
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+
+
+def rouge(prediction: str, example: Example) -> dict:
+    """ROUGE-1/2/L F-measures (rouge-score, Porter stemming), in [0, 1]."""
+    s = _rouge().score(example.reference, prediction)
+    return {k: s[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def _to_number(text: str) -> Optional[float]:
+    text = text.replace(",", "").replace("$", "").rstrip(".")
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def gsm8k_answer(text: str) -> Optional[float]:
+    """The final number of a GSM8K answer: after '####' if present, else the last number in the text."""
+    if "####" in text:
+        m = _NUMBER.search(text.split("####", 1)[1])
+        if m:
+            return _to_number(m.group())
+    found = _NUMBER.findall(text)
+    return _to_number(found[-1]) if found else None
+
+
+def gsm8k_exact_match(prediction: str, example: Example) -> dict:
+    """1.0 when the prediction's final number equals the reference's '#### N' numerically."""
+    gold, pred = gsm8k_answer(example.reference), gsm8k_answer(prediction)
+    ok = gold is not None and pred is not None and abs(gold - pred) < 1e-6
+    return {"exact_match": float(ok), "predicted_answer": pred, "gold_answer": gold}
+
+
+def humaneval_program(completion: str, example: Example) -> str:
+    """The script HumanEval runs: prompt + completion + tests + check(entry_point)."""
+    return (f"{example.prompt}{completion}\n\n{example.meta['test']}\n\n"
+            f"check({example.meta['entry_point']})\n")
+
+
+def pass_at_1(prediction: str, example: Example, timeout: float = 10.0) -> dict:
+    """1.0 when the completed function passes the problem's tests in the sandbox (one sample = pass@1)."""
+    res = run_program(humaneval_program(prediction, example), timeout=timeout)
+    return {"pass_at_1": float(res.passed), "execution": res.status, "execution_detail": res.detail}
+
+
+METRICS: dict[str, Callable[[str, Example], dict]] = {
+    "rouge": rouge,
+    "gsm8k_exact_match": gsm8k_exact_match,
+    "pass_at_1": pass_at_1,
+}
+
+# Which keys of a metric's output are scores to average in summaries (others are diagnostics).
+SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "exact_match", "pass_at_1")

