@@ -137,6 +137,23 @@ def resolve_checkpoint(spec: Optional[str]) -> tuple[str, str, bool]:
     return spec_name, str(cached), True
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Fail fast offline instead of letting huggingface_hub retry for half a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "auto") -> "LayeredModel":
     """Load any supported --model value onto a device/dtype and wrap it as a LayeredModel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,6 +163,10 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     name, where, local = resolve_checkpoint(spec)
+    hub_error = UsageError(f"--model {spec}: not a local path and could not be fetched from the hub (offline?); "
+                           "download it elsewhere and pass its directory, or pass a .gguf file")
+    if not local and not _hub_reachable():
+        raise hub_error
     t0 = time.perf_counter()
     try:
         tok = AutoTokenizer.from_pretrained(where, local_files_only=local)
@@ -153,10 +174,7 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
     except OSError as e:
         if local:
             raise UsageError(f"--model {spec}: cannot load checkpoint from {where}: {str(e).splitlines()[0]}") from None
-        raise UsageError(
-            f"--model {spec}: not a local path and could not be fetched from the hub (offline?); "
-            "download it elsewhere and pass its directory, or pass a .gguf file"
-        ) from None
+        raise hub_error from None
     hf.to(dev).eval()
     model = LayeredModel(hf, tok, name=name)
     model.load_seconds = time.perf_counter() - t0

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .config import GenerationConfig, RunConfig, UsageError
 from .generators import Generator, GenerationResult, StopCondition, build_generator
-from .logs import ExampleRecord, RunInfo, RunWriter, Summary, new_run_dir
+from .logs import SCHEMA_VERSION, ExampleRecord, RunInfo, RunWriter, Summary, new_run_dir
 from .metrics import METRICS
 from .model import LayeredModel, load_model
 from .tasks import DATA_DIR, Example, Task, get_task, load_examples
@@ -112,7 +112,7 @@ class Benchmark:
                 "data": self.run.data_path or (f"hf:{self.task.hf[0]}" if self.run.data_source == "hf"
                                                else str(Path(DATA_DIR.name) / self.task.eval_file))}
         model = dict(self.model.describe(), load_seconds=self.model.load_seconds, source=self.run.model)
-        return RunInfo(schema_version=1, run_id=run_id, created=datetime.now(timezone.utc).isoformat(),
+        return RunInfo(schema_version=SCHEMA_VERSION, run_id=run_id, created=datetime.now(timezone.utc).isoformat(),
                        command=list(sys.argv), strategy=self.generator.name, knobs=self.generator.knobs(),
                        generation=dataclasses.asdict(self.gen), run=dataclasses.asdict(self.run), task=task,
                        model=model, environment=environment(self.model.device))

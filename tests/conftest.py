@@ -1,0 +1,29 @@
+"""Shared fixtures: the real embedded model (loaded once) and real prompts from the bundled data."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def model():
+    from harness.model import load_model
+
+    return load_model(None, "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def real_prompts():
+    """Short real prompts from several bundled tasks (CNN/DM LM prefixes, GSM8K questions, HumanEval)."""
+    from harness.tasks import load_examples
+
+    exs = (load_examples("cnn_dm_lm", 4) + load_examples("gsm8k", 4) + load_examples("human_eval", 2))
+    return [e.prompt for e in exs]

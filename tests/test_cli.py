@@ -1,0 +1,99 @@
+"""The three CLIs as a user runs them: run logs that parse, and one-line errors with exit code 2."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.logs import ExampleRecord, RunInfo, Summary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          cwd=ROOT, input=stdin, timeout=600)
+
+
+def assert_one_line_error(proc, needle):
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_benchmark_writes_the_documented_run_log(tmp_path):
+    proc = run("benchmark.py", "--dataset", "gsm8k", "--num_samples", "2", "--max_steps", "12", "--n_shot", "1",
+               "--exit_layer", "20", "--output_dir", str(tmp_path), "--warmup", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "| tokens/s (median)" in proc.stdout
+    (run_dir,) = tmp_path.iterdir()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert set(info) == {f.name for f in dataclasses.fields(RunInfo)}
+    assert info["strategy"] == "autoregressive" and info["knobs"] == {"exit_layer": 20}
+    assert info["model"]["num_layers"] == 30 and info["environment"]["packages"]["torch"]
+    lines = (run_dir / "examples.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    fields = {f.name for f in dataclasses.fields(ExampleRecord)}
+    for line in lines:
+        rec = json.loads(line)
+        assert set(rec) == fields
+        assert rec["exit_layers"] == [20] * rec["new_tokens"]
+        assert isinstance(rec["prefill_seconds"], float) and isinstance(rec["decode_seconds"], float)
+        assert "exact_match" in rec["metrics"] and rec["prompt"].count("Question:") == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) == {f.name for f in dataclasses.fields(Summary)}
+    assert summary["status"] == "complete" and summary["num_examples"] == 2 and summary["avg_exit_layer"] == 20.0
+
+
+def test_generate_streams_a_one_shot_answer():
+    proc = run("generate.py", "--prompt", "What is the capital of France?", "--max_steps", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "tokens/s" in proc.stderr
+
+
+def test_generate_interactive_mode_reads_until_empty_line():
+    proc = run("generate.py", "--max_steps", "8", "--no-chat_template", stdin="Once upon a time\n\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("> ") and len(proc.stdout) > 4
+
+
+def test_eval_stub_does_not_pretend():
+    proc = run("eval.py", "--tasks", "gsm8k")
+    assert_one_line_error(proc, "not implemented yet")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--generation_strategy", "warp_drive"], "unknown --generation_strategy"),
+    (["--dataset", "imagenet"], "unknown --dataset"),
+    (["--model", "/nonexistent/model"], "not a transformers directory"),
+    (["--model", "nobody-here/no-such-model-xyz"], "could not be fetched"),
+    (["--exit_layer", "31"], "outside 1..30"),
+    (["--exit_layer", "0"], "outside 1..30"),
+    (["--data_path", "/nonexistent.jsonl"], "cannot read data file"),
+    (["--num_samples", "abc"], "invalid int value"),
+])
+def test_bad_input_gets_one_line_and_exit_2(args, needle, tmp_path):
+    assert_one_line_error(run("benchmark.py", "--output_dir", str(tmp_path), "--num_samples", "1", *args), needle)
+
+
+def test_malformed_jsonl_line_gets_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"article": "a", "highlights": "b"}\n{"article": \n')
+    assert_one_line_error(run("benchmark.py", "--data_path", str(bad), "--output_dir", str(tmp_path)),
+                          "bad.jsonl:2: malformed JSON")
+
+
+def test_help_documents_every_flag_with_its_default():
+    out = run("benchmark.py", "--help").stdout
+    for flag in ("--model", "--dataset", "--data_path", "--data_source", "--num_samples", "--n_shot", "--output_dir",
+                 "--device", "--dtype", "--generation_strategy", "--exit_layer", "--num_speculations", "--sample",
+                 "--temperature", "--top_p", "--top_k", "--max_steps", "--seed"):
+        assert flag in out
+    assert out.count("(default:") >= 18
+    assert "cnn_dm_summarization" in out and "autoregressive" in out
