@@ -19,25 +19,97 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+CRITERIA = ("cosine_similarity", "token_repeat", "entropy_based", "max_probability", "convergence")
+CONFIDENCES = ("softmax", "max_prob", "hidden_state", "contrastive", "jsd_contrastive")
+VOCAB_REDUCTIONS = ("none", "fixed", "decaying", "adaptive")
+
+SS, CALM, FREE, DYN = ("self_speculative",), ("calm",), ("free",), ("dynamic",)
+LAYERWISE = ("calm", "free", "dynamic")
+
+
+def _m(default: Any, help: str, methods: tuple, **kw: Any) -> Any:
+    """A method knob: only the strategies in `methods` accept a non-default value."""
+    return _f(default, help, methods=methods, **kw)
+
+
 @dataclass
 class GenerationConfig:
     """How to decode: the strategy and all of its knobs."""
 
-    generation_strategy: str = _f("autoregressive", "decoding method (see the list below)")
+    generation_strategy: Optional[str] = _f(
+        None, "decoding method (see the list below); omitted = autoregressive, or dynamic when --criteria is given")
     max_steps: Optional[int] = _f(None, "maximum new tokens; default: the task's own limit (128 for generate.py)")
     exit_layer: Optional[int] = _f(
         None,
         "number of layers used before the exit head, 1..L. With autoregressive: static exit "
-        "(only the first E layers). With self_speculative: the draft depth (LayerSkip, arXiv 2404.16710)",
+        "(only the first E layers). With self_speculative: the draft depth E < L (LayerSkip, arXiv 2404.16710)",
     )
-    num_speculations: Optional[int] = _f(
-        None, "self_speculative: tokens drafted per step (LayerSkip's num_speculations)"
-    )
-    sample: bool = _f(False, "sample instead of greedy decoding")
+    num_speculations: Optional[int] = _m(
+        None, "self_speculative: tokens drafted per step, >= 1; omitted = 6 (LayerSkip's num_speculations)", SS)
+    sample: bool = _f(False, "sample instead of greedy decoding (self_speculative: exact speculative sampling)")
     temperature: float = _f(1.0, "sampling temperature (with --sample)")
     top_p: float = _f(1.0, "nucleus sampling mass, 1.0 = off (with --sample)")
     top_k: int = _f(0, "top-k sampling, 0 = off (with --sample)")
     seed: int = _f(42, "random seed for sampling and few-shot selection")
+    # -- per-token exit rules: calm / free / dynamic ------------------------------------------------
+    criteria: Optional[str] = _m(
+        None, "dynamic: exit criterion (Dynamic Early Exit fork of LayerSkip); alone it selects dynamic", DYN,
+        choices=CRITERIA)
+    confidence: Optional[str] = _m(
+        None, "confidence measure: softmax = top-1 minus top-2 probability (CALM, Schuster et al. 2022; calm's "
+        "default), max_prob = top-1 probability (FREE, Bae et al. 2023; free's default), hidden_state = cosine of "
+        "consecutive layers' states (CALM saturation), contrastive | jsd_contrastive = expert vs amateur layer "
+        "(vocabulary-reduction fork of FREE). With dynamic, contrastive* replaces the softmax its criterion reads",
+        LAYERWISE, choices=CONFIDENCES)
+    threshold: Optional[float] = _m(
+        None, "calm/free: exit when confidence >= threshold; omitted = 0.9 (a value > 1 never exits)", CALM + FREE)
+    threshold_decay: Optional[float] = _m(
+        None, "calm: decaying threshold temperature tau: lambda_t = clip(0.9*lambda + 0.1*exp(-tau*t/N)) "
+        "(CALM eq. 4 as in FREE's CALM code); omitted = constant threshold", CALM)
+    min_exit_layer: Optional[int] = _m(
+        None, "calm/dynamic: first layer whose exit may be taken, 1..L-1; omitted = 1", CALM + DYN)
+    shallow_exit_layer: Optional[int] = _m(
+        None, "free: depth of the shallow module, 1..L-1; omitted = L // 4 (FREE's shallow-deep module)", FREE)
+    adaptive_threshold: bool = _m(
+        False, "free: re-estimate the threshold online from (shallow confidence, shallow==deep) pairs of the "
+        "parallel passes with a Beta mixture (FREE, Sec. 4.3)", FREE)
+    adaptive_tolerance: float = _m(
+        0.1, "free --adaptive_threshold: exit when the estimated P(shallow != deep | confidence) <= this", FREE)
+    cosine_threshold: float = _m(0.95, "dynamic cosine_similarity: exit when cos(norm h_l, norm h_l-1) > this", DYN)
+    repeats: int = _m(3, "dynamic token_repeat: exit when the argmax is the same for this many consecutive layers",
+                      DYN)
+    convergence_delta: float = _m(
+        0.01, "dynamic convergence: exit when |maxprob_l - maxprob_l-1| <= this", DYN)
+    max_prob_start: float = _m(0.99, "dynamic max_probability: threshold at min_exit_layer ...", DYN)
+    max_prob_end: float = _m(0.75, "... interpolated linearly to this at the last layer", DYN)
+    entropy_temperature: float = _m(1.0, "dynamic entropy_based: entropy of softmax(logits / T)", DYN)
+    entropy_start: float = _m(0.5, "dynamic entropy_based: entropy threshold (nats) at min_exit_layer ...", DYN)
+    entropy_end: float = _m(2.0, "... interpolated linearly to this at the last layer (exit when entropy < it)",
+                            DYN)
+    vocab_reduction: str = _m(
+        "none", "calm/free/dynamic: score exits on a reduced vocabulary kept from the first eligible exit's full "
+        "head: fixed = top vocab_k rows, decaying = k shrinks linearly with depth to vocab_k/10, adaptive = "
+        "k = V*(1 - 0.9*previous confidence) (vocabulary-reduction fork of FREE)", LAYERWISE,
+        choices=VOCAB_REDUCTIONS)
+    vocab_k: int = _m(1000, "rows kept by --vocab_reduction fixed (and the starting k of decaying)", LAYERWISE)
+    contrastive_alpha: float = _m(
+        0.1, "contrastive confidence: plausibility mask keeps tokens with p >= alpha * max p (expert layer)",
+        LAYERWISE)
+
+    def __post_init__(self) -> None:
+        if self.generation_strategy is None:
+            self.generation_strategy = "dynamic" if self.criteria else "autoregressive"
+        elif self.criteria and self.generation_strategy != "dynamic":
+            raise UsageError(f"--criteria applies to the dynamic strategy, not {self.generation_strategy}")
+        if self.generation_strategy == "dynamic" and not self.criteria:
+            raise UsageError(f"dynamic needs --criteria, one of: {', '.join(CRITERIA)}")
+
+    def check_knobs(self, strategy: str) -> None:
+        """Refuse knobs set away from their default for a strategy that would silently ignore them."""
+        for f in dataclasses.fields(self):
+            methods = f.metadata.get("methods")
+            if methods and strategy not in methods and getattr(self, f.name) != f.default:
+                raise UsageError(f"--{f.name} applies to {', '.join(methods)}, not {strategy}")
 
 
 @dataclass

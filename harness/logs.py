@@ -49,6 +49,8 @@ class ExampleRecord:
     layer_forwards_per_token: Optional[float]  # layer_forwards / (new_tokens - 1) decoded tokens
     exit_head_flops: float  # FLOPs of every exit-head evaluation during decode (2 * hidden * vocab rows)
     exit_head_flops_per_token: Optional[float]  # exit_head_flops / (new_tokens - 1)
+    confidence_flops: float  # part of exit_head_flops spent only on deciding whether to exit (intermediate heads)
+    confidence_flops_per_token: Optional[float]  # confidence_flops / (new_tokens - 1)
     drafted: Optional[int]  # speculative methods: drafted tokens; null otherwise
     accepted: Optional[int]  # speculative methods: drafted tokens accepted; null otherwise
     acceptance_rate: Optional[float]  # accepted / drafted; null when not speculative
@@ -93,6 +95,7 @@ class Summary:
     avg_exit_layer: Optional[float]  # mean exit layer over all generated tokens
     layer_forwards_per_token: Optional[float]  # total layer forwards / total decoded tokens
     exit_head_flops_per_token: Optional[float]  # total exit-head FLOPs / total decoded tokens
+    confidence_flops_per_token: Optional[float]  # total confidence-estimation FLOPs / total decoded tokens
     acceptance_rate: Optional[float]  # total accepted / total drafted (speculative methods), else null
     drafted: Optional[int]  # total drafted tokens (speculative methods), else null
     accepted: Optional[int]  # total accepted tokens (speculative methods), else null
@@ -192,6 +195,7 @@ def summarize(info: RunInfo, records: list[ExampleRecord], status: str, error: O
         avg_exit_layer=statistics.fmean(exits) if exits else None,
         layer_forwards_per_token=sum(r.layer_forwards for r in records) / decoded if decoded else None,
         exit_head_flops_per_token=sum(r.exit_head_flops for r in records) / decoded if decoded else None,
+        confidence_flops_per_token=sum(r.confidence_flops for r in records) / decoded if decoded else None,
         acceptance_rate=(accepted / drafted if drafted else None) if speculative else None,
         drafted=drafted if speculative else None, accepted=accepted if speculative else None,
     )

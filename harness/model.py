@@ -181,11 +181,18 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
     return model
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotary helper shared by Llama, Mistral and Qwen2/3 (split-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
 @dataclass
 class Counters:
     """Work done by the model since the last reset (what FLOP accounting is built on)."""
 
     layer_tokens: int = 0  # one decoder layer applied to one token position
+    kv_fill_tokens: int = 0  # K/V of one layer computed for one position by state copying (no attention/MLP)
     head_rows: int = 0  # vocabulary rows of the exit head evaluated, summed over positions
     head_calls: int = 0  # exit-head evaluations (positions), full or reduced vocabulary
 
@@ -276,6 +283,34 @@ class LayeredModel:
                                position_embeddings=pe, use_cache=True)
         self.counters.layer_tokens += (stop - start) * q
         return h
+
+    def fill_kv(self, h: torch.Tensor, start: int, stop: int, cache, pos: int) -> None:
+        """State copying (CALM): give layers [start, stop) K/V for positions pos.. computed from `h`.
+
+        A token that exited after layer `start` never runs the deeper layers, yet later tokens attend over
+        its position there. CALM propagates the exited hidden state: each skipped layer projects the same
+        `h` with its own input norm, k_proj/v_proj (and k_norm, rotary) and caches the result. This is an
+        approximation by design (the true deeper states differ); it costs two small projections per layer.
+        """
+        q = h.shape[1]
+        position_ids = self.positions(pos, q)
+        cos, sin = self._rotary(h, position_ids)
+        for i in range(start, stop):
+            have = self.cache_length(cache, i)
+            if have != pos:
+                raise KVHoleError(f"layer {i} holds {have} positions but state copying starts at position {pos}")
+            layer = self.layers[i]
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            shape = (h.shape[0], q, -1, attn.head_dim)
+            k = attn.k_proj(x).view(shape)
+            if hasattr(attn, "k_norm"):  # Qwen3 normalizes keys per head before rotary
+                k = attn.k_norm(k)
+            k = k.transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+            cache.update(k, v, i)
+        self.counters.kv_fill_tokens += (stop - start) * q
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm (shared by every exit)."""

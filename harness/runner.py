@@ -75,7 +75,8 @@ def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, res:
         time_per_token=_per(total, n), exit_layers=res.exit_layers,
         avg_exit_layer=_per(sum(res.exit_layers), len(res.exit_layers)), layer_forwards=res.layer_forwards,
         layer_forwards_per_token=_per(res.layer_forwards, n - 1), exit_head_flops=res.exit_head_flops,
-        exit_head_flops_per_token=_per(res.exit_head_flops, n - 1), drafted=res.drafted, accepted=res.accepted,
+        exit_head_flops_per_token=_per(res.exit_head_flops, n - 1), confidence_flops=res.confidence_flops,
+        confidence_flops_per_token=_per(res.confidence_flops, n - 1), drafted=res.drafted, accepted=res.accepted,
         acceptance_rate=res.accepted / res.drafted if res.drafted else None)
 
 

@@ -33,6 +33,7 @@ class GenerationResult:
     head_calls: int  # exit-head evaluations during decode (positions)
     head_rows: int  # vocabulary rows evaluated by those exit heads, summed
     exit_head_flops: float  # 2 * hidden * rows over all decode exit heads
+    confidence_flops: float = 0.0  # FLOPs of exit heads evaluated only to decide whether to exit (part of the above)
     drafted: Optional[int] = None  # speculative methods: tokens drafted
     accepted: Optional[int] = None  # speculative methods: drafted tokens accepted by verification
 
@@ -110,6 +111,7 @@ class Generator(ABC):
             raise UsageError(f"--exit_layer {config.exit_layer} is outside 1..{model.num_layers} for this model")
         if config.max_steps is not None and config.max_steps < 1:
             raise UsageError(f"--max_steps must be >= 1, got {config.max_steps}")
+        config.check_knobs(self.name)
         self.sampler = Sampler(config, model.device)
         self.validate()
 
