@@ -137,7 +137,7 @@ def resolve_checkpoint(spec: Optional[str]) -> tuple[str, str, bool]:
     return spec_name, str(cached), True
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """Fail fast offline instead of letting huggingface_hub retry for half a minute."""
     import socket
     from urllib.parse import urlparse
@@ -165,7 +165,7 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
     name, where, local = resolve_checkpoint(spec)
     hub_error = UsageError(f"--model {spec}: not a local path and could not be fetched from the hub (offline?); "
                            "download it elsewhere and pass its directory, or pass a .gguf file")
-    if not local and not _hub_reachable():
+    if not local and not hub_reachable():
         raise hub_error
     t0 = time.perf_counter()
     try:

@@ -131,7 +131,12 @@ def _records_from_file(task: Task, path: Path | str) -> list[dict]:
 
 
 def _records_from_hf(task: Task, split: str) -> list[dict]:
+    from .model import hub_reachable
+
     path, cfg, _ = task.hf
+    if not hub_reachable():
+        raise UsageError("--data_source hf: the Hugging Face hub is unreachable (offline?); "
+                         "use the bundled data (--data_source bundled) or --data_path FILE")
     try:
         import datasets
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.logs import ExampleRecord, RunInfo, Summary
+from harness.model import hub_reachable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +51,25 @@ def test_benchmark_writes_the_documented_run_log(tmp_path):
     assert summary["status"] == "complete" and summary["num_examples"] == 2 and summary["avg_exit_layer"] == 20.0
 
 
+def test_criteria_alone_selects_dynamic_and_speculative_records_acceptance(tmp_path):
+    proc = run("benchmark.py", "--criteria", "entropy_based", "--min_exit_layer", "12", "--num_samples", "1",
+               "--max_steps", "6", "--dataset", "cnn_dm_lm", "--output_dir", str(tmp_path / "dyn"))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(next((tmp_path / "dyn").iterdir()).joinpath("run.json").read_text())
+    assert info["strategy"] == "dynamic" and info["knobs"]["criteria"] == "entropy_based"
+    assert info["knobs"]["min_exit_layer"] == 12
+    proc = run("benchmark.py", "--generation_strategy", "self_speculative", "--exit_layer", "12",
+               "--num_speculations", "3", "--num_samples", "2", "--max_steps", "10", "--dataset", "gsm8k",
+               "--output_dir", str(tmp_path / "ss"))
+    assert proc.returncode == 0, proc.stderr
+    run_dir = next((tmp_path / "ss").iterdir())
+    recs = [json.loads(x) for x in (run_dir / "examples.jsonl").read_text().splitlines()]
+    assert all(r["drafted"] >= 1 and 0 <= r["accepted"] <= r["drafted"] for r in recs)
+    assert all(set(r["exit_layers"]) <= {12, 30} for r in recs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["acceptance_rate"] == sum(r["accepted"] for r in recs) / sum(r["drafted"] for r in recs)
+
+
 def test_generate_streams_a_one_shot_answer():
     proc = run("generate.py", "--prompt", "What is the capital of France?", "--max_steps", "20")
     assert proc.returncode == 0, proc.stderr
@@ -77,9 +97,20 @@ def test_eval_stub_does_not_pretend():
     (["--exit_layer", "0"], "outside 1..30"),
     (["--data_path", "/nonexistent.jsonl"], "cannot read data file"),
     (["--num_samples", "abc"], "invalid int value"),
+    (["--generation_strategy", "self_speculative", "--exit_layer", "8", "--num_speculations", "0"],
+     "num_speculations must be >= 1"),
+    (["--generation_strategy", "calm", "--criteria", "entropy_based"], "--criteria applies to the dynamic"),
+    (["--criteria", "nonsense"], "invalid choice"),
+    (["--generation_strategy", "self_speculative", "--exit_layer", "40"], "outside 1..30"),
+    (["--threshold", "0.5"], "--threshold applies to calm, free"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(args, needle, tmp_path):
     assert_one_line_error(run("benchmark.py", "--output_dir", str(tmp_path), "--num_samples", "1", *args), needle)
+
+
+@pytest.mark.skipif(hub_reachable(), reason="only meaningful offline")
+def test_hf_data_source_offline_gets_one_line_and_exit_2(tmp_path):
+    assert_one_line_error(run("benchmark.py", "--data_source", "hf", "--output_dir", str(tmp_path)), "unreachable")
 
 
 def test_malformed_jsonl_line_gets_one_line_and_exit_2(tmp_path):
@@ -93,7 +124,10 @@ def test_help_documents_every_flag_with_its_default():
     out = run("benchmark.py", "--help").stdout
     for flag in ("--model", "--dataset", "--data_path", "--data_source", "--num_samples", "--n_shot", "--output_dir",
                  "--device", "--dtype", "--generation_strategy", "--exit_layer", "--num_speculations", "--sample",
-                 "--temperature", "--top_p", "--top_k", "--max_steps", "--seed"):
+                 "--temperature", "--top_p", "--top_k", "--max_steps", "--seed", "--criteria", "--confidence",
+                 "--threshold", "--threshold_decay", "--min_exit_layer", "--shallow_exit_layer",
+                 "--adaptive_threshold", "--vocab_reduction", "--vocab_k", "--contrastive_alpha"):
         assert flag in out
-    assert out.count("(default:") >= 18
-    assert "cnn_dm_summarization" in out and "autoregressive" in out
+    assert out.count("(default:") >= 35
+    for name in ("cnn_dm_summarization", "autoregressive", "self_speculative", "calm", "free", "dynamic"):
+        assert name in out
