@@ -4,7 +4,13 @@
         --generation_strategy autoregressive --exit_layer 8
 
 Writes a new run directory under --output_dir (run.json, examples.jsonl, summary.json; see README)
-and prints a summary table.
+and prints a summary table. With --strategies or --sweep, every configuration runs on the same prompts
+with one loaded model (autoregressive first, as the baseline), each into its own run directory inside
+one folder, followed by the report (report.csv, report.md, PNG plots; see harness/report.py):
+
+    benchmark.py --strategies all --num_samples 5
+    benchmark.py --strategies autoregressive:exit_layer=15,self_speculative:exit_layer=8:num_speculations=6
+    benchmark.py --generation_strategy self_speculative --sweep exit_layer=4,6,8 num_speculations=2,4,6
 """
 from __future__ import annotations
 
@@ -31,15 +37,46 @@ def format_summary(s) -> str:
 
 
 def main() -> int:
-    args = make_parser(__doc__).parse_args()
+    parser = make_parser(__doc__)
+    multi = parser.add_argument_group("several configurations in one invocation")
+    multi.add_argument("--strategies", default=None,
+                       help="comma-separated strategies, each optionally with :knob=value overrides, or 'all' "
+                            "(autoregressive, self_speculative, calm, free, dynamic x every criterion); shared "
+                            "flags reach the strategies they apply to (default: %(default)s)")
+    multi.add_argument("--sweep", nargs="+", default=None, metavar="KNOB=V1,V2",
+                       help="grid over knobs of --generation_strategy, e.g. exit_layer=4,6,8 "
+                            "num_speculations=2,4,6 (default: %(default)s)")
+    args = parser.parse_args()
     require_single_process()
+    run_cfg, gen_cfg = from_args(RunConfig, args), from_args(GenerationConfig, args)
+    if args.strategies or args.sweep:
+        return run_several(run_cfg, gen_cfg, args.strategies, args.sweep)
     from harness.runner import Benchmark
 
-    bench = Benchmark(from_args(RunConfig, args), from_args(GenerationConfig, args))
+    bench = Benchmark(run_cfg, gen_cfg)
     path, summary = bench.execute()
     print(format_summary(summary))
     print(f"run log: {path}")
     return 0 if summary.status == "complete" else 1
+
+
+def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep) -> int:
+    from harness.config import UsageError
+    from harness.model import load_model
+    from harness.report import markdown, write_report
+    from harness.runner import expand_strategies, expand_sweep, run_many
+
+    if strategies and sweep:
+        raise UsageError("use either --strategies or --sweep, not both")
+    if sweep and gen_cfg.generation_strategy == "autoregressive" and not gen_cfg.criteria:
+        raise UsageError("--sweep needs --generation_strategy (the method whose knobs are swept)")
+    num_layers = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype).num_layers  # cached: cheap
+    configs = expand_strategies(strategies, gen_cfg, num_layers) if strategies else expand_sweep(sweep, gen_cfg)
+    parent, summaries = run_many(run_cfg, configs)
+    df, files = write_report([str(parent)], str(parent / "report"))
+    print(markdown(df))
+    print(f"runs: {parent}\nreport: {', '.join(str(f) for f in files)}")
+    return 0 if all(s.status == "complete" for s in summaries) else 1
 
 
 if __name__ == "__main__":

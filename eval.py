@@ -1,20 +1,93 @@
-"""lm-evaluation-harness entry point for early-exit generators -- NOT IMPLEMENTED YET.
+"""Evaluate an early-exit generator with lm-evaluation-harness (the `early_exit` lm-eval model).
 
-The `early_exit` lm-eval model and this script are the subject of a separate issue (reports, sweeps
-and the lm-evaluation-harness plug-in). Until it lands this script does nothing but say so.
+    python eval.py --tasks gsm8k --limit 10 --model_args generation_strategy=self_speculative,exit_layer=8
+    python eval.py --tasks cnn_dailymail,xsum --limit 5 --model_args criteria=entropy_based
+    python eval.py --tasks humaneval --limit 5 --confirm_run_unsafe_code
+
+Bundled, offline task definitions (harness/lm_eval_tasks, taking precedence over lm-eval's own):
+gsm8k (lm-eval's format and filters), humaneval (pass@1, executes code: needs
+--confirm_run_unsafe_code), cnn_dailymail and xsum (LayerSkip's prompt, ROUGE). Other lm-eval tasks
+work when the hub is reachable. Writes lm-eval's results and the generator's speed statistics
+(speed.json: tokens/s, average exit layer, acceptance) under --output_path. Loglikelihood tasks run the
+full model (or loglikelihood_exit_layer=E): early-exit generation gives them no speedup.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from harness.cli import Parser, require_single_process, run_main
+
+TASK_DIR = Path(__file__).resolve().parent / "harness" / "lm_eval_tasks"
+BUNDLED = ("gsm8k", "humaneval", "cnn_dailymail", "xsum")
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (bundled: %s)" % ", ".join(BUNDLED))
+    p.add_argument("--model_args", default="", help="comma-separated key=value: model (or pretrained), device, dtype, "
+                   "loglikelihood_exit_layer and any generation knob of benchmark.py, e.g. "
+                   "generation_strategy=self_speculative,exit_layer=8,num_speculations=6 (default: embedded model, "
+                   "autoregressive)")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction) (default: all)")
+    p.add_argument("--num_fewshot", type=int, default=None, help="few-shot exemplars (default: the task's own)")
+    p.add_argument("--output_path", default="results/lm_eval", help="results go to a new folder under this "
+                   "(default: %(default)s)")
+    p.add_argument("--log_samples", action="store_true", help="also write per-sample outputs (default: off)")
+    p.add_argument("--confirm_run_unsafe_code", action="store_true",
+                   help="allow tasks that execute generated code (humaneval) (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="lm-eval's random seeds (default: %(default)s)")
+    return p
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 def main() -> int:
-    if any(a in ("-h", "--help") for a in sys.argv[1:]):
-        print(__doc__.strip())
-        return 0
-    print("error: eval.py (lm-evaluation-harness plug-in) is not implemented yet; use benchmark.py", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args()
+    require_single_process()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table, simple_parse_args_string
+
+    from harness.config import UsageError
+    from harness.lm_eval_model import EarlyExitLM
+    from harness.model import hub_reachable
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    manager = TaskManager(include_path=str(TASK_DIR))
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UsageError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    remote = [t for t in tasks if t not in BUNDLED]
+    if remote and not hub_reachable():
+        raise UsageError(f"task(s) {', '.join(remote)} need the Hugging Face hub, which is unreachable; "
+                         f"bundled offline tasks: {', '.join(BUNDLED)}")
+    if "humaneval" in tasks and not args.confirm_run_unsafe_code:
+        raise UsageError("humaneval executes generated code; pass --confirm_run_unsafe_code to allow it")
+    lm = EarlyExitLM(**simple_parse_args_string(args.model_args))
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                                      task_manager=manager, log_samples=args.log_samples,
+                                      confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+                                      random_seed=args.seed, numpy_random_seed=args.seed,
+                                      torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+    out = Path(args.output_path) / (datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "_" + "_".join(tasks))
+    out.mkdir(parents=True, exist_ok=False)
+    samples = results.pop("samples", None)
+    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+    if samples is not None:
+        (out / "samples.json").write_text(json.dumps(_jsonable(samples), indent=2) + "\n")
+    speed = lm.speed_summary()
+    (out / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
+    print(make_table(results))
+    print(f"speed: {json.dumps({k: speed[k] for k in ('strategy', 'tokens_per_second_median', 'avg_exit_layer', 'acceptance_rate')})}")
+    print(f"written to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -104,6 +104,15 @@ class GenerationConfig:
         if self.generation_strategy == "dynamic" and not self.criteria:
             raise UsageError(f"dynamic needs --criteria, one of: {', '.join(CRITERIA)}")
 
+    def reduction_knobs(self) -> dict:
+        """Vocabulary-reduction and contrastive knobs, only where they change behaviour (for run logs)."""
+        out: dict[str, Any] = {}
+        if self.vocab_reduction != "none":
+            out.update(vocab_reduction=self.vocab_reduction, vocab_k=self.vocab_k)
+        if self.confidence in ("contrastive", "jsd_contrastive"):
+            out["contrastive_alpha"] = self.contrastive_alpha
+        return out
+
     def check_knobs(self, strategy: str) -> None:
         """Refuse knobs set away from their default for a strategy that would silently ignore them."""
         for f in dataclasses.fields(self):
@@ -157,3 +166,44 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -
 def from_args(cls: type, args: argparse.Namespace) -> Any:
     """Build a dataclass from the parsed flags of the same names."""
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+GENERIC_KNOBS = ("max_steps", "sample", "temperature", "top_p", "top_k", "seed")
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Convert `text` to the type of GenerationConfig field `name` (for --strategies / --sweep specs)."""
+    hints = get_type_hints(GenerationConfig)
+    if name not in hints:
+        raise UsageError(f"unknown knob {name!r} in a strategy or sweep spec")
+    typ = hints[name]
+    base = typ.__args__[0] if getattr(typ, "__args__", None) else typ
+    if base is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise UsageError(f"knob {name} expects true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    try:
+        return base(text)
+    except ValueError:
+        raise UsageError(f"knob {name} expects {base.__name__}, got {text!r}") from None
+
+
+def for_strategy(base: GenerationConfig, strategy: str, **overrides: Any) -> GenerationConfig:
+    """`base` narrowed to one strategy: generic knobs and that strategy's own knobs are kept, the rest reset.
+
+    Used when one invocation runs several strategies: --threshold 0.8 reaches calm and free but is not an
+    error for autoregressive. exit_layer is kept only for self_speculative (static exit is asked for
+    explicitly, e.g. autoregressive:exit_layer=15), so the baseline always runs full depth.
+    """
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(GenerationConfig):
+        methods = f.metadata.get("methods")
+        if f.name in GENERIC_KNOBS or (methods and strategy in methods):
+            kw[f.name] = getattr(base, f.name)
+    if strategy == "self_speculative":
+        kw["exit_layer"] = base.exit_layer
+    kw.update(overrides)
+    kw["generation_strategy"] = strategy
+    if strategy != "dynamic":
+        kw.pop("criteria", None)
+    return GenerationConfig(**kw)

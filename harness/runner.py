@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from .config import GenerationConfig, RunConfig, UsageError
+from .config import GenerationConfig, RunConfig, UsageError, for_strategy, parse_value
 from .generators import Generator, GenerationResult, StopCondition, build_generator
 from .logs import SCHEMA_VERSION, ExampleRecord, RunInfo, RunWriter, Summary, new_run_dir
 from .metrics import METRICS
@@ -52,6 +52,15 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def load_run_examples(run: RunConfig, seed: int) -> list[Example]:
+    if run.num_samples is not None and run.num_samples < 0:
+        raise UsageError(f"--num_samples must be >= 0, got {run.num_samples}")
+    examples = load_examples(run.dataset, run.num_samples, run.n_shot, seed, run.data_path, run.data_source)
+    if not examples:
+        raise UsageError(f"no examples to evaluate in {run.data_path or get_task(run.dataset).eval_file}")
+    return examples
+
+
 def cut_at_stop(text: str, stops: tuple) -> str:
     """The continuation up to (not including) the first stop string."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
@@ -83,15 +92,11 @@ def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, res:
 class Benchmark:
     """A model + generator + task, ready to run over examples and log each one."""
 
-    def __init__(self, run: RunConfig, gen: GenerationConfig, model: Optional[LayeredModel] = None):
+    def __init__(self, run: RunConfig, gen: GenerationConfig, model: Optional[LayeredModel] = None,
+                 examples: Optional[list[Example]] = None):
         self.run, self.gen = run, gen
         self.task: Task = get_task(run.dataset)
-        if run.num_samples is not None and run.num_samples < 0:
-            raise UsageError(f"--num_samples must be >= 0, got {run.num_samples}")
-        self.examples = load_examples(run.dataset, run.num_samples, run.n_shot, gen.seed, run.data_path,
-                                      run.data_source)
-        if not self.examples:
-            raise UsageError(f"no examples to evaluate in {run.data_path or self.task.eval_file}")
+        self.examples = examples if examples is not None else load_run_examples(run, gen.seed)
         self.model = model or load_model(run.model, run.device, run.dtype)
         self.max_steps = gen.max_steps or self.task.max_steps
         self.generator: Generator = build_generator(self.model, dataclasses.replace(gen, max_steps=self.max_steps))
@@ -132,9 +137,9 @@ class Benchmark:
         for _ in range(self.run.warmup):
             self.generator.generate(ids, StopCondition(self.model, min(self.max_steps, 16), ()))
 
-    def execute(self, progress: bool = True) -> tuple[Path, Summary]:
+    def execute(self, progress: bool = True, parent: Optional[Path] = None) -> tuple[Path, Summary]:
         """Run every example, appending each record as it finishes; always leave a summary behind."""
-        path = new_run_dir(self.run.output_dir, f"{self.task.name}_{self.generator.name}")
+        path = new_run_dir(parent or self.run.output_dir, f"{self.task.name}_{self.generator.name}")
         info = self.info(path.name)
         writer = RunWriter(path, info)
         status, error = "complete", None
@@ -152,3 +157,70 @@ class Benchmark:
         finally:
             summary = writer.finish(info, status, error)
         return path, summary
+
+
+# -- several configurations in one invocation -------------------------------------------------------
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """'self_speculative:exit_layer=8:num_speculations=6' -> (strategy, typed overrides)."""
+    name, *parts = spec.strip().split(":")
+    overrides = {}
+    for part in parts:
+        if "=" not in part:
+            raise UsageError(f"strategy spec {spec!r}: expected knob=value after ':', got {part!r}")
+        k, v = part.split("=", 1)
+        overrides[k] = parse_value(k, v)
+    return name, overrides
+
+
+def expand_strategies(text: str, base: GenerationConfig, num_layers: int) -> list[GenerationConfig]:
+    """--strategies a,b:k=v,... or all -> configs, the full-depth autoregressive baseline first."""
+    from .config import CRITERIA
+    from .generators import load_all
+
+    specs: list[tuple[str, dict]] = []
+    for item in text.split(","):
+        if item.strip() == "all":
+            specs += [("autoregressive", {}), ("self_speculative", {}), ("calm", {}), ("free", {})]
+            specs += [("dynamic", {"criteria": c}) for c in ([base.criteria] if base.criteria else CRITERIA)]
+        elif item.strip():
+            specs.append(parse_spec(item))
+    known = load_all()
+    configs = [for_strategy(base, "autoregressive")]
+    for name, over in specs:
+        if name not in known:
+            raise UsageError(f"unknown strategy {name!r} in --strategies; choose from: {', '.join(sorted(known))}")
+        if name == "autoregressive" and not over:
+            continue  # the baseline is already first
+        if name == "self_speculative" and base.exit_layer is None and "exit_layer" not in over:
+            over = {"exit_layer": max(1, num_layers // 4), **over}  # LayerSkip's typical E ~ L/4
+        if name == "dynamic" and "criteria" not in over:
+            over = {"criteria": base.criteria or CRITERIA[0], **over}
+        configs.append(for_strategy(base, name, **over))
+    return configs
+
+
+def expand_sweep(items: list[str], base: GenerationConfig) -> list[GenerationConfig]:
+    """--sweep exit_layer=4,6,8 num_speculations=2,4 -> the grid for --generation_strategy, baseline first."""
+    import itertools
+
+    axes = []
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--sweep expects knob=v1,v2,..., got {item!r}")
+        k, vals = item.split("=", 1)
+        axes.append([(k, parse_value(k, v)) for v in vals.split(",") if v])
+    strategy = base.generation_strategy
+    configs = [for_strategy(base, "autoregressive")]
+    for combo in itertools.product(*axes):
+        configs.append(for_strategy(base, strategy, **dict(combo)))
+    return configs
+
+
+def run_many(run: RunConfig, configs: list[GenerationConfig], progress: bool = True) -> tuple[Path, list[Summary]]:
+    """Every configuration on the same examples with one loaded model; one run directory each."""
+    model = load_model(run.model, run.device, run.dtype)
+    examples = load_run_examples(run, configs[0].seed)
+    benches = [Benchmark(run, cfg, model, examples) for cfg in configs]  # validate all before running any
+    parent = new_run_dir(run.output_dir, f"{run.dataset}_multi")
+    summaries = [b.execute(progress, parent)[1] for b in benches]
+    return parent, summaries

@@ -29,7 +29,7 @@ class Calm(LayerwiseExit):
     def knobs(self) -> dict:
         c = self.config
         return {"confidence": self.measure, "threshold": self.threshold, "threshold_decay": c.threshold_decay,
-                "min_exit_layer": self.min_exit, "vocab_reduction": c.vocab_reduction, "vocab_k": c.vocab_k}
+                "min_exit_layer": self.min_exit, **c.reduction_knobs()}
 
     def threshold_at(self, step: int) -> float:
         if self.config.threshold_decay is None:

@@ -44,7 +44,7 @@ class Dynamic(LayerwiseExit):
                "entropy_based": {"entropy_temperature": c.entropy_temperature, "entropy_start": c.entropy_start,
                                  "entropy_end": c.entropy_end}}[c.criteria]
         return {"criteria": c.criteria, "min_exit_layer": self.min_exit, "confidence": c.confidence,
-                "vocab_reduction": c.vocab_reduction, "vocab_k": c.vocab_k, **per}
+                **c.reduction_knobs(), **per}
 
     def should_exit(self, depth: int, probe: TokenProbe, step: int) -> bool:
         return self.check(depth, probe)

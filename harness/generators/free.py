@@ -47,8 +47,9 @@ class Free(Generator):
     def knobs(self) -> dict:
         c = self.config
         return {"shallow_exit_layer": self.S, "confidence": self.measure, "threshold": self.threshold,
-                "adaptive_threshold": c.adaptive_threshold, "adaptive_tolerance": c.adaptive_tolerance,
-                "vocab_reduction": c.vocab_reduction, "vocab_k": c.vocab_k}
+                "adaptive_threshold": c.adaptive_threshold,
+                **({"adaptive_tolerance": c.adaptive_tolerance} if c.adaptive_threshold else {}),
+                **c.reduction_knobs()}
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], stop: StopCondition,

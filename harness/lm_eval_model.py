@@ -1,0 +1,142 @@
+"""lm-evaluation-harness plug-in: the `early_exit` model, over any registered generator.
+
+    import harness.lm_eval_model            # registers "early_exit" with lm-eval
+    lm_eval.simple_evaluate(model="early_exit",
+                            model_args="generation_strategy=self_speculative,exit_layer=8,num_speculations=6", ...)
+
+`--model_args` take `model` (or lm-eval's usual `pretrained`), `device`, `dtype`, `loglikelihood_exit_layer`
+and any generation knob of harness.config.GenerationConfig. `generate_until` runs through the chosen
+generator and records speed statistics (`speed_summary()`); `loglikelihood` and `loglikelihood_rolling`
+run the full model (or, with loglikelihood_exit_layer=E, the first E layers and the exit head): they
+get no speedup from early-exit generation.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from .config import GenerationConfig, UsageError, parse_value
+from .generators import StopCondition, build_generator
+from .model import load_model
+
+MODEL_ARGS = ("model", "pretrained", "device", "dtype", "loglikelihood_exit_layer", "max_length", "batch_size")
+
+
+@register_model("early_exit")
+class EarlyExitLM(TemplateLM):
+    """An lm-eval LM whose generation is any harness generator (early exit, self-speculation, ...)."""
+
+    def __init__(self, model: Optional[str] = None, pretrained: Optional[str] = None, device: str = "auto",
+                 dtype: str = "auto", loglikelihood_exit_layer: Optional[int] = None,
+                 max_length: Optional[int] = None, batch_size: Any = 1, **knobs: Any):
+        super().__init__()
+        if model is not None and pretrained is not None:
+            raise UsageError("give either model= or pretrained= in --model_args, not both")
+        self.lm = load_model(model or pretrained, device, dtype)
+        typed = {k: parse_value(k, str(v)) if isinstance(v, str) else v for k, v in knobs.items()}
+        self.gen_config = GenerationConfig(**typed)
+        self.generator = build_generator(self.lm, self.gen_config)  # validates the knobs now
+        L = self.lm.num_layers
+        if loglikelihood_exit_layer is not None and not 1 <= int(loglikelihood_exit_layer) <= L:
+            raise UsageError(f"loglikelihood_exit_layer {loglikelihood_exit_layer} is outside 1..{L}")
+        self.ll_depth = int(loglikelihood_exit_layer or L)
+        self._max_length = int(max_length or getattr(self.lm.config, "max_position_embeddings", 2048))
+        self.records: list[dict] = []  # one per generate_until request: speed and exits
+
+    # -- what TemplateLM needs ------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.lm.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # what an empty context is conditioned on: BOS where the tokenizer has one (as lm-eval's hf model)
+        bos = self.lm.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.lm.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
+        return self.lm.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    @torch.inference_mode()
+    def _logprobs(self, ids: list[int]) -> torch.Tensor:
+        """Log-softmax of the next-token logits at every position of `ids` (positions, V)."""
+        m = self.lm
+        h = m.run_layers(m.embed(torch.tensor([ids], device=m.device)), 0, self.ll_depth, m.new_cache(), 0)
+        return F.log_softmax(m.exit_logits(h)[0].float(), dim=-1)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        out = []
+        for _, context_enc, continuation_enc in tqdm(requests, disable=disable_tqdm, desc="loglikelihood"):
+            ids = (context_enc + continuation_enc)[-(self._max_length + 1):]
+            n = len(continuation_enc)
+            logprobs = self._logprobs(ids[:-1])[-n:]
+            target = torch.tensor(continuation_enc, device=logprobs.device)
+            ll = float(logprobs.gather(-1, target[:, None]).sum())
+            greedy = bool((logprobs.argmax(-1) == target).all())
+            out.append((ll, greedy))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="loglikelihood_rolling"):
+            windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self._max_length, context_len=1))
+            pieces = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows], disable_tqdm=True)
+            out.append(sum(ll for ll, _ in pieces))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="generate_until"):
+            kw = dict(gen_kwargs or {})
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.get("max_gen_toks", 256))
+            if self.gen_config.max_steps:  # max_steps=N in --model_args caps every task's max_gen_toks
+                max_new = min(max_new, self.gen_config.max_steps)
+            ids = self.tok_encode(context)[-(self._max_length - max_new):]
+            res = self.generator.generate(ids, StopCondition(self.lm, max_new, until))
+            text = self.lm.decode(res.tokens)
+            for stop in until:
+                text = text.split(stop)[0]
+            out.append(text)
+            total = res.prefill_seconds + res.decode_seconds
+            self.records.append({"new_tokens": len(res.tokens), "seconds": total,
+                                 "tokens_per_second": len(res.tokens) / total if total > 0 else None,
+                                 "exit_layers": res.exit_layers, "drafted": res.drafted, "accepted": res.accepted})
+        return out
+
+    # -- speed statistics ---------------------------------------------------------------------------
+    def speed_summary(self) -> dict:
+        """Aggregates over every generate_until request so far (written by eval.py beside the results)."""
+        r = self.records
+        tps = [x["tokens_per_second"] for x in r if x["tokens_per_second"]]
+        exits = [e for x in r for e in x["exit_layers"]]
+        drafted = sum(x["drafted"] or 0 for x in r)
+        return {"strategy": self.generator.name, "knobs": self.generator.knobs(), "model": self.lm.name,
+                "requests": len(r), "new_tokens": sum(x["new_tokens"] for x in r),
+                "tokens_per_second_median": statistics.median(tps) if tps else None,
+                "avg_exit_layer": statistics.fmean(exits) if exits else None,
+                "acceptance_rate": sum(x["accepted"] or 0 for x in r) / drafted if drafted else None,
+                "loglikelihood_depth": self.ll_depth}
+
+
+def lm_eval_cli() -> None:
+    """The `lm_eval` command with this plug-in registered (lm-eval has no discovery for third-party models)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
