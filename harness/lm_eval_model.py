@@ -27,7 +27,6 @@ from .config import GenerationConfig, UsageError, parse_value
 from .generators import StopCondition, build_generator
 from .model import load_model
 
-MODEL_ARGS = ("model", "pretrained", "device", "dtype", "loglikelihood_exit_layer", "max_length", "batch_size")
 
 
 @register_model("early_exit")
@@ -36,10 +35,15 @@ class EarlyExitLM(TemplateLM):
 
     def __init__(self, model: Optional[str] = None, pretrained: Optional[str] = None, device: str = "auto",
                  dtype: str = "auto", loglikelihood_exit_layer: Optional[int] = None,
-                 max_length: Optional[int] = None, batch_size: Any = 1, **knobs: Any):
+                 max_length: Optional[int] = None, batch_size: Any = 1, max_batch_size: Any = None,
+                 **knobs: Any):
         super().__init__()
         if model is not None and pretrained is not None:
             raise UsageError("give either model= or pretrained= in --model_args, not both")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # the lm_eval CLI passes --device cuda:0 by default; fall back as lm-eval's hf model does
+            print(f"early_exit: {device} unavailable, using cpu", file=sys.stderr)
+            device = "cpu"
         self.lm = load_model(model or pretrained, device, dtype)
         typed = {k: parse_value(k, str(v)) if isinstance(v, str) else v for k, v in knobs.items()}
         self.gen_config = GenerationConfig(**typed)

@@ -219,7 +219,7 @@ def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:red", label="Pareto front")
         ax.set_xlabel("speedup over autoregressive (median, paired)" if use_speedup else "tokens/s (median)")
         ax.set_ylabel(q)
-        ax.set_title(f"speed vs quality: {dataset} ({model})")
+        ax.set_title(f"{dataset} ({model})")
         ax.legend()
         path = out / f"speed_quality_{dataset}.png"
         fig.savefig(path, dpi=120)
@@ -244,7 +244,7 @@ def plot_exit_layers(runs: list[dict], out: Path) -> Optional[Path]:
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(11, 1.5 + 0.55 * len(data)))
-    ax.boxplot(data, vert=False, showmeans=True)
+    ax.boxplot(data, orientation="horizontal", showmeans=True)
     ax.set_yticks(range(1, len(labels) + 1), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("exit layer (layers run before the exit head), decoded tokens")

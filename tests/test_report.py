@@ -1,0 +1,119 @@
+"""Reports over real run logs: baselines, paired speedups, deltas, plots; --strategies and --sweep."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness.config import UsageError
+from harness.report import _bootstrap_median, _pareto, build_table, load_runs, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, str(ROOT / "benchmark.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    proc = bench("--generation_strategy", "self_speculative", "--sweep", "exit_layer=10,20", "num_speculations=2,3",
+                 "--dataset", "gsm8k", "--num_samples", "2", "--max_steps", "6", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "speedup" in proc.stdout
+    (parent,) = out.iterdir()
+    return parent
+
+
+def test_sweep_runs_the_grid_after_the_baseline(sweep_dir):
+    runs = load_runs([str(sweep_dir)])
+    strategies = sorted((r["run"]["strategy"], json.dumps(r["run"]["knobs"], sort_keys=True)) for r in runs)
+    assert len(runs) == 5
+    assert strategies[0] == ("autoregressive", json.dumps({"exit_layer": None}))
+    grid = {(json.loads(k)["exit_layer"], json.loads(k)["num_speculations"]) for s, k in strategies[1:]}
+    assert grid == {(10, 2), (10, 3), (20, 2), (20, 3)}
+    # every run evaluated the same examples
+    assert len({tuple(e["id"] for e in r["examples"]) for r in runs}) == 1
+
+
+def test_report_table_speedups_and_deltas(sweep_dir):
+    runs = load_runs([str(sweep_dir)])
+    df = build_table(runs)
+    assert list(df["strategy"])[0] == "autoregressive"
+    base = df.iloc[0]
+    assert base["speedup"] == 1.0 and base["n_paired"] == 2
+    base_run = next(r for r in runs if r["run"]["strategy"] == "autoregressive")
+    for _, row in df.iloc[1:].iterrows():
+        run = next(r for r in runs if r["run"]["run_id"] == row["run_id"])
+        ratios = [a["tokens_per_second"] / b["tokens_per_second"]
+                  for a, b in zip(run["examples"], base_run["examples"])]
+        assert row["speedup"] == pytest.approx(float(np.median(ratios)))
+        assert row["speedup_ci_low"] <= row["speedup"] <= row["speedup_ci_high"]
+        assert row["baseline"] == base_run["run"]["run_id"]
+        # self-speculation is lossless: identical greedy output, so identical quality
+        assert row["delta_exact_match"] == 0.0
+        assert 0.0 <= row["acceptance_rate"] <= 1.0
+
+
+def test_report_files_and_plots(sweep_dir, tmp_path):
+    df, files = write_report([str(sweep_dir / "*")], str(tmp_path))
+    names = {f.name for f in files}
+    assert {"report.csv", "report.md", "exit_layers.png", "speed_quality_gsm8k.png", "sweep_gsm8k.png"} <= names
+    for f in files:
+        assert f.stat().st_size > 0
+    back = pd.read_csv(tmp_path / "report.csv")
+    assert len(back) == 5 and "speedup_ci_high" in back.columns
+    md = (tmp_path / "report.md").read_text()
+    assert "### gsm8k" in md and "n=2" in md
+
+
+def test_rows_without_a_baseline_say_so(sweep_dir, tmp_path):
+    lone = next(d for d in sweep_dir.iterdir() if "self_speculative" in d.name)
+    shutil.copytree(lone, tmp_path / lone.name)
+    df = build_table(load_runs([str(tmp_path)]))
+    assert df.iloc[0]["baseline"].startswith("no autoregressive baseline")
+    assert math.isnan(df.iloc[0]["speedup"])
+
+
+def test_report_cli_and_bad_paths(sweep_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "harness.report", str(sweep_dir), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "speedup" in proc.stdout and (tmp_path / "report.md").exists()
+    bad = subprocess.run([sys.executable, "-m", "harness.report", "/nonexistent/run"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no such run directory" in bad.stderr
+    with pytest.raises(UsageError):
+        load_runs([str(tmp_path / "empty")])
+
+
+def test_strategies_all_knob_routing_and_errors(tmp_path):
+    from harness.config import GenerationConfig
+    from harness.runner import expand_strategies
+
+    configs = expand_strategies("all", GenerationConfig(threshold=0.8, num_speculations=4), 30)
+    names = [c.generation_strategy for c in configs]
+    assert names[0] == "autoregressive" and configs[0].exit_layer is None
+    assert names.count("dynamic") == 5 and {"self_speculative", "calm", "free"} <= set(names)
+    ss = next(c for c in configs if c.generation_strategy == "self_speculative")
+    assert ss.exit_layer == 7 and ss.num_speculations == 4  # L//4 default, shared knob routed
+    assert next(c for c in configs if c.generation_strategy == "calm").threshold == 0.8
+    proc = bench("--strategies", "autoregressive,warp_drive", "--output_dir", str(tmp_path))
+    assert proc.returncode == 2 and "unknown strategy 'warp_drive'" in proc.stderr
+    proc = bench("--strategies", "calm:threshold=abc", "--output_dir", str(tmp_path))
+    assert proc.returncode == 2 and "expects float" in proc.stderr
+
+
+def test_pareto_and_bootstrap_helpers():
+    assert _pareto([(1.0, 0.5), (2.0, 0.4), (1.5, 0.3), (0.5, 0.6)]) == [3, 0, 1]
+    lo, hi = _bootstrap_median(np.array([1.0, 1.1, 0.9, 1.2, 1.05]))
+    assert 0.9 <= lo <= 1.05 <= hi <= 1.2
