@@ -18,8 +18,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+DEMO_STRATEGIES := autoregressive:exit_layer=15,self_speculative:exit_layer=8:num_speculations=6,calm,free,dynamic:criteria=cosine_similarity
+
 demo: setup
-	$(PY) benchmark.py --dataset cnn_dm_summarization --num_samples 3 --max_steps 48
+	$(PY) benchmark.py --dataset cnn_dm_summarization --num_samples 3 --max_steps 48 --strategies $(DEMO_STRATEGIES)
 
 test: setup
 	$(PY) -m pytest -q
