@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import GenerationResult, Generator, StopCondition, TokenCallback, register
+from .base import GenerationResult, Generator, Output, StopCondition, TokenCallback, register
 
 
 @register("autoregressive")
@@ -21,25 +21,10 @@ class Autoregressive(Generator):
                  on_tokens: Optional[TokenCallback] = None) -> GenerationResult:
         m = self.model
         depth = self.config.exit_layer or m.num_layers
-        cache = m.new_cache()
-        t0 = self.clock()
-        h = m.run_layers(m.embed(self.ids(prompt_ids)), 0, depth, cache, 0)
-        token = self.sampler.pick(m.exit_logits(h[:, -1:]))
-        t1 = self.clock()
-        m.reset_counters()  # decode-only accounting from here
-        tokens = [token]
-        pos = len(prompt_ids)
-        if on_tokens:
-            on_tokens([token])
-        done = stop.check(tokens)
-        while done is None:
+        cache, token, t0, t1 = self.prefill(prompt_ids, depth)
+        out, pos = Output(stop, on_tokens), len(prompt_ids)
+        while not out.add([token], [depth]):
             h = m.run_layers(m.embed(self.ids([token])), 0, depth, cache, pos)
             token = self.sampler.pick(m.exit_logits(h))
             pos += 1
-            tokens.append(token)
-            if on_tokens:
-                on_tokens([token])
-            done = stop.check(tokens)
-        t2 = self.clock()
-        keep, reason = done
-        return self.result(tokens[:keep], [depth] * keep, t0, t1, t2, reason)
+        return self.result(out, t0, t1, self.clock())

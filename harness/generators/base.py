@@ -135,11 +135,45 @@ class Generator(ABC):
     def ids(self, tokens: Sequence[int]) -> torch.Tensor:
         return torch.tensor([list(tokens)], dtype=torch.long, device=self.model.device)
 
-    def result(self, tokens: list[int], exit_layers: list[int], t_start: float, t_prefill: float,
-               t_end: float, stop_reason: str, **extra) -> GenerationResult:
+    def prefill(self, prompt_ids: Sequence[int], depth: Optional[int] = None):
+        """Prompt through `depth` layers (all by default) and the first token: (cache, token, t0, t1).
+
+        Work counters restart afterwards, so every generator accounts for decode only.
+        """
+        m = self.model
+        cache = m.new_cache()
+        self.last_cache = cache  # kept for inspection (tests)
+        t0 = self.clock()
+        h = m.run_layers(m.embed(self.ids(prompt_ids)), 0, depth or m.num_layers, cache, 0)
+        token = self.sampler.pick(m.exit_logits(h[:, -1:]))
+        t1 = self.clock()
+        m.reset_counters()
+        return cache, token, t0, t1
+
+    def result(self, out: "Output", t_start: float, t_prefill: float, t_end: float, **extra) -> GenerationResult:
         c = self.model.counters
+        keep, reason = out.done
         return GenerationResult(
-            tokens=tokens, exit_layers=exit_layers[: len(tokens)], prefill_seconds=t_prefill - t_start,
-            decode_seconds=t_end - t_prefill, stop_reason=stop_reason, layer_forwards=c.layer_tokens,
+            tokens=out.tokens[:keep], exit_layers=out.exit_layers[:keep], prefill_seconds=t_prefill - t_start,
+            decode_seconds=t_end - t_prefill, stop_reason=reason, layer_forwards=c.layer_tokens,
             head_calls=c.head_calls, head_rows=c.head_rows,
             exit_head_flops=float(self.model.head_flops(1) * c.head_rows), **extra)
+
+
+class Output:
+    """The tokens emitted so far with their exit depths; streams them and applies the stop condition."""
+
+    def __init__(self, stop: StopCondition, on_tokens: Optional[TokenCallback] = None):
+        self.stop, self.on_tokens = stop, on_tokens
+        self.tokens: list[int] = []
+        self.exit_layers: list[int] = []
+        self.done: Optional[tuple[int, str]] = None  # (tokens to keep, stop reason) once finished
+
+    def add(self, tokens: list[int], depths: list[int]) -> bool:
+        """Append tokens chosen at the given depths; True once generation must stop."""
+        self.tokens += tokens
+        self.exit_layers += depths
+        if self.on_tokens:
+            self.on_tokens(tokens)
+        self.done = self.stop.check(self.tokens, new=len(tokens))
+        return self.done is not None

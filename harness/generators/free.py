@@ -19,7 +19,7 @@ import torch
 
 from ..config import UsageError
 from ..exits import BetaMixtureThreshold
-from .base import GenerationResult, Generator, StopCondition, TokenCallback, register
+from .base import GenerationResult, Generator, Output, StopCondition, TokenCallback, register
 from .probe import TokenProbe
 
 DEFAULT_THRESHOLD = 0.9
@@ -57,20 +57,12 @@ class Free(Generator):
         m, L, S = self.model, self.model.num_layers, self.S
         adaptive = BetaMixtureThreshold(self.threshold, self.config.adaptive_tolerance) \
             if self.config.adaptive_threshold else None
-        cache = m.new_cache()
-        self.last_cache = cache  # kept for inspection (tests)
-        t0 = self.clock()
-        h = m.run_layers(m.embed(self.ids(prompt_ids)), 0, L, cache, 0)
-        token = self.sampler.pick(m.exit_logits(h[:, -1:]))
-        t1 = self.clock()
-        m.reset_counters()
-        tokens, exit_layers, pos, conf_flops, prev_conf = [token], [L], len(prompt_ids), 0.0, None
+        cache, token, t0, t1 = self.prefill(prompt_ids)
+        out, pos, conf_flops, prev_conf = Output(stop, on_tokens), len(prompt_ids), 0.0, None
         queue: list[tuple[torch.Tensor, float, int]] = []  # (layer-S state, confidence, shallow token)
         self.thresholds = []  # threshold in force at each decoded token (inspection)
-        if on_tokens:
-            on_tokens([token])
-        done = stop.check(tokens)
-        while done is None:
+        depth = L
+        while not out.add([token], [depth]):
             probe = TokenProbe(m, self.config, S, prev_conf)
             h = m.embed(self.ids([token]))
             if self.measure in ("contrastive", "jsd_contrastive"):  # amateur layers need their states
@@ -98,12 +90,5 @@ class Free(Generator):
             prev_conf = conf
             conf_flops += probe.confidence_flops
             pos += 1
-            tokens.append(token)
-            exit_layers.append(depth)
-            if on_tokens:
-                on_tokens([token])
-            done = stop.check(tokens)
-        t2 = self.clock()
-        keep, reason = done
         self.pending = len(queue)  # shallow positions whose deep K/V nobody needed before the end
-        return self.result(tokens[:keep], exit_layers, t0, t1, t2, reason, confidence_flops=conf_flops)
+        return self.result(out, t0, t1, self.clock(), confidence_flops=conf_flops)

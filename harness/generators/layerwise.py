@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import UsageError
-from .base import GenerationResult, Generator, StopCondition, TokenCallback
+from .base import GenerationResult, Generator, Output, StopCondition, TokenCallback
 from .probe import TokenProbe
 
 
@@ -50,18 +50,10 @@ class LayerwiseExit(Generator):
     def generate(self, prompt_ids: Sequence[int], stop: StopCondition,
                  on_tokens: Optional[TokenCallback] = None) -> GenerationResult:
         m, L = self.model, self.model.num_layers
-        cache = m.new_cache()
-        self.last_cache = cache  # kept for inspection (tests)
-        t0 = self.clock()
-        h = m.run_layers(m.embed(self.ids(prompt_ids)), 0, L, cache, 0)
-        token = self.sampler.pick(m.exit_logits(h[:, -1:]))
-        t1 = self.clock()
-        m.reset_counters()
-        tokens, exit_layers, pos, conf_flops, prev_conf = [token], [L], len(prompt_ids), 0.0, None
-        if on_tokens:
-            on_tokens([token])
-        done = stop.check(tokens)
-        while done is None:
+        cache, token, t0, t1 = self.prefill(prompt_ids)
+        out, pos, conf_flops, prev_conf = Output(stop, on_tokens), len(prompt_ids), 0.0, None
+        depth = L
+        while not out.add([token], [depth]):
             probe = TokenProbe(m, self.config, self.min_exit, prev_conf)
             h = m.embed(self.ids([token]))
             probe.hidden[0] = h
@@ -69,7 +61,7 @@ class LayerwiseExit(Generator):
             for layer in range(L):
                 h = m.run_layers(h, layer, layer + 1, cache, pos)
                 probe.hidden[layer + 1] = h
-                if self.min_exit <= layer + 1 < L and self.should_exit(layer + 1, probe, len(tokens)):
+                if self.min_exit <= layer + 1 < L and self.should_exit(layer + 1, probe, len(out.tokens)):
                     depth = layer + 1
                     break
             if depth < L:
@@ -80,11 +72,4 @@ class LayerwiseExit(Generator):
                 token = self.sampler.pick(m.exit_logits(h))
             conf_flops += probe.confidence_flops
             pos += 1
-            tokens.append(token)
-            exit_layers.append(depth)
-            if on_tokens:
-                on_tokens([token])
-            done = stop.check(tokens)
-        t2 = self.clock()
-        keep, reason = done
-        return self.result(tokens[:keep], exit_layers, t0, t1, t2, reason, confidence_flops=conf_flops)
+        return self.result(out, t0, t1, self.clock(), confidence_flops=conf_flops)

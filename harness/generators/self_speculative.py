@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import UsageError
-from .base import GenerationResult, Generator, StopCondition, TokenCallback, register
+from .base import GenerationResult, Generator, Output, StopCondition, TokenCallback, register
 
 DEFAULT_SPECULATIONS = 6
 
@@ -99,38 +99,22 @@ class SelfSpeculative(Generator):
     def generate(self, prompt_ids: Sequence[int], stop: StopCondition,
                  on_tokens: Optional[TokenCallback] = None) -> GenerationResult:
         m, L, E = self.model, self.model.num_layers, self.config.exit_layer
-        cache = m.new_cache()
-        self.last_cache = cache  # kept for inspection (tests)
-        t0 = self.clock()
-        h = m.run_layers(m.embed(self.ids(prompt_ids)), 0, L, cache, 0)
-        token = self.sampler.pick(m.exit_logits(h[:, -1:]))
-        t1 = self.clock()
-        m.reset_counters()
-        tokens, exit_layers, pos = [token], [L], len(prompt_ids)  # `token` sits at `pos`, not yet processed
+        cache, token, t0, t1 = self.prefill(prompt_ids)
+        out, pos = Output(stop, on_tokens), len(prompt_ids)  # `token` sits at `pos`, not yet processed
         drafted_total = accepted_total = 0
-        if on_tokens:
-            on_tokens([token])
-        done = stop.check(tokens)
-        while done is None:
-            k = min(self.k, stop.max_steps - len(tokens))
+        finished = out.add([token], [L])
+        while not finished:
+            k = min(self.k, stop.max_steps - len(out.tokens))
             states, drafted, q = self.draft(token, pos, k, cache, stop.eos_ids)
             logits = self.score(states, drafted, pos, cache)
             if self.sampler.greedy:
                 a, nxt = verify_greedy(drafted, logits)
             else:
                 a, nxt = verify_sampling(drafted, torch.stack(q), self.sampler.probs(logits), self.sampler.rng)
-            new = drafted[:a] + [nxt]
             m.crop(cache, pos + a + 1)  # keep x, y1..ya; their K/V are now the full model's at every layer
             pos += a + 1
             token = nxt
-            tokens += new
-            exit_layers += [E] * a + [L]
             drafted_total += len(drafted)
             accepted_total += a
-            if on_tokens:
-                on_tokens(new)
-            done = stop.check(tokens, new=len(new))
-        t2 = self.clock()
-        keep, reason = done
-        return self.result(tokens[:keep], exit_layers, t0, t1, t2, reason, drafted=drafted_total,
-                           accepted=accepted_total)
+            finished = out.add(drafted[:a] + [nxt], [E] * a + [L])
+        return self.result(out, t0, t1, self.clock(), drafted=drafted_total, accepted=accepted_total)
