@@ -46,8 +46,19 @@ def main() -> int:
     multi.add_argument("--sweep", nargs="+", default=None, metavar="KNOB=V1,V2",
                        help="grid over knobs of --generation_strategy, e.g. exit_layer=4,6,8 "
                             "num_speculations=2,4,6 (default: %(default)s)")
+    multi.add_argument("--resume", default=None, metavar="RUN_DIR",
+                       help="finish an interrupted run directory: its recorded examples are kept and skipped, "
+                            "configuration comes from its run.json (other flags are ignored) (default: %(default)s)")
     args = parser.parse_args()
     require_single_process()
+    if args.resume:
+        from harness.runner import Benchmark, resume_configs
+
+        path, run_cfg, gen_cfg = resume_configs(args.resume)
+        _, summary = Benchmark(run_cfg, gen_cfg).execute(resume=path)
+        print(format_summary(summary))
+        print(f"run log: {path}")
+        return 0 if summary.status == "complete" else 1
     run_cfg, gen_cfg = from_args(RunConfig, args), from_args(GenerationConfig, args)
     if args.strategies or args.sweep:
         return run_several(run_cfg, gen_cfg, args.strategies, args.sweep)

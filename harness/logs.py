@@ -143,11 +143,21 @@ def new_run_dir(output_dir: str | Path, label: str) -> Path:
 class RunWriter:
     """Writes one run directory; every example is on disk as soon as it is scored."""
 
-    def __init__(self, path: Path, info: RunInfo):
+    def __init__(self, path: Path, info: RunInfo, resume: bool = False):
         self.path = path
-        _write_json(path / "run.json", info)
-        self._examples = open(path / "examples.jsonl", "a", encoding="utf-8")
         self.records: list[ExampleRecord] = []
+        if resume:  # keep run.json and every complete record; drop a line cut short by a crash
+            lines = (path / "examples.jsonl").read_text(encoding="utf-8").splitlines() \
+                if (path / "examples.jsonl").exists() else []
+            for line in lines:
+                try:
+                    self.records.append(ExampleRecord(**json.loads(line)))
+                except (json.JSONDecodeError, TypeError):
+                    break
+            (path / "examples.jsonl").write_text("".join(dumps(r) + "\n" for r in self.records), encoding="utf-8")
+        else:
+            _write_json(path / "run.json", info)
+        self._examples = open(path / "examples.jsonl", "a", encoding="utf-8")
 
     def append(self, record: ExampleRecord) -> None:
         self._examples.write(dumps(record) + "\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import subprocess
@@ -50,6 +51,16 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     return env
+
+
+def resume_configs(path: str) -> tuple[Path, RunConfig, GenerationConfig]:
+    """The run and generation configs recorded in an existing run directory (for --resume)."""
+    run_dir = Path(path)
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        return run_dir, RunConfig(**info["run"]), GenerationConfig(**info["generation"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UsageError(f"--resume {path}: not a readable run directory ({e})") from None
 
 
 def load_run_examples(run: RunConfig, seed: int) -> list[Example]:
@@ -137,16 +148,30 @@ class Benchmark:
         for _ in range(self.run.warmup):
             self.generator.generate(ids, StopCondition(self.model, min(self.max_steps, 16), ()))
 
-    def execute(self, progress: bool = True, parent: Optional[Path] = None) -> tuple[Path, Summary]:
-        """Run every example, appending each record as it finishes; always leave a summary behind."""
-        path = new_run_dir(parent or self.run.output_dir, f"{self.task.name}_{self.generator.name}")
-        info = self.info(path.name)
-        writer = RunWriter(path, info)
+    def execute(self, progress: bool = True, parent: Optional[Path] = None,
+                resume: Optional[Path] = None) -> tuple[Path, Summary]:
+        """Run every example, appending each record as it finishes; always leave a summary behind.
+
+        With `resume` (an existing run directory of this configuration), examples already recorded there
+        are kept and skipped.
+        """
+        if resume is None:
+            path = new_run_dir(parent or self.run.output_dir, f"{self.task.name}_{self.generator.name}")
+            info = self.info(path.name)
+        else:
+            path, info = resume, RunInfo(**json.loads((resume / "run.json").read_text(encoding="utf-8")))
+        writer = RunWriter(path, info, resume=resume is not None)
+        done = {r.index for r in writer.records}
+        for r in writer.records:
+            if r.index >= len(self.examples) or self.examples[r.index].id != r.id:
+                raise UsageError(f"--resume {path}: its example {r.index} ({r.id}) is not this run's; data changed?")
         status, error = "complete", None
         try:
-            self.warm_up()
-            for i, ex in enumerate(tqdm(self.examples, desc=f"{self.generator.name} on {self.task.name}",
-                                        unit="ex", disable=not progress, file=sys.stderr)):
+            todo = [(i, ex) for i, ex in enumerate(self.examples) if i not in done]
+            if todo:
+                self.warm_up()
+            for i, ex in tqdm(todo, desc=f"{self.generator.name} on {self.task.name}", unit="ex",
+                              disable=not progress, file=sys.stderr, initial=len(done), total=len(self.examples)):
                 writer.append(self.evaluate(i, ex))
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted by the user"

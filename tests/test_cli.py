@@ -152,3 +152,33 @@ def test_a_crash_keeps_every_finished_record(tmp_path, model, monkeypatch):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "device fell over" in summary["error"]
     assert summary["num_examples"] == 2
+
+
+def test_resume_finishes_an_interrupted_run(tmp_path, model, monkeypatch):
+    from harness.config import GenerationConfig, RunConfig
+    from harness.runner import Benchmark
+
+    bench = Benchmark(RunConfig(dataset="xsum_summarization", num_samples=3, output_dir=str(tmp_path), warmup=0),
+                      GenerationConfig(max_steps=4), model=model)
+    real, calls = bench.generator.generate, []
+
+    def dies_on_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench.generator, "generate", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        bench.execute(progress=False)
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    with open(run_dir / "examples.jsonl", "a") as f:
+        f.write('{"id": "cut short by a cra')  # a record half-written when the process died
+    proc = run("benchmark.py", "--resume", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    recs = [json.loads(x) for x in (run_dir / "examples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in recs] == [0, 1, 2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["num_examples"] == 3
+    assert_one_line_error(run("benchmark.py", "--resume", str(tmp_path / "nope")), "not a readable run directory")
