@@ -184,6 +184,21 @@ def markdown(df: pd.DataFrame) -> str:
 
 
 # -- plots ------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def _pareto(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated (higher speed and higher quality are better)."""
     keep = []
@@ -194,10 +209,7 @@ def _pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     files = []
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
@@ -221,18 +233,12 @@ def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_ylabel(q)
         ax.set_title(f"{dataset} ({model})")
         ax.legend()
-        path = out / f"speed_quality_{dataset}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, out / f"speed_quality_{dataset}.png"))
     return files
 
 
 def plot_exit_layers(runs: list[dict], out: Path) -> Optional[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     data, labels = [], []
     for r in runs:
@@ -250,18 +256,12 @@ def plot_exit_layers(runs: list[dict], out: Path) -> Optional[Path]:
     ax.set_xlabel("exit layer (layers run before the exit head), decoded tokens")
     ax.set_title("distribution of per-token exit layers")
     fig.tight_layout()
-    path = out / "exit_layers.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "exit_layers.png")
 
 
 def plot_sweep(df: pd.DataFrame, out: Path) -> list[Path]:
     """Heatmaps exit_layer x num_speculations -> tokens/s and acceptance (LayerSkip's sweep view)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     files = []
     ss = df[df["strategy"] == "self_speculative"].copy()
@@ -288,10 +288,7 @@ def plot_sweep(df: pd.DataFrame, out: Path) -> list[Path]:
             fig.colorbar(im, ax=ax)
         fig.suptitle(f"self_speculative sweep: {dataset} ({model})")
         fig.tight_layout()
-        path = out / f"sweep_{dataset}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, out / f"sweep_{dataset}.png"))
     return files
 
 
