@@ -4,7 +4,8 @@
         --generation_strategy autoregressive --exit_layer 8
 
 Writes a new run directory under --output_dir (run.json, examples.jsonl, summary.json; see README)
-and prints a summary table. With --strategies or --sweep, every configuration runs on the same prompts
+and prints a summary table. Under torchrun --nproc_per_node N, the N processes share the examples
+(every N-th each) and rank 0 merges their records. With --strategies or --sweep, every configuration runs on the same prompts
 with one loaded model (autoregressive first, as the baseline), each into its own run directory inside
 one folder, followed by the report (report.csv, report.md, PNG plots; see harness/report.py):
 
@@ -14,6 +15,7 @@ one folder, followed by the report (report.csv, report.md, PNG plots; see harnes
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from harness.cli import make_parser, require_single_process, run_main
@@ -50,28 +52,35 @@ def main() -> int:
                        help="finish an interrupted run directory: its recorded examples are kept and skipped, "
                             "configuration comes from its run.json (other flags are ignored) (default: %(default)s)")
     args = parser.parse_args()
-    require_single_process()
+    from harness import distributed
+
     if args.resume:
         from harness.runner import Benchmark, resume_configs
 
+        require_single_process()
         path, run_cfg, gen_cfg = resume_configs(args.resume)
         _, summary = Benchmark(run_cfg, gen_cfg).execute(resume=path)
         print(format_summary(summary))
         print(f"run log: {path}")
         return 0 if summary.status == "complete" else 1
     run_cfg, gen_cfg = from_args(RunConfig, args), from_args(GenerationConfig, args)
-    if args.strategies or args.sweep:
-        return run_several(run_cfg, gen_cfg, args.strategies, args.sweep)
-    from harness.runner import Benchmark
+    dist = distributed.init()  # torchrun with N processes: each takes every N-th example
+    run_cfg = dataclasses.replace(run_cfg, device=distributed.device_for(run_cfg.device, dist))
+    try:
+        if args.strategies or args.sweep:
+            return run_several(run_cfg, gen_cfg, args.strategies, args.sweep, dist)
+        from harness.runner import Benchmark
 
-    bench = Benchmark(run_cfg, gen_cfg)
-    path, summary = bench.execute()
-    print(format_summary(summary))
-    print(f"run log: {path}")
-    return 0 if summary.status == "complete" else 1
+        path, summary = Benchmark(run_cfg, gen_cfg).execute(dist=dist)
+        if dist.rank == 0:
+            print(format_summary(summary))
+            print(f"run log: {path}")
+        return 0 if summary.status == "complete" else 1
+    finally:
+        distributed.finish(dist)
 
 
-def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep) -> int:
+def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep, dist) -> int:
     from harness.config import UsageError
     from harness.model import load_model
     from harness.report import markdown, write_report
@@ -81,12 +90,13 @@ def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep
         raise UsageError("use either --strategies or --sweep, not both")
     if sweep and gen_cfg.generation_strategy == "autoregressive" and not gen_cfg.criteria:
         raise UsageError("--sweep needs --generation_strategy (the method whose knobs are swept)")
-    num_layers = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype).num_layers  # cached: cheap
-    configs = expand_strategies(strategies, gen_cfg, num_layers) if strategies else expand_sweep(sweep, gen_cfg)
-    parent, summaries = run_many(run_cfg, configs)
-    df, files = write_report([str(parent)], str(parent / "report"))
-    print(markdown(df))
-    print(f"runs: {parent}\nreport: {', '.join(str(f) for f in files)}")
+    model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype)
+    configs = expand_strategies(strategies, gen_cfg, model.num_layers) if strategies else expand_sweep(sweep, gen_cfg)
+    parent, summaries = run_many(run_cfg, configs, model=model, dist=dist)
+    if dist.rank == 0:
+        df, files = write_report([str(parent)], str(parent / "report"))
+        print(markdown(df))
+        print(f"runs: {parent}\nreport: {', '.join(str(f) for f in files)}")
     return 0 if all(s.status == "complete" for s in summaries) else 1
 
 

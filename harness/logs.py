@@ -143,9 +143,11 @@ def new_run_dir(output_dir: str | Path, label: str) -> Path:
 class RunWriter:
     """Writes one run directory; every example is on disk as soon as it is scored."""
 
-    def __init__(self, path: Path, info: RunInfo, resume: bool = False):
+    def __init__(self, path: Path, info: RunInfo, resume: bool = False, shard: Optional[int] = None):
         self.path = path
         self.records: list[ExampleRecord] = []
+        # a process of a sharded run writes its own file; rank 0 merges them (merge_shards)
+        name = "examples.jsonl" if shard is None else f"examples.rank{shard}.jsonl"
         if resume:  # keep run.json and every complete record; drop a line cut short by a crash
             lines = (path / "examples.jsonl").read_text(encoding="utf-8").splitlines() \
                 if (path / "examples.jsonl").exists() else []
@@ -155,9 +157,9 @@ class RunWriter:
                 except (json.JSONDecodeError, TypeError):
                     break
             (path / "examples.jsonl").write_text("".join(dumps(r) + "\n" for r in self.records), encoding="utf-8")
-        else:
+        elif not shard:
             _write_json(path / "run.json", info)
-        self._examples = open(path / "examples.jsonl", "a", encoding="utf-8")
+        self._examples = open(path / name, "a", encoding="utf-8")
 
     def append(self, record: ExampleRecord) -> None:
         self._examples.write(dumps(record) + "\n")
@@ -165,11 +167,26 @@ class RunWriter:
         os.fsync(self._examples.fileno())
         self.records.append(record)
 
-    def finish(self, info: RunInfo, status: str = "complete", error: Optional[str] = None) -> Summary:
+    def close(self) -> None:
         self._examples.close()
+
+    def finish(self, info: RunInfo, status: str = "complete", error: Optional[str] = None) -> Summary:
+        self.close()
         summary = summarize(info, self.records, status, error)
         _write_json(self.path / "summary.json", summary)
         return summary
+
+
+def merge_shards(path: Path, world: int) -> list[ExampleRecord]:
+    """Join the per-rank example files of a sharded run into examples.jsonl, in example order."""
+    shards = [path / f"examples.rank{r}.jsonl" for r in range(world)]
+    records = [ExampleRecord(**json.loads(line)) for f in shards if f.exists()
+               for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records.sort(key=lambda r: r.index)
+    (path / "examples.jsonl").write_text("".join(dumps(r) + "\n" for r in records), encoding="utf-8")
+    for f in shards:
+        f.unlink(missing_ok=True)
+    return records
 
 
 def _median(xs: Iterable[Optional[float]]) -> Optional[float]:

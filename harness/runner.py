@@ -17,11 +17,13 @@ from tqdm import tqdm
 
 from .config import GenerationConfig, RunConfig, UsageError, for_strategy, parse_value
 from .generators import Generator, GenerationResult, StopCondition, build_generator
-from .logs import SCHEMA_VERSION, ExampleRecord, RunInfo, RunWriter, Summary, new_run_dir
+from .distributed import Dist, barrier, broadcast
+from .logs import SCHEMA_VERSION, ExampleRecord, RunInfo, RunWriter, Summary, merge_shards, new_run_dir, summarize
 from .metrics import METRICS
 from .model import LayeredModel, load_model
 from .tasks import DATA_DIR, Example, Task, get_task, load_examples
 
+SINGLE = Dist(0, 1, 0)
 PACKAGES = ("torch", "transformers", "tokenizers", "lm-eval", "datasets", "rouge-score", "pandas", "gguf")
 
 
@@ -47,7 +49,8 @@ def environment(device: torch.device) -> dict:
             versions[pkg] = None
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "packages": versions, "git_commit": git_commit(),
-           "device": str(device), "device_name": platform.processor() or platform.machine()}
+           "device": str(device), "device_name": platform.processor() or platform.machine(),
+           "world_size": int(os.environ.get("WORLD_SIZE", 1))}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     return env
@@ -149,29 +152,35 @@ class Benchmark:
             self.generator.generate(ids, StopCondition(self.model, min(self.max_steps, 16), ()))
 
     def execute(self, progress: bool = True, parent: Optional[Path] = None,
-                resume: Optional[Path] = None) -> tuple[Path, Summary]:
+                resume: Optional[Path] = None, dist: Dist = SINGLE) -> tuple[Path, Summary]:
         """Run every example, appending each record as it finishes; always leave a summary behind.
 
         With `resume` (an existing run directory of this configuration), examples already recorded there
-        are kept and skipped.
+        are kept and skipped. Under torchrun (`dist.active`) this process takes every world-th example and
+        rank 0 merges the shards at the end.
         """
+        if resume is not None and dist.active:
+            raise UsageError("--resume runs in one process; launch it without torchrun's extra processes")
         if resume is None:
-            path = new_run_dir(parent or self.run.output_dir, f"{self.task.name}_{self.generator.name}")
+            label = f"{self.task.name}_{self.generator.name}"
+            path = Path(broadcast(str(new_run_dir(parent or self.run.output_dir, label)) if dist.rank == 0
+                                  else None, dist))
             info = self.info(path.name)
         else:
             path, info = resume, RunInfo(**json.loads((resume / "run.json").read_text(encoding="utf-8")))
-        writer = RunWriter(path, info, resume=resume is not None)
+        writer = RunWriter(path, info, resume=resume is not None, shard=dist.rank if dist.active else None)
         done = {r.index for r in writer.records}
         for r in writer.records:
             if r.index >= len(self.examples) or self.examples[r.index].id != r.id:
                 raise UsageError(f"--resume {path}: its example {r.index} ({r.id}) is not this run's; data changed?")
         status, error = "complete", None
         try:
-            todo = [(i, ex) for i, ex in enumerate(self.examples) if i not in done]
+            todo = [(i, ex) for i, ex in enumerate(self.examples) if i not in done and i % dist.world == dist.rank]
             if todo:
                 self.warm_up()
             for i, ex in tqdm(todo, desc=f"{self.generator.name} on {self.task.name}", unit="ex",
-                              disable=not progress, file=sys.stderr, initial=len(done), total=len(self.examples)):
+                              disable=not progress or dist.rank > 0, file=sys.stderr, initial=len(done),
+                              total=len(self.examples) if not dist.active else len(todo)):
                 writer.append(self.evaluate(i, ex))
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted by the user"
@@ -180,7 +189,18 @@ class Benchmark:
             status, error = "failed", f"{type(e).__name__}: {e}"
             raise
         finally:
-            summary = writer.finish(info, status, error)
+            if dist.active:
+                writer.close()  # this rank's records are on disk in examples.rank<R>.jsonl
+            else:
+                summary = writer.finish(info, status, error)
+        if dist.active:
+            barrier(dist)
+            if dist.rank == 0:
+                writer.records = merge_shards(path, dist.world)
+                summary = writer.finish(info)
+            else:
+                summary = summarize(info, writer.records, status, error)  # this rank's share, not written
+            barrier(dist)
         return path, summary
 
 
@@ -241,11 +261,13 @@ def expand_sweep(items: list[str], base: GenerationConfig) -> list[GenerationCon
     return configs
 
 
-def run_many(run: RunConfig, configs: list[GenerationConfig], progress: bool = True) -> tuple[Path, list[Summary]]:
+def run_many(run: RunConfig, configs: list[GenerationConfig], progress: bool = True,
+             model: Optional[LayeredModel] = None, dist: Dist = SINGLE) -> tuple[Path, list[Summary]]:
     """Every configuration on the same examples with one loaded model; one run directory each."""
-    model = load_model(run.model, run.device, run.dtype)
+    model = model or load_model(run.model, run.device, run.dtype)
     examples = load_run_examples(run, configs[0].seed)
     benches = [Benchmark(run, cfg, model, examples) for cfg in configs]  # validate all before running any
-    parent = new_run_dir(run.output_dir, f"{run.dataset}_multi")
-    summaries = [b.execute(progress, parent)[1] for b in benches]
+    parent = Path(broadcast(str(new_run_dir(run.output_dir, f"{run.dataset}_multi")) if dist.rank == 0 else None,
+                            dist))
+    summaries = [b.execute(progress, parent, dist=dist)[1] for b in benches]
     return parent, summaries

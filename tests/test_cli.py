@@ -182,3 +182,19 @@ def test_resume_finishes_an_interrupted_run(tmp_path, model, monkeypatch):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["num_examples"] == 3
     assert_one_line_error(run("benchmark.py", "--resume", str(tmp_path / "nope")), "not a readable run directory")
+
+
+def test_torchrun_shards_examples_and_rank0_merges(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "benchmark.py"),
+                           "--dataset", "gsm8k", "--num_samples", "5", "--max_steps", "4",
+                           "--output_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("| tokens/s (median)") == 1  # only rank 0 reports
+    (run_dir,) = tmp_path.iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["examples.jsonl", "run.json", "summary.json"]
+    recs = [json.loads(x) for x in (run_dir / "examples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in recs] == [0, 1, 2, 3, 4]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["environment"]["world_size"] == 2
+    assert json.loads((run_dir / "summary.json").read_text())["num_examples"] == 5
