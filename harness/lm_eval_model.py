@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .config import GenerationConfig, UsageError, parse_value
 from .generators import StopCondition, build_generator
 from .model import load_model
+from .runner import cut_at_stop
 
 
 
@@ -113,9 +114,7 @@ class EarlyExitLM(TemplateLM):
                 max_new = min(max_new, self.gen_config.max_steps)
             ids = self.tok_encode(context)[-(self._max_length - max_new):]
             res = self.generator.generate(ids, StopCondition(self.lm, max_new, until))
-            text = self.lm.decode(res.tokens)
-            for stop in until:
-                text = text.split(stop)[0]
+            text = cut_at_stop(self.lm.decode(res.tokens), tuple(until))
             out.append(text)
             total = res.prefill_seconds + res.decode_seconds
             self.records.append({"new_tokens": len(res.tokens), "seconds": total,
