@@ -1,15 +1,20 @@
 """Benchmark a decoding method on a task: speed, exit depth and quality, logged per example.
 
     torchrun benchmark.py --dataset cnn_dm_summarization --num_samples 10 \\
-        --generation_strategy autoregressive --exit_layer 8
+        --generation_strategy self_speculative --exit_layer 8 --num_speculations 6
 
 Writes a new run directory under --output_dir (run.json, examples.jsonl, summary.json; see README)
 and prints a summary table. Under torchrun --nproc_per_node N, the N processes share the examples
-(every N-th each) and rank 0 merges their records. With --strategies or --sweep, every configuration runs on the same prompts
-with one loaded model (autoregressive first, as the baseline), each into its own run directory inside
-one folder, followed by the report (report.csv, report.md, PNG plots; see harness/report.py):
+(every N-th each) and rank 0 merges their records.
 
-    benchmark.py --strategies all --num_samples 5
+Compare configurations in ONE invocation (--strategies or --sweep): every example is then run by every
+configuration back to back, in an order rotated per example (a Latin square), after an untimed
+full-model warm-up on that prompt, with the baseline run twice (the second copy is the A/A control
+that shows the noise floor). Each configuration gets its own run directory inside one folder, followed
+by the report (report.csv, report.md, PNG plots; see harness/report.py). Speed is decode time per
+token (prefill excluded); use --fixed_length for pure speed comparisons:
+
+    benchmark.py --strategies all --num_samples 10 --fixed_length --max_steps 48
     benchmark.py --strategies autoregressive:exit_layer=15,self_speculative:exit_layer=8:num_speculations=6
     benchmark.py --generation_strategy self_speculative --sweep exit_layer=4,6,8 num_speculations=2,4,6
 """
@@ -25,13 +30,15 @@ from harness.config import GenerationConfig, RunConfig, from_args
 def format_summary(s) -> str:
     """A small Markdown table of one run's summary."""
     scores = ", ".join(f"{k} {v:.4f}" for k, v in s.metrics.items() if v is not None) or "-"
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     rows = [("strategy", s.strategy), ("dataset", s.dataset), ("model", s.model),
             ("examples", f"{s.num_examples} ({s.status})"),
-            ("tokens/s (median)", f"{s.tokens_per_second_median:.2f}" if s.tokens_per_second_median else "-"),
-            ("time/token s (median)", f"{s.time_per_token_median:.4f}" if s.time_per_token_median else "-"),
-            ("prefill s (median)", f"{s.prefill_seconds_median:.3f}" if s.prefill_seconds_median is not None else "-"),
-            ("avg exit layer", f"{s.avg_exit_layer:.2f}" if s.avg_exit_layer is not None else "-"),
-            ("acceptance rate", f"{s.acceptance_rate:.3f}" if s.acceptance_rate is not None else "-"),
+            ("decode ms/token (median)", fmt(s.decode_time_per_token_median and 1e3 * s.decode_time_per_token_median,
+                                             ".2f")),
+            ("prefill s (median)", fmt(s.prefill_seconds_median, ".3f")),
+            ("end-to-end tokens/s (median)", fmt(s.e2e_tokens_per_second_median, ".2f")),
+            ("avg exit layer (decoded tokens)", fmt(s.avg_exit_layer, ".2f")),
+            ("acceptance rate", fmt(s.acceptance_rate, ".3f")),
             ("quality", scores)]
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"| {'field':{width}s} | value |", f"|{'-' * (width + 2)}|-------|"]
@@ -48,27 +55,33 @@ def main() -> int:
     multi.add_argument("--sweep", nargs="+", default=None, metavar="KNOB=V1,V2",
                        help="grid over knobs of --generation_strategy, e.g. exit_layer=4,6,8 "
                             "num_speculations=2,4,6 (default: %(default)s)")
+    multi.add_argument("--no_control", dest="control", action="store_false",
+                       help="with --strategies/--sweep: skip the A/A control (a second copy of the baseline in the "
+                            "rotation, whose speedup is the noise floor); on by default")
     multi.add_argument("--resume", default=None, metavar="RUN_DIR",
-                       help="finish an interrupted run directory: its recorded examples are kept and skipped, "
-                            "configuration comes from its run.json (other flags are ignored) (default: %(default)s)")
+                       help="finish an interrupted run directory, or a multi-configuration folder: recorded "
+                            "examples are kept and skipped, configurations come from the run.json files (other "
+                            "flags are ignored) (default: %(default)s)")
     args = parser.parse_args()
     from harness import distributed
 
     if args.resume:
-        from harness.runner import Benchmark, resume_configs
+        from harness.runner import resume
 
         require_single_process()
-        path, run_cfg, gen_cfg = resume_configs(args.resume)
-        _, summary = Benchmark(run_cfg, gen_cfg).execute(resume=path)
-        print(format_summary(summary))
-        print(f"run log: {path}")
-        return 0 if summary.status == "complete" else 1
+        results = resume(args.resume)
+        for path, summary in results:
+            print(format_summary(summary))
+            print(f"run log: {path}")
+        if len(results) > 1:
+            report(results[0][0].parent)
+        return 0 if all(s.status == "complete" for _, s in results) else 1
     run_cfg, gen_cfg = from_args(RunConfig, args), from_args(GenerationConfig, args)
     dist = distributed.init()  # torchrun with N processes: each takes every N-th example
     run_cfg = dataclasses.replace(run_cfg, device=distributed.device_for(run_cfg.device, dist))
     try:
         if args.strategies or args.sweep:
-            return run_several(run_cfg, gen_cfg, args.strategies, args.sweep, dist)
+            return run_several(run_cfg, gen_cfg, args.strategies, args.sweep, dist, args.control)
         from harness.runner import Benchmark
 
         path, summary = Benchmark(run_cfg, gen_cfg).execute(dist=dist)
@@ -80,10 +93,9 @@ def main() -> int:
         distributed.finish(dist)
 
 
-def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep, dist) -> int:
+def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep, dist, control=True) -> int:
     from harness.config import UsageError
     from harness.model import load_model
-    from harness.report import markdown, write_report
     from harness.runner import expand_strategies, expand_sweep, run_many
 
     if strategies and sweep:
@@ -92,12 +104,18 @@ def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep
         raise UsageError("--sweep needs --generation_strategy (the method whose knobs are swept)")
     model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype)
     configs = expand_strategies(strategies, gen_cfg, model.num_layers) if strategies else expand_sweep(sweep, gen_cfg)
-    parent, summaries = run_many(run_cfg, configs, model=model, dist=dist)
+    parent, summaries = run_many(run_cfg, configs, model=model, dist=dist, control=control)
     if dist.rank == 0:
-        df, files = write_report([str(parent)], str(parent / "report"))
-        print(markdown(df))
-        print(f"runs: {parent}\nreport: {', '.join(str(f) for f in files)}")
+        report(parent)
     return 0 if all(s.status == "complete" for s in summaries) else 1
+
+
+def report(parent) -> None:
+    from harness.report import markdown, write_report
+
+    df, files = write_report([str(parent)], str(parent / "report"))
+    print(markdown(df))  # includes the A/A control's noise floor and its warning, if any
+    print(f"runs: {parent}\nreport: {', '.join(str(f) for f in files)}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class GenerationConfig:
     adaptive_tolerance: float = _m(
         0.1, "free --adaptive_threshold: exit when the estimated P(shallow != deep | confidence) <= this", FREE)
     cosine_threshold: float = _m(0.95, "dynamic cosine_similarity: exit when cos(norm h_l, norm h_l-1) > this", DYN)
-    repeats: int = _m(3, "dynamic token_repeat: exit when the argmax is the same for this many consecutive layers",
+    token_repeats: int = _m(3, "dynamic token_repeat: exit when the argmax is the same for this many consecutive layers",
                       DYN)
     convergence_delta: float = _m(
         0.01, "dynamic convergence: exit when |maxprob_l - maxprob_l-1| <= this", DYN)
@@ -139,7 +139,14 @@ class RunConfig:
     output_dir: str = _f("results", "a new run directory is created under this folder for every invocation")
     device: str = _f("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
     dtype: str = _f("auto", "float32 | bfloat16 | float16 | auto (float32 on cpu, bfloat16 on cuda)")
-    warmup: int = _f(1, "untimed warm-up generations before measuring (on the first prompt)")
+    warmup: int = _f(1, "untimed warm-up generations before measuring: each configuration once on the first prompt; "
+                        "with several configurations, also this many full-model passes of a few decode steps on "
+                        "every prompt before its timed runs")
+    repeats: int = _f(1, "time every (example, configuration) this many times; every repeat is logged and speed is "
+                         "the median over repeats")
+    fixed_length: bool = _f(False, "generate exactly max_steps tokens in every configuration, ignoring EOS and stop "
+                                   "strings while timing (pure speed comparisons); the prediction scored for quality "
+                                   "is still cut at the first stop")
     chat_template: bool = _f(False, "wrap each prompt in the tokenizer's chat template (off: raw prompts, as LayerSkip)")
     max_prompt_tokens: Optional[int] = _f(
         None, "truncate prompts from the left to this many tokens (default: the model's context minus max_steps)"

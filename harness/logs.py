@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -29,31 +29,35 @@ class ExampleRecord:
     id: str  # example id from the dataset (or its 1-based line number)
     index: int  # position in the evaluated list, 0-based
     prompt: str  # prompt text given to the model (before any chat template)
-    prediction: str  # decoded continuation, cut at the first stop string
+    prediction: str  # decoded continuation, cut at the first stop (EOS or stop string)
     reference: str  # gold text
     metrics: dict  # task metric values (e.g. rouge1/rouge2/rougeL, exact_match, pass_at_1) and diagnostics
-    prompt_tokens: int  # prompt length in tokens after truncation
+    prompt_tokens: int  # prompt length in tokens after chat template and truncation
     prompt_truncated: bool  # whether the prompt was cut from the left to fit
-    new_tokens: int  # generated tokens (EOS included when produced)
-    token_ids: list  # the generated token ids
-    stop_reason: str  # "eos" | "stop_string" | "max_steps"
-    prefill_seconds: float  # prompt forward + first token, device synchronized
-    decode_seconds: float  # all later tokens, device synchronized
+    prompt_sha256: str  # hash of the prompt token ids actually fed (pairs runs only on identical prompts)
+    new_tokens: int  # generated tokens that were timed (EOS included when produced; max_steps with --fixed_length)
+    prediction_tokens: int  # tokens up to the first stop, the ones the prediction is made of (<= new_tokens)
+    token_ids: list  # the generated token ids (all new_tokens of them)
+    stop_reason: str  # what ends the prediction: "eos" | "stop_string" | "max_steps"
+    prefill_seconds: float  # prompt forward + first token, device synchronized (median over repeats)
+    decode_seconds: float  # all later tokens, device synchronized (median over repeats)
     total_seconds: float  # prefill_seconds + decode_seconds
-    tokens_per_second: Optional[float]  # new_tokens / total_seconds (LayerSkip's definition)
-    decode_tokens_per_second: Optional[float]  # (new_tokens - 1) / decode_seconds; null if < 2 tokens
-    time_per_token: Optional[float]  # total_seconds / new_tokens
-    exit_layers: list  # per token: layers run before the exit head that chose it (1..num_layers)
-    avg_exit_layer: Optional[float]  # mean of exit_layers
+    decode_time_per_token: Optional[float]  # headline speed: decode seconds / (new_tokens - 1), median over repeats
+    e2e_tokens_per_second: Optional[float]  # end to end, prefill included: new_tokens / total_seconds
+    exit_layers: list  # per token: layers run before the exit head that chose it (1..num_layers); [0] is prefill's
+    avg_exit_layer: Optional[float]  # mean of exit_layers over decoded tokens (the prefill-chosen token excluded)
     layer_forwards: int  # decoder-layer applications to one position during decode (prefill excluded)
     layer_forwards_per_token: Optional[float]  # layer_forwards / (new_tokens - 1) decoded tokens
     exit_head_flops: float  # FLOPs of every exit-head evaluation during decode (2 * hidden * vocab rows)
     exit_head_flops_per_token: Optional[float]  # exit_head_flops / (new_tokens - 1)
-    confidence_flops: float  # part of exit_head_flops spent only on deciding whether to exit (intermediate heads)
+    confidence_flops: float  # part of exit_head_flops spent only on deciding whether to exit (not picking the token)
     confidence_flops_per_token: Optional[float]  # confidence_flops / (new_tokens - 1)
+    kv_fill_flops: float  # FLOPs of state-copying K/V projections for skipped layers (calm, dynamic)
+    kv_fill_flops_per_token: Optional[float]  # kv_fill_flops / (new_tokens - 1)
     drafted: Optional[int]  # speculative methods: drafted tokens; null otherwise
-    accepted: Optional[int]  # speculative methods: drafted tokens accepted; null otherwise
+    accepted: Optional[int]  # speculative methods: drafted tokens accepted (and kept); null otherwise
     acceptance_rate: Optional[float]  # accepted / drafted; null when not speculative
+    repeats: list  # every timed repeat: {repeat, slot (0 = ran first on this example), prefill_seconds, decode_seconds, new_tokens}
 
 
 @dataclass
@@ -68,9 +72,11 @@ class RunInfo:
     knobs: dict  # the strategy's behaviour-defining knobs (exit_layer, num_speculations, thresholds...)
     generation: dict  # the full GenerationConfig
     run: dict  # the full RunConfig
-    task: dict  # name, metric, stop strings, max_steps, n_shot, data file
-    model: dict  # name, type, layers, hidden size, vocab, parameters, device, dtype, load seconds
+    task: dict  # name, metric, stop strings, max_steps, n_shot, data file, data_sha256, examples_sha256
+    model: dict  # name, type, layers, hidden size, vocab, parameters, device, dtype, checkpoint, load seconds
     environment: dict  # python, torch, transformers and other package versions, platform, cpu/gpu, git commit
+    control: bool  # the A/A control: a second copy of the baseline, timed in the same rotation
+    schedule: dict  # configuration index and count, repeats, warm-up, rotation, invocation folder
 
 
 @dataclass
@@ -84,18 +90,19 @@ class Summary:
     strategy: str  # registered generator name
     dataset: str  # task name
     model: str  # model name
+    control: bool  # the A/A control run (a copy of the baseline)
     metrics: dict  # mean of each score (rouge1, rouge2, rougeL, exact_match, pass_at_1) over examples
-    tokens_per_second_median: Optional[float]  # median over examples of tokens_per_second
-    tokens_per_second_mean: Optional[float]  # mean over examples of tokens_per_second
-    time_per_token_median: Optional[float]  # median over examples of time_per_token (seconds)
+    decode_time_per_token_median: Optional[float]  # median over examples of decode_time_per_token (seconds)
+    e2e_tokens_per_second_median: Optional[float]  # median over examples of e2e_tokens_per_second
     prefill_seconds_median: Optional[float]  # median prefill seconds
     decode_seconds_median: Optional[float]  # median decode seconds
     total_new_tokens: int  # sum of new_tokens
     total_seconds: float  # sum of total_seconds
-    avg_exit_layer: Optional[float]  # mean exit layer over all generated tokens
+    avg_exit_layer: Optional[float]  # mean exit layer over all decoded tokens (prefill-chosen tokens excluded)
     layer_forwards_per_token: Optional[float]  # total layer forwards / total decoded tokens
     exit_head_flops_per_token: Optional[float]  # total exit-head FLOPs / total decoded tokens
     confidence_flops_per_token: Optional[float]  # total confidence-estimation FLOPs / total decoded tokens
+    kv_fill_flops_per_token: Optional[float]  # total state-copying FLOPs / total decoded tokens
     acceptance_rate: Optional[float]  # total accepted / total drafted (speculative methods), else null
     drafted: Optional[int]  # total drafted tokens (speculative methods), else null
     accepted: Optional[int]  # total accepted tokens (speculative methods), else null
@@ -126,18 +133,26 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def new_run_dir(output_dir: str | Path, label: str) -> Path:
-    """A fresh directory under output_dir; never reuses an existing one."""
+    """A fresh, writable directory under output_dir; never reuses an existing one."""
+    from .config import UsageError
+
     root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    for k in range(1000):
-        path = root / (f"{stamp}_{label}" + (f"_{k}" if k else ""))
-        try:
-            path.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for k in range(1000):
+            path = root / (f"{stamp}_{label}" + (f"_{k}" if k else ""))
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            probe = path / ".write_test"  # fail before any model time is spent, not after the first example
+            probe.write_text("")
+            probe.unlink()
             return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run directory under {root}")
+    except OSError as e:
+        raise UsageError(f"cannot create or write the output directory {root}: {e.strerror or e}") from None
+    raise UsageError(f"could not create a new run directory under {root}")
 
 
 class RunWriter:
@@ -204,25 +219,26 @@ def summarize(info: RunInfo, records: list[ExampleRecord], status: str, error: O
 
     metrics = {k: _mean(r.metrics.get(k) for r in records) for k in SCORE_KEYS
                if any(k in r.metrics for r in records)}
-    exits = [layer for r in records for layer in r.exit_layers]
+    exits = [layer for r in records for layer in r.exit_layers[1:]]  # decoded tokens only
     decoded = sum(max(r.new_tokens - 1, 0) for r in records)
     drafted = sum(r.drafted for r in records if r.drafted is not None)
     accepted = sum(r.accepted for r in records if r.accepted is not None)
     speculative = any(r.drafted is not None for r in records)
+    per_token = lambda xs: sum(xs) / decoded if decoded else None  # noqa: E731
     return Summary(
         run_id=info.run_id, status=status, error=error, num_examples=len(records), strategy=info.strategy,
-        dataset=info.task["name"], model=info.model["name"], metrics=metrics,
-        tokens_per_second_median=_median(r.tokens_per_second for r in records),
-        tokens_per_second_mean=_mean(r.tokens_per_second for r in records),
-        time_per_token_median=_median(r.time_per_token for r in records),
+        dataset=info.task["name"], model=info.model["name"], control=info.control, metrics=metrics,
+        decode_time_per_token_median=_median(r.decode_time_per_token for r in records),
+        e2e_tokens_per_second_median=_median(r.e2e_tokens_per_second for r in records),
         prefill_seconds_median=_median(r.prefill_seconds for r in records),
         decode_seconds_median=_median(r.decode_seconds for r in records),
         total_new_tokens=sum(r.new_tokens for r in records),
         total_seconds=sum(r.total_seconds for r in records),
         avg_exit_layer=statistics.fmean(exits) if exits else None,
-        layer_forwards_per_token=sum(r.layer_forwards for r in records) / decoded if decoded else None,
-        exit_head_flops_per_token=sum(r.exit_head_flops for r in records) / decoded if decoded else None,
-        confidence_flops_per_token=sum(r.confidence_flops for r in records) / decoded if decoded else None,
+        layer_forwards_per_token=per_token(r.layer_forwards for r in records),
+        exit_head_flops_per_token=per_token(r.exit_head_flops for r in records),
+        confidence_flops_per_token=per_token(r.confidence_flops for r in records),
+        kv_fill_flops_per_token=per_token(r.kv_fill_flops for r in records),
         acceptance_rate=(accepted / drafted if drafted else None) if speculative else None,
         drafted=drafted if speculative else None, accepted=accepted if speculative else None,
     )

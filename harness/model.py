@@ -133,8 +133,44 @@ def resolve_checkpoint(spec: Optional[str]) -> tuple[str, str, bool]:
             return spec, spec, False
     cached = _gguf_cache_dir(gguf)
     if not (cached / "config.json").is_file():
-        _convert_gguf(gguf, cached)
+        with gguf.open("rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise UsageError(f"--model {spec or gguf}: not a GGUF file (it does not start with the GGUF magic bytes)")
+        try:
+            _convert_gguf(gguf, cached)
+        except Exception as e:  # gguf-py / transformers raise many kinds on a damaged file: one line for the user
+            raise UsageError(f"--model {spec or gguf}: cannot read this GGUF file ({_first_line(e)})") from None
     return spec_name, str(cached), True
+
+
+def _load_part(what: str, load, spec, where: str, local: bool, hub_error: UsageError):
+    """Run one from_pretrained call; any failure becomes one line naming the part that could not be loaded."""
+    try:
+        return load()
+    except OSError as e:
+        if not local:
+            raise hub_error from None
+        raise UsageError(f"--model {spec}: cannot load the {what} from {where}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds on a broken checkpoint: one line each
+        # e.g. a config.json naming no known model type or failing validation, no tokenizer files, bad weights
+        raise UsageError(f"--model {spec}: no usable {what} in {where} ({_first_line(e)[:160]})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def checkpoint_fingerprint(where: str, local: bool) -> str:
+    """What identifies the weights, independent of where they sit: hub id, or config + weight-file sizes."""
+    if not local:
+        return where
+    root = Path(where)
+    h = hashlib.sha256((root / "config.json").read_bytes())
+    for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -168,23 +204,45 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
     if not local and not hub_reachable():
         raise hub_error
     t0 = time.perf_counter()
-    try:
-        tok = AutoTokenizer.from_pretrained(where, local_files_only=local)
-        hf = AutoModelForCausalLM.from_pretrained(where, dtype=dt, local_files_only=local)
-    except OSError as e:
-        if local:
-            raise UsageError(f"--model {spec}: cannot load checkpoint from {where}: {str(e).splitlines()[0]}") from None
-        raise hub_error from None
+    tok = _load_part("tokenizer", lambda: AutoTokenizer.from_pretrained(where, local_files_only=local),
+                     spec, where, local, hub_error)
+    hf = _load_part("causal-LM weights", lambda: AutoModelForCausalLM.from_pretrained(
+        where, dtype=dt, local_files_only=local, attn_implementation="sdpa"), spec, where, local, hub_error)
+    if tok is None or isinstance(tok, bool):
+        raise UsageError(f"--model {spec}: no tokenizer could be loaded from {where}")
     hf.to(dev).eval()
     model = LayeredModel(hf, tok, name=name)
+    model.checkpoint = checkpoint_fingerprint(where, local)
     model.load_seconds = time.perf_counter() - t0
     return model
+
+
+def sliding_window(cfg) -> Optional[int]:
+    """The attention window a config actually applies (None: full attention everywhere)."""
+    w = getattr(cfg, "sliding_window", None)
+    if not w or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types and "sliding_attention" not in types:
+        return None
+    return int(w)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Rotary helper shared by Llama, Mistral and Qwen2/3 (split-half convention)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class Rope:
+    """Per-position inputs every layer shares: computed once per token position, not once per layer."""
+
+    pos: int  # first position
+    q: int  # number of positions
+    position_ids: torch.Tensor  # (1, q) absolute positions
+    position_embeddings: tuple  # rotary (cos, sin) for those positions
+    mask: Optional[torch.Tensor]  # additive attention mask, None for plain causal attention
 
 
 @dataclass
@@ -221,12 +279,23 @@ class LayeredModel:
         self.dtype = self.lm_head.weight.dtype
         self.counters = Counters()
         self.load_seconds = 0.0
+        self.checkpoint = name  # load_model replaces it with a fingerprint of the weights
+        impl = getattr(cfg, "_attn_implementation", None)
+        if impl != "sdpa":
+            # Our prefill passes mask=None (causal only under SDPA) and chunk masks are 4-D additive floats
+            # (wrong for flash-attention); eager or flash would silently compute something else.
+            raise UsageError(f"attention implementation {impl!r} is not supported by the layer core; "
+                             "load the model with attn_implementation='sdpa'")
+        self.window = sliding_window(cfg)  # sequences are capped at it, so full attention == windowed attention
+        self.max_context = min(getattr(cfg, "max_position_embeddings", None) or 4096, self.window or 1 << 62)
 
     # -- cache -----------------------------------------------------------------
     def new_cache(self):
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.config)
+        # No config on purpose: with one, sliding-window configs get layers that drop old K/V, which `crop`
+        # and `_mask` do not expect. Plain layers keep everything; `rope` refuses sequences past the window.
+        return DynamicCache()
 
     @staticmethod
     def cache_length(cache, layer: int) -> int:
@@ -265,16 +334,32 @@ class LayeredModel:
         mask.masked_fill_(j > past + i, torch.finfo(h.dtype).min)
         return mask[None, None]
 
-    def run_layers(self, h: torch.Tensor, start: int, stop: int, cache, pos: int) -> torch.Tensor:
-        """Apply layers [start, stop) to hidden states of positions pos..pos+q-1, appending their K/V.
+    def rope(self, h: torch.Tensor, pos: int) -> "Rope":
+        """Positions, rotary (cos, sin) and mask for hidden states `h` at positions pos..pos+q-1.
 
-        Raises KVHoleError if a layer's cache does not hold exactly the positions before `pos`: a token
-        must never attend over a sequence with a missing position.
+        Compute it once per token position and pass it to every `run_layers` / `fill_kv` call for those
+        positions: a per-layer loop must not pay for rotary embeddings L times (the baseline pays once).
         """
         q = h.shape[1]
+        if self.window is not None and pos + q > self.window:
+            raise UsageError(f"sequence of {pos + q} tokens exceeds this model's sliding window ({self.window}); "
+                             "shorten the prompt (--max_prompt_tokens) or --max_steps")
         position_ids = self.positions(pos, q)
-        pe = self._rotary(h, position_ids)
-        mask = self._mask(q, pos, h)
+        return Rope(pos, q, position_ids, self._rotary(h, position_ids), self._mask(q, pos, h))
+
+    def run_layers(self, h: torch.Tensor, start: int, stop: int, cache, pos: int,
+                   rope: Optional["Rope"] = None) -> torch.Tensor:
+        """Apply layers [start, stop) to hidden states of positions pos..pos+q-1, appending their K/V.
+
+        `rope` (from `self.rope(h, pos)`) is reused when given. Raises KVHoleError if a layer's cache does
+        not hold exactly the positions before `pos`: a token must never attend over a sequence with a
+        missing position.
+        """
+        q = h.shape[1]
+        rope = rope if rope is not None else self.rope(h, pos)
+        if rope.pos != pos or rope.q != q:
+            raise ValueError(f"rope for positions {rope.pos}+{rope.q} used at {pos}+{q}")
+        position_ids, pe, mask = rope.position_ids, rope.position_embeddings, rope.mask
         for i in range(start, stop):
             have = self.cache_length(cache, i)
             if have != pos:
@@ -284,7 +369,8 @@ class LayeredModel:
         self.counters.layer_tokens += (stop - start) * q
         return h
 
-    def fill_kv(self, h: torch.Tensor, start: int, stop: int, cache, pos: int) -> None:
+    def fill_kv(self, h: torch.Tensor, start: int, stop: int, cache, pos: int,
+                rope: Optional["Rope"] = None) -> None:
         """State copying (CALM): give layers [start, stop) K/V for positions pos.. computed from `h`.
 
         A token that exited after layer `start` never runs the deeper layers, yet later tokens attend over
@@ -293,8 +379,7 @@ class LayeredModel:
         approximation by design (the true deeper states differ); it costs two small projections per layer.
         """
         q = h.shape[1]
-        position_ids = self.positions(pos, q)
-        cos, sin = self._rotary(h, position_ids)
+        cos, sin = (rope if rope is not None else self.rope(h, pos)).position_embeddings
         for i in range(start, stop):
             have = self.cache_length(cache, i)
             if have != pos:
@@ -332,6 +417,12 @@ class LayeredModel:
         """Multiply-adds x2 of the exit head over `rows` vocabulary rows for one position."""
         return 2 * self.hidden_size * rows
 
+    def kv_fill_flops(self, layer_tokens: int) -> int:
+        """FLOPs of state copying for `layer_tokens` (layer, position) pairs: k_proj + v_proj, x2 for multiply-add."""
+        attn = self.layers[0].self_attn
+        kv_dim = attn.k_proj.weight.shape[0] + attn.v_proj.weight.shape[0]
+        return 2 * self.hidden_size * kv_dim * layer_tokens
+
     def reset_counters(self) -> Counters:
         old, self.counters = self.counters, Counters()
         return old
@@ -360,4 +451,5 @@ class LayeredModel:
         return {"name": self.name, "model_type": self.config.model_type, "num_layers": self.num_layers,
                 "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
                 "parameters": sum(p.numel() for p in self.hf.parameters()),
-                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "checkpoint": self.checkpoint, "sliding_window": self.window}

@@ -3,11 +3,18 @@
     python -m harness.report RUN_DIR_OR_GLOB [...] [--out DIR]
 
 A path may be a run directory (holding run.json) or any folder above run directories (searched
-recursively), or a glob. One row per run = (model, dataset, strategy, knobs). Its baseline is the
-full-depth `autoregressive` run of the same model and dataset, preferring one from the same invocation
-folder, else the newest. Speedup is the median over the examples both runs share (paired by id) of
-tokens/s ratios, with its interquartile range and a bootstrap 95% interval of the median; quality
-deltas are paired mean differences. Rows without a baseline say so; nothing is invented.
+recursively), or a glob. One row per run = (model, dataset, strategy, knobs).
+
+Speed is decode time per generated token (prefill excluded: every method shares it; it is reported on
+its own). A row's baseline is a full-depth `autoregressive` run (not the A/A control) that matches it on
+every field that changes what is measured (model, checkpoint, device, dtype, data file content,
+example ids and prompt hashes, n_shot, seed, max_steps, fixed_length, sampling, chat template, world
+size); one from the same invocation folder is preferred. If none matches, the row names the field that
+differs and has no speedup. `decode speedup` is the MEDIAN OF PER-EXAMPLE RATIOS (baseline decode
+time/token / method decode time/token, examples paired by id and prompt hash), with its IQR and min-max;
+a bootstrap 95% interval of that median is shown only from 10 pairs on. Quality deltas are paired mean
+differences. The A/A control row (a second copy of the baseline in the same rotation) gives the noise
+floor; when its median is more than 5% from 1.0 the report says which speedups cannot be told from 1.0.
 """
 from __future__ import annotations
 
@@ -55,7 +62,8 @@ def _knobs_label(strategy: str, knobs: dict) -> str:
 
 
 def _is_baseline(run: dict) -> bool:
-    return run["strategy"] == "autoregressive" and not run["knobs"].get("exit_layer")
+    """A full-depth autoregressive run that is not the A/A control."""
+    return run["strategy"] == "autoregressive" and not run["knobs"].get("exit_layer") and not run.get("control")
 
 
 def load_runs(paths: list[str]) -> list[dict]:
@@ -70,14 +78,56 @@ def load_runs(paths: list[str]) -> list[dict]:
     return runs
 
 
-def _baseline_for(run: dict, runs: list[dict]) -> Optional[dict]:
+def _get(info: dict, *keys: str):
+    for k in keys:
+        info = info.get(k) if isinstance(info, dict) else None
+    return info
+
+
+# Everything that changes what a speed or quality figure measures; a pair must agree on all of it.
+PAIRING: tuple = (
+    ("model", lambda i: _get(i, "model", "name")),
+    ("checkpoint", lambda i: _get(i, "model", "checkpoint")),
+    ("device", lambda i: _get(i, "model", "device")),
+    ("dtype", lambda i: _get(i, "model", "dtype")),
+    ("dataset", lambda i: _get(i, "task", "name")),
+    ("data file (content hash)", lambda i: _get(i, "task", "data_sha256")),
+    ("example ids and prompt hashes", lambda i: _get(i, "task", "examples_sha256")),
+    ("n_shot", lambda i: _get(i, "task", "n_shot")),
+    ("seed", lambda i: _get(i, "generation", "seed")),
+    ("max_steps", lambda i: _get(i, "task", "max_steps")),
+    ("fixed_length", lambda i: _get(i, "run", "fixed_length")),
+    ("sampling", lambda i: [_get(i, "generation", k) for k in ("sample", "temperature", "top_p", "top_k")]
+     if _get(i, "generation", "sample") else False),
+    ("chat_template", lambda i: _get(i, "run", "chat_template")),
+    ("world_size", lambda i: _get(i, "environment", "world_size")),
+)
+
+
+def pairing_mismatch(a: dict, b: dict) -> Optional[str]:
+    """None if run.json dicts `a` and `b` may be paired, else which field differs and how."""
+    for name, get in PAIRING:
+        va, vb = get(a), get(b)
+        if va is None or vb is None or va != vb:
+            shown = lambda v: "missing" if v is None else str(v)[:24]  # noqa: E731
+            return f"{name} differs ({shown(va)} vs baseline {shown(vb)})"
+    return None
+
+
+def _baseline_for(run: dict, runs: list[dict]) -> tuple[Optional[dict], Optional[str]]:
+    """(matching baseline, None) or (None, why no baseline could be paired)."""
     info = run["run"]
-    cands = [r for r in runs if _is_baseline(r["run"]) and r["run"]["model"]["name"] == info["model"]["name"]
+    cands = [r for r in runs if _is_baseline(r["run"]) and r is not run
+             and r["run"]["model"]["name"] == info["model"]["name"]
              and r["run"]["task"]["name"] == info["task"]["name"]]
     if not cands:
-        return None
-    same_folder = [r for r in cands if r["path"].parent == run["path"].parent]
-    return max(same_folder or cands, key=lambda r: r["run"]["created"])
+        return None, "no autoregressive baseline for this model and dataset"
+    # same invocation folder first, then newest
+    cands.sort(key=lambda r: (r["path"].parent == run["path"].parent, r["run"]["created"]), reverse=True)
+    for c in cands:
+        if pairing_mismatch(info, c["run"]) is None:
+            return c, None
+    return None, "not paired: " + pairing_mismatch(info, cands[0]["run"])
 
 
 def _bootstrap_median(x: np.ndarray, seed: int = 0) -> tuple[float, float]:
@@ -88,66 +138,84 @@ def _bootstrap_median(x: np.ndarray, seed: int = 0) -> tuple[float, float]:
     return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
+MIN_PAIRS_FOR_CI = 10  # below this a bootstrap interval of a median means little: min-max is shown instead
+CONTROL_BAND = 0.05  # an A/A control further than this from 1.0 makes small speedups unreadable
+SPEEDUP_COLS = ("decode_speedup", "decode_speedup_q25", "decode_speedup_q75", "decode_speedup_min",
+                "decode_speedup_max", "decode_speedup_ci95_low", "decode_speedup_ci95_high")
+
+
 def _per_example(run: dict) -> pd.DataFrame:
     rows = []
     for e in run["examples"]:
-        row = {"id": e["id"], "tokens_per_second": e["tokens_per_second"]}
+        row = {"id": str(e["id"]), "prompt_sha256": e.get("prompt_sha256"),
+               "decode_time_per_token": e.get("decode_time_per_token"), "prefill_seconds": e.get("prefill_seconds"),
+               "e2e_tokens_per_second": e.get("e2e_tokens_per_second")}
         row.update({k: e["metrics"].get(k) for k in QUALITY})
         rows.append(row)
-    return pd.DataFrame(rows, columns=["id", "tokens_per_second", *QUALITY]).drop_duplicates("id")
+    cols = ["id", "prompt_sha256", "decode_time_per_token", "prefill_seconds", "e2e_tokens_per_second", *QUALITY]
+    return pd.DataFrame(rows, columns=cols).drop_duplicates("id")
 
 
 def _median(s: pd.Series) -> float:
-    s = s.dropna()
+    s = pd.to_numeric(s, errors="coerce").dropna()
     return float(s.median()) if len(s) else math.nan
 
 
+def _quantile(s: pd.Series, q: float) -> float:
+    s = pd.to_numeric(s, errors="coerce").dropna()
+    return float(s.quantile(q)) if len(s) else math.nan
+
+
+def speedup_stats(ratio: np.ndarray) -> dict:
+    """Median of per-example ratios with IQR, min-max, and a bootstrap 95% CI only from MIN_PAIRS_FOR_CI pairs."""
+    if not len(ratio):
+        return {c: math.nan for c in SPEEDUP_COLS}
+    lo, hi = _bootstrap_median(ratio) if len(ratio) >= MIN_PAIRS_FOR_CI else (math.nan, math.nan)
+    return dict(zip(SPEEDUP_COLS, (float(np.median(ratio)), float(np.percentile(ratio, 25)),
+                                   float(np.percentile(ratio, 75)), float(ratio.min()), float(ratio.max()), lo, hi)))
+
+
 def build_table(runs: list[dict]) -> pd.DataFrame:
-    """One row per run, with speedup and quality deltas against its autoregressive baseline."""
+    """One row per run, with decode speedup and quality deltas against its matched baseline."""
     rows = []
     for run in runs:
         info, summ = run["run"], run["summary"] or {}
         ex = _per_example(run)
         row = {
             "model": info["model"]["name"], "dataset": info["task"]["name"], "strategy": info["strategy"],
-            "method": _knobs_label(info["strategy"], info["knobs"]), "knobs": json.dumps(info["knobs"], sort_keys=True),
+            "method": _knobs_label(info["strategy"], info["knobs"]) + (" (A/A control)" if info.get("control") else ""),
+            "knobs": json.dumps(info["knobs"], sort_keys=True), "control": bool(info.get("control", False)),
             "run_id": info["run_id"], "status": summ.get("status", "no summary"), "n": len(ex),
-            "tokens_per_second": _median(ex["tokens_per_second"]),
-            "tps_q25": float(ex["tokens_per_second"].quantile(0.25)) if len(ex) else math.nan,
-            "tps_q75": float(ex["tokens_per_second"].quantile(0.75)) if len(ex) else math.nan,
-            "time_per_token": _median(pd.Series([e["time_per_token"] for e in run["examples"]], dtype=float)),
-            "prefill_seconds": _median(pd.Series([e["prefill_seconds"] for e in run["examples"]], dtype=float)),
+            "decode_ms_per_token_median": 1e3 * _median(ex["decode_time_per_token"]),
+            "decode_ms_per_token_q25": 1e3 * _quantile(ex["decode_time_per_token"], 0.25),
+            "decode_ms_per_token_q75": 1e3 * _quantile(ex["decode_time_per_token"], 0.75),
+            "prefill_seconds_median": _median(ex["prefill_seconds"]),
+            "e2e_tokens_per_second_median": _median(ex["e2e_tokens_per_second"]),
             "avg_exit_layer": summ.get("avg_exit_layer"), "acceptance_rate": summ.get("acceptance_rate"),
             "layer_forwards_per_token": summ.get("layer_forwards_per_token"),
             "exit_head_flops_per_token": summ.get("exit_head_flops_per_token"),
             "confidence_flops_per_token": summ.get("confidence_flops_per_token"),
+            "kv_fill_flops_per_token": summ.get("kv_fill_flops_per_token"),
         }
         for k in QUALITY:
             row[k] = float(ex[k].dropna().mean()) if ex[k].notna().any() else math.nan
-        base = _baseline_for(run, runs)
+        base, why = _baseline_for(run, runs) if not _is_baseline(info) else (run, None)
         if base is None:
-            row.update(baseline="no autoregressive baseline for this model and dataset", n_paired=0,
-                       speedup=math.nan, speedup_q25=math.nan, speedup_q75=math.nan,
-                       speedup_ci_low=math.nan, speedup_ci_high=math.nan)
+            row.update(baseline=why, n_paired=0, **speedup_stats(np.array([])))
             row.update({f"delta_{k}": math.nan for k in QUALITY})
         else:
-            paired = ex.merge(_per_example(base), on="id", suffixes=("", "_base"))
-            ratio = (paired["tokens_per_second"] / paired["tokens_per_second_base"]).dropna().to_numpy()
-            lo, hi = _bootstrap_median(ratio)
-            row.update(baseline=base["run"]["run_id"], n_paired=len(ratio),
-                       speedup=float(np.median(ratio)) if len(ratio) else math.nan,
-                       speedup_q25=float(np.percentile(ratio, 25)) if len(ratio) else math.nan,
-                       speedup_q75=float(np.percentile(ratio, 75)) if len(ratio) else math.nan,
-                       speedup_ci_low=lo, speedup_ci_high=hi)
+            paired = ex.merge(_per_example(base), on=["id", "prompt_sha256"], suffixes=("", "_base"))
+            ratio = (pd.to_numeric(paired["decode_time_per_token_base"]) /
+                     pd.to_numeric(paired["decode_time_per_token"])).dropna().to_numpy()
+            row.update(baseline=base["run"]["run_id"], n_paired=len(ratio), **speedup_stats(ratio))
             for k in QUALITY:
                 d = (paired[k] - paired[f"{k}_base"]).dropna()
                 row[f"delta_{k}"] = float(d.mean()) if len(d) else math.nan
         rows.append(row)
     df = pd.DataFrame(rows)
-    df["_base"] = df.apply(lambda r: 0 if r["strategy"] == "autoregressive" and "exit_layer" not in r["method"] else 1,
-                           axis=1)
-    df = df.sort_values(["model", "dataset", "_base", "speedup"], ascending=[True, True, True, False],
-                        na_position="last").drop(columns="_base")
+    df["_order"] = [0 if _is_baseline(r["run"]) else 1 if r["run"].get("control") else 2 for r in runs]
+    df = df.sort_values(["model", "dataset", "_order", "decode_speedup"], ascending=[True, True, True, False],
+                        na_position="last").drop(columns="_order")
     return df.reset_index(drop=True)
 
 
@@ -158,28 +226,70 @@ def primary_quality(df: pd.DataFrame) -> Optional[str]:
     return None
 
 
+def control_notes(g: pd.DataFrame) -> list[str]:
+    """What the A/A control says about the noise floor of one (model, dataset) table."""
+    ctl = g[g["control"] & g["decode_speedup"].notna()]
+    if ctl.empty:
+        return ["No A/A control in these runs: the noise floor is unknown (run the configurations in one "
+                "invocation with --strategies or --sweep to get one)."]
+    notes = []
+    for _, c in ctl.iterrows():
+        dev = abs(c["decode_speedup"] - 1.0)
+        notes.append(f"A/A control (the baseline timed against itself): {c['decode_speedup']:.3f}x "
+                     f"[IQR {c['decode_speedup_q25']:.3f}-{c['decode_speedup_q75']:.3f}, "
+                     f"min-max {c['decode_speedup_min']:.3f}-{c['decode_speedup_max']:.3f}], n={c['n_paired']}.")
+        if dev > CONTROL_BAND:
+            notes.append(f"WARNING: the A/A control is {100 * dev:.1f}% away from 1.0 (more than "
+                         f"{100 * CONTROL_BAND:.0f}%): speedups between {1 - dev:.2f}x and {1 + dev:.2f}x cannot be "
+                         "told from 1.0 in this measurement.")
+    return notes
+
+
+def _fmt(v, f: str, scale: float = 1.0) -> str:
+    return "-" if v is None or pd.isna(v) else format(v * scale, f)
+
+
+def _speedup_cell(r) -> str:
+    if pd.isna(r["decode_speedup"]):
+        return str(r["baseline"])
+    return f"{r['decode_speedup']:.2f}x [{r['decode_speedup_q25']:.2f}-{r['decode_speedup_q75']:.2f}]"
+
+
+def _spread_cell(r) -> str:
+    if pd.isna(r["decode_speedup"]):
+        return "-"
+    if r["n_paired"] >= MIN_PAIRS_FOR_CI:
+        return f"95% CI {r['decode_speedup_ci95_low']:.2f}-{r['decode_speedup_ci95_high']:.2f}, n={r['n_paired']}"
+    return (f"min-max {r['decode_speedup_min']:.2f}-{r['decode_speedup_max']:.2f}, n={r['n_paired']} "
+            f"(n too small for a CI)")
+
+
 def markdown(df: pd.DataFrame) -> str:
-    """A compact Markdown table: what a reader compares first."""
+    """Compact Markdown tables, one per (model, dataset), each followed by its A/A control note."""
     out = []
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         q = primary_quality(g)
         t = pd.DataFrame({
             "method": g["method"], "n": g["n"],
-            "tok/s (median [IQR])": [f"{a:.2f} [{b:.2f}-{c:.2f}]" for a, b, c in
-                                     zip(g["tokens_per_second"], g["tps_q25"], g["tps_q75"])],
-            "speedup (median, 95% CI, n paired)": [
-                "no baseline" if math.isnan(s) else f"{s:.2f}x ({lo:.2f}-{hi:.2f}, n={n})"
-                for s, lo, hi, n in zip(g["speedup"], g["speedup_ci_low"], g["speedup_ci_high"], g["n_paired"])],
-            "avg exit": g["avg_exit_layer"].map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.1f}"),
-            "acceptance": g["acceptance_rate"].map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.3f}"),
-            "layers/token": g["layer_forwards_per_token"].map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.1f}"),
-            "head MFLOP/token": g["exit_head_flops_per_token"].map(
-                lambda v: "-" if v is None or pd.isna(v) else f"{v / 1e6:.1f}"),
+            "decode ms/token (median [IQR])": [
+                f"{a:.1f} [{b:.1f}-{c:.1f}]" if not pd.isna(a) else "-" for a, b, c in
+                zip(g["decode_ms_per_token_median"], g["decode_ms_per_token_q25"], g["decode_ms_per_token_q75"])],
+            "decode speedup (median of per-example ratios [IQR])": [_speedup_cell(r) for _, r in g.iterrows()],
+            "spread": [_spread_cell(r) for _, r in g.iterrows()],
+            "prefill s (median)": g["prefill_seconds_median"].map(lambda v: _fmt(v, ".3f")),
+            "end-to-end tok/s (median)": g["e2e_tokens_per_second_median"].map(lambda v: _fmt(v, ".2f")),
+            "avg exit (decoded)": g["avg_exit_layer"].map(lambda v: _fmt(v, ".1f")),
+            "acceptance": g["acceptance_rate"].map(lambda v: _fmt(v, ".3f")),
+            "layers/token": g["layer_forwards_per_token"].map(lambda v: _fmt(v, ".1f")),
+            "head MFLOP/token": g["exit_head_flops_per_token"].map(lambda v: _fmt(v, ".1f", 1e-6)),
+            "confidence MFLOP/token": g["confidence_flops_per_token"].map(lambda v: _fmt(v, ".1f", 1e-6)),
+            "state-copy MFLOP/token": g["kv_fill_flops_per_token"].map(lambda v: _fmt(v, ".1f", 1e-6)),
         })
         if q:
-            t[q] = [f"{v:.4f}" if not pd.isna(v) else "-" for v in g[q]]
-            t[f"delta {q}"] = [("-" if pd.isna(v) else f"{v:+.4f}") for v in g[f"delta_{q}"]]
-        out.append(f"### {dataset} ({model})\n\n" + t.to_markdown(index=False))
+            t[q] = [_fmt(v, ".4f") for v in g[q]]
+            t[f"delta {q}"] = [_fmt(v, "+.4f") for v in g[f"delta_{q}"]]
+        notes = "\n".join(f"- {n}" for n in control_notes(g))
+        out.append(f"### {dataset} ({model})\n\n" + t.to_markdown(index=False) + "\n\n" + notes)
     return "\n\n".join(out) + "\n"
 
 
@@ -209,18 +319,28 @@ def _pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Quality vs decode speedup per (model, dataset), with IQR bars and the A/A control's noise band."""
     plt = _pyplot()
 
     files = []
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         q = primary_quality(g)
-        if q is None:
+        g = g[~g["control"]]
+        if q is None or g.empty:
             continue
-        use_speedup = g["speedup"].notna().all()
-        xs = (g["speedup"] if use_speedup else g["tokens_per_second"]).tolist()
+        use_speedup = g["decode_speedup"].notna().all()
+        xs = (g["decode_speedup"] if use_speedup else 1e3 / g["decode_ms_per_token_median"]).tolist()
         ys = g[q].tolist()
         fig, ax = plt.subplots(figsize=(11, 5.5))
         fig.subplots_adjust(left=0.08, right=0.52, bottom=0.1)
+        ctl = df[(df["model"] == model) & (df["dataset"] == dataset) & df["control"]]["decode_speedup"].dropna()
+        if use_speedup and len(ctl):
+            dev = max(abs(float(ctl.iloc[0]) - 1.0), 0.005)
+            ax.axvspan(1 - dev, 1 + dev, color="0.85", zorder=0, label="A/A control noise band")
+        if use_speedup:
+            ax.errorbar(xs, ys, xerr=[(g["decode_speedup"] - g["decode_speedup_q25"]).tolist(),
+                                      (g["decode_speedup_q75"] - g["decode_speedup"]).tolist()],
+                        fmt="none", ecolor="0.5", lw=1, zorder=2)
         ax.scatter(xs, ys, zorder=3)
         for i, (x, y) in enumerate(zip(xs, ys), 1):  # numbers on the plot, names in the key beside it
             ax.annotate(str(i), (x, y), fontsize=9, xytext=(4, 4), textcoords="offset points")
@@ -229,10 +349,11 @@ def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
         fig.text(0.54, 0.95, key, fontsize=7.5, va="top", family="monospace")
         front = _pareto(list(zip(xs, ys)))
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:red", label="Pareto front")
-        ax.set_xlabel("speedup over autoregressive (median, paired)" if use_speedup else "tokens/s (median)")
+        ax.set_xlabel("decode speedup over autoregressive (median of per-example ratios, IQR bars)" if use_speedup
+                      else "decoded tokens/s (median)")
         ax.set_ylabel(q)
         ax.set_title(f"{dataset} ({model})")
-        ax.legend()
+        ax.legend(fontsize=8)
         files.append(_save(fig, out / f"speed_quality_{dataset}.png"))
     return files
 
@@ -242,6 +363,8 @@ def plot_exit_layers(runs: list[dict], out: Path) -> Optional[Path]:
 
     data, labels = [], []
     for r in runs:
+        if r["run"].get("control"):
+            continue
         layers = [x for e in r["examples"] for x in e["exit_layers"][1:]]  # decoded tokens only
         if layers:
             data.append(layers)
@@ -264,7 +387,7 @@ def plot_sweep(df: pd.DataFrame, out: Path) -> list[Path]:
     plt = _pyplot()
 
     files = []
-    ss = df[df["strategy"] == "self_speculative"].copy()
+    ss = df[(df["strategy"] == "self_speculative") & ~df["control"]].copy()
     if ss.empty:
         return files
     knobs = ss["knobs"].map(json.loads)
@@ -274,7 +397,7 @@ def plot_sweep(df: pd.DataFrame, out: Path) -> list[Path]:
         if g["exit_layer"].nunique() < 2 or g["num_speculations"].nunique() < 2:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-        for ax, col, title in ((axes[0], "tokens_per_second", "tokens/s (median)"),
+        for ax, col, title in ((axes[0], "decode_speedup", "decode speedup (median of per-example ratios)"),
                                (axes[1], "acceptance_rate", "acceptance rate")):
             grid = g.pivot_table(index="exit_layer", columns="num_speculations", values=col, aggfunc="mean")
             im = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis", aspect="auto", origin="lower")

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from tqdm import tqdm
@@ -56,19 +58,13 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def resume_configs(path: str) -> tuple[Path, RunConfig, GenerationConfig]:
-    """The run and generation configs recorded in an existing run directory (for --resume)."""
-    run_dir = Path(path)
-    try:
-        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-        return run_dir, RunConfig(**info["run"]), GenerationConfig(**info["generation"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UsageError(f"--resume {path}: not a readable run directory ({e})") from None
-
-
 def load_run_examples(run: RunConfig, seed: int) -> list[Example]:
     if run.num_samples is not None and run.num_samples < 0:
         raise UsageError(f"--num_samples must be >= 0, got {run.num_samples}")
+    if run.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {run.repeats}")
+    if run.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {run.warmup}")
     examples = load_examples(run.dataset, run.num_samples, run.n_shot, seed, run.data_path, run.data_source)
     if not examples:
         raise UsageError(f"no examples to evaluate in {run.data_path or get_task(run.dataset).eval_file}")
@@ -81,127 +77,248 @@ def cut_at_stop(text: str, stops: tuple) -> str:
     return text[:cut]
 
 
+def sha256_of(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
+
+
+def data_sha256(run: RunConfig, task: Task) -> Optional[str]:
+    """Content hash of the evaluated data file (None for --data_source hf)."""
+    if run.data_path is None and run.data_source == "hf":
+        return None
+    path = Path(run.data_path) if run.data_path else DATA_DIR / task.eval_file
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _per(total: float, n: int) -> Optional[float]:
     return total / n if n > 0 else None
 
 
-def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, res: GenerationResult,
-                prediction: str, metrics: dict) -> ExampleRecord:
-    n = len(res.tokens)
-    total = res.prefill_seconds + res.decode_seconds
+def decode_time_per_token(res: GenerationResult) -> Optional[float]:
+    """The headline speed: decode seconds per token produced after the prefill (prefill excluded)."""
+    return res.decode_seconds / (len(res.tokens) - 1) if len(res.tokens) > 1 else None
+
+
+def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, runs: list[tuple[GenerationResult, int]],
+                prediction: str, kept: tuple[int, str], metrics: dict) -> ExampleRecord:
+    """One example's record from its timed repeats [(result, slot in the rotation)]; tokens from the first."""
+    res = runs[0][0]
+    n, d = len(res.tokens), max(len(res.tokens) - 1, 0)
+    prefill = statistics.median(r.prefill_seconds for r, _ in runs)
+    decode = statistics.median(r.decode_seconds for r, _ in runs)
+    per_token = [t for t in (decode_time_per_token(r) for r, _ in runs) if t is not None]
+    total = prefill + decode
     return ExampleRecord(
         id=ex.id, index=index, prompt=ex.prompt, prediction=prediction, reference=ex.reference, metrics=metrics,
-        prompt_tokens=len(prompt_ids), prompt_truncated=truncated, new_tokens=n, token_ids=res.tokens,
-        stop_reason=res.stop_reason, prefill_seconds=res.prefill_seconds, decode_seconds=res.decode_seconds,
-        total_seconds=total, tokens_per_second=_per(n, total) if total > 0 else None,
-        decode_tokens_per_second=(n - 1) / res.decode_seconds if n > 1 and res.decode_seconds > 0 else None,
-        time_per_token=_per(total, n), exit_layers=res.exit_layers,
-        avg_exit_layer=_per(sum(res.exit_layers), len(res.exit_layers)), layer_forwards=res.layer_forwards,
-        layer_forwards_per_token=_per(res.layer_forwards, n - 1), exit_head_flops=res.exit_head_flops,
-        exit_head_flops_per_token=_per(res.exit_head_flops, n - 1), confidence_flops=res.confidence_flops,
-        confidence_flops_per_token=_per(res.confidence_flops, n - 1), drafted=res.drafted, accepted=res.accepted,
-        acceptance_rate=res.accepted / res.drafted if res.drafted else None)
+        prompt_tokens=len(prompt_ids), prompt_truncated=truncated, prompt_sha256=sha256_of(list(prompt_ids)),
+        new_tokens=n, prediction_tokens=kept[0], token_ids=res.tokens, stop_reason=kept[1],
+        prefill_seconds=prefill, decode_seconds=decode, total_seconds=total,
+        decode_time_per_token=statistics.median(per_token) if per_token else None,
+        e2e_tokens_per_second=_per(n, total) if total > 0 else None, exit_layers=res.exit_layers,
+        avg_exit_layer=_per(sum(res.exit_layers[1:]), len(res.exit_layers) - 1),
+        layer_forwards=res.layer_forwards, layer_forwards_per_token=_per(res.layer_forwards, d),
+        exit_head_flops=res.exit_head_flops, exit_head_flops_per_token=_per(res.exit_head_flops, d),
+        confidence_flops=res.confidence_flops, confidence_flops_per_token=_per(res.confidence_flops, d),
+        kv_fill_flops=res.kv_fill_flops, kv_fill_flops_per_token=_per(res.kv_fill_flops, d),
+        drafted=res.drafted, accepted=res.accepted,
+        acceptance_rate=res.accepted / res.drafted if res.drafted else None,
+        repeats=[{"repeat": i, "slot": slot, "prefill_seconds": r.prefill_seconds,
+                  "decode_seconds": r.decode_seconds, "new_tokens": len(r.tokens)} for i, (r, slot) in enumerate(runs)])
 
 
 class Benchmark:
-    """A model + generator + task, ready to run over examples and log each one."""
+    """One configuration: a model + generator + task, ready to time and score examples."""
 
     def __init__(self, run: RunConfig, gen: GenerationConfig, model: Optional[LayeredModel] = None,
-                 examples: Optional[list[Example]] = None):
-        self.run, self.gen = run, gen
+                 examples: Optional[list[Example]] = None, control: bool = False):
+        self.run, self.gen, self.control = run, gen, control
         self.task: Task = get_task(run.dataset)
         self.examples = examples if examples is not None else load_run_examples(run, gen.seed)
         self.model = model or load_model(run.model, run.device, run.dtype)
         self.max_steps = gen.max_steps or self.task.max_steps
         self.generator: Generator = build_generator(self.model, dataclasses.replace(gen, max_steps=self.max_steps))
-        context = getattr(self.model.config, "max_position_embeddings", 4096)
-        self.max_prompt = run.max_prompt_tokens or max(context - self.max_steps, 1)
+        self.max_prompt = run.max_prompt_tokens or max(self.model.max_context - self.max_steps, 1)
+        self._prompts: dict[int, tuple[list[int], bool]] = {}
 
-    def prompt_ids(self, ex: Example) -> tuple[list[int], bool]:
-        ids = self.model.encode(ex.prompt, chat=self.run.chat_template)
-        if len(ids) > self.max_prompt:
-            return ids[-self.max_prompt:], True
-        return ids, False
+    @property
+    def label(self) -> str:
+        """Run directory name: task, strategy and the knobs that tell configurations apart."""
+        knobs = "".join(f"_{k}{v}" for k, v in self.generator.knobs().items()
+                        if v is not None and v is not False and k in ("exit_layer", "num_speculations", "criteria",
+                                                                      "confidence", "threshold"))
+        return (f"{self.task.name}_{self.generator.name}{knobs}"[:100]) + ("_control" if self.control else "")
 
-    def stop(self) -> StopCondition:
-        return StopCondition(self.model, self.max_steps, self.task.stop)
+    def prompt_ids(self, index: int) -> tuple[list[int], bool]:
+        """Token ids fed for example `index` (chat template, left truncation), computed once."""
+        if index not in self._prompts:
+            ids = self.model.encode(self.examples[index].prompt, chat=self.run.chat_template)
+            self._prompts[index] = (ids[-self.max_prompt:], True) if len(ids) > self.max_prompt else (ids, False)
+        return self._prompts[index]
 
-    def info(self, run_id: str) -> RunInfo:
+    def stop(self, fixed_length: Optional[bool] = None) -> StopCondition:
+        fixed = self.run.fixed_length if fixed_length is None else fixed_length
+        return StopCondition(self.model, self.max_steps, self.task.stop, fixed_length=fixed)
+
+    def info(self, run_id: str, schedule: dict) -> RunInfo:
         task = {"name": self.task.name, "metric": self.task.metric, "stop": list(self.task.stop),
                 "max_steps": self.max_steps, "n_shot": self.run.n_shot, "num_examples": len(self.examples),
                 "data": self.run.data_path or (f"hf:{self.task.hf[0]}" if self.run.data_source == "hf"
-                                               else str(Path(DATA_DIR.name) / self.task.eval_file))}
+                                               else str(Path(DATA_DIR.name) / self.task.eval_file)),
+                "data_sha256": data_sha256(self.run, self.task),
+                "examples_sha256": sha256_of([[ex.id, sha256_of(self.prompt_ids(i)[0])]
+                                              for i, ex in enumerate(self.examples)])}
         model = dict(self.model.describe(), load_seconds=self.model.load_seconds, source=self.run.model)
         return RunInfo(schema_version=SCHEMA_VERSION, run_id=run_id, created=datetime.now(timezone.utc).isoformat(),
                        command=list(sys.argv), strategy=self.generator.name, knobs=self.generator.knobs(),
                        generation=dataclasses.asdict(self.gen), run=dataclasses.asdict(self.run), task=task,
-                       model=model, environment=environment(self.model.device))
+                       model=model, environment=environment(self.model.device), control=self.control,
+                       schedule=schedule)
 
-    def evaluate(self, index: int, ex: Example) -> ExampleRecord:
-        ids, truncated = self.prompt_ids(ex)
-        res = self.generator.generate(ids, self.stop())
-        prediction = cut_at_stop(self.model.decode(res.tokens), self.task.stop)
+    def generate(self, index: int) -> GenerationResult:
+        """One timed generation of example `index`."""
+        return self.generator.generate(self.prompt_ids(index)[0], self.stop())
+
+    def score(self, index: int, runs: list[tuple[GenerationResult, int]]) -> ExampleRecord:
+        """The record of example `index` from its timed repeats; quality from the first repeat's text."""
+        ex, (ids, truncated) = self.examples[index], self.prompt_ids(index)
+        tokens = runs[0][0].tokens
+        kept = self.stop(fixed_length=False).first_stop(tokens) or (len(tokens), runs[0][0].stop_reason)
+        prediction = cut_at_stop(self.model.decode(tokens[:kept[0]]), self.task.stop)
         metrics = METRICS[self.task.metric](prediction, ex)
-        return make_record(index, ex, ids, truncated, res, prediction, metrics)
+        return make_record(index, ex, ids, truncated, runs, prediction, kept, metrics)
 
-    def warm_up(self) -> None:
-        if self.run.warmup <= 0:
-            return
-        ids, _ = self.prompt_ids(self.examples[0])
+    def evaluate(self, index: int) -> ExampleRecord:
+        """Time example `index` --repeats times in a row and score it (a single-configuration run)."""
+        return self.score(index, [(self.generate(index), 0) for _ in range(self.run.repeats)])
+
+    def warm_up(self, index: int) -> None:
+        """This configuration's own untimed warm-up on one prompt (kernels for its shapes)."""
+        ids = self.prompt_ids(index)[0]
         for _ in range(self.run.warmup):
-            self.generator.generate(ids, StopCondition(self.model, min(self.max_steps, 16), ()))
+            self.generator.generate(ids, StopCondition(self.model, min(self.max_steps, 16), (), eos_ids=set()))
 
     def execute(self, progress: bool = True, parent: Optional[Path] = None,
                 resume: Optional[Path] = None, dist: Dist = SINGLE) -> tuple[Path, Summary]:
-        """Run every example, appending each record as it finishes; always leave a summary behind.
-
-        With `resume` (an existing run directory of this configuration), examples already recorded there
-        are kept and skipped. Under torchrun (`dist.active`) this process takes every world-th example and
-        rank 0 merges the shards at the end.
-        """
-        if resume is not None and dist.active:
-            raise UsageError("--resume runs in one process; launch it without torchrun's extra processes")
-        if resume is None:
-            label = f"{self.task.name}_{self.generator.name}"
-            path = Path(broadcast(str(new_run_dir(parent or self.run.output_dir, label)) if dist.rank == 0
-                                  else None, dist))
-            info = self.info(path.name)
-        else:
-            path, info = resume, RunInfo(**json.loads((resume / "run.json").read_text(encoding="utf-8")))
-        writer = RunWriter(path, info, resume=resume is not None, shard=dist.rank if dist.active else None)
-        done = {r.index for r in writer.records}
-        for r in writer.records:
-            if r.index >= len(self.examples) or self.examples[r.index].id != r.id:
-                raise UsageError(f"--resume {path}: its example {r.index} ({r.id}) is not this run's; data changed?")
-        status, error = "complete", None
-        try:
-            todo = [(i, ex) for i, ex in enumerate(self.examples) if i not in done and i % dist.world == dist.rank]
-            if todo:
-                self.warm_up()
-            for i, ex in tqdm(todo, desc=f"{self.generator.name} on {self.task.name}", unit="ex",
-                              disable=not progress or dist.rank > 0, file=sys.stderr, initial=len(done),
-                              total=len(self.examples) if not dist.active else len(todo)):
-                writer.append(self.evaluate(i, ex))
-        except KeyboardInterrupt:
-            status, error = "interrupted", "interrupted by the user"
-            raise
-        except Exception as e:
-            status, error = "failed", f"{type(e).__name__}: {e}"
-            raise
-        finally:
-            if dist.active:
-                writer.close()  # this rank's records are on disk in examples.rank<R>.jsonl
-            else:
-                summary = writer.finish(info, status, error)
-        if dist.active:
-            barrier(dist)
-            if dist.rank == 0:
-                writer.records = merge_shards(path, dist.world)
-                summary = writer.finish(info)
-            else:
-                summary = summarize(info, writer.records, status, error)  # this rank's share, not written
-            barrier(dist)
+        """Run every example of this one configuration (see `execute_schedule`)."""
+        (path, summary), = execute_schedule([self], parent, progress, [resume] if resume else None, dist)
         return path, summary
+
+
+WARMUP_STEPS = 4  # decode steps of the per-example full-model warm-up
+
+
+def rotation(num_configs: int, example: int, repeat: int = 0, repeats: int = 1) -> list[int]:
+    """Configuration order for one (example, repeat): a cyclic Latin square.
+
+    Row (example * repeats + repeat) of the square, so over any `num_configs` consecutive rows every
+    configuration runs first (and in every other slot) exactly once: whatever one-time cost a new prompt
+    carries is spread evenly instead of being charged to whoever runs first.
+    """
+    shift = (example * repeats + repeat) % num_configs
+    return [(shift + j) % num_configs for j in range(num_configs)]
+
+
+def execute_schedule(benches: list[Benchmark], parent: Optional[Path] = None, progress: bool = True,
+                     resume: Optional[list[Path]] = None, dist: Dist = SINGLE) -> list[tuple[Path, Summary]]:
+    """Every configuration on every example, interleaved; one run directory per configuration.
+
+    Per example: (several configurations only) an untimed full-model warm-up on that prompt, then the
+    timed runs, every configuration back to back in the rotated order of `rotation`, --repeats times;
+    then one record per configuration is appended and flushed. Each configuration also warms up once on
+    the first prompt before anything is timed. With `resume` (the configurations' existing run
+    directories), recorded examples are kept and only missing (example, configuration) pairs run. Under
+    torchrun each process takes every world-th example and rank 0 merges the shards at the end.
+    """
+    run, C = benches[0].run, len(benches)
+    if resume is not None and dist.active:
+        raise UsageError("--resume runs in one process; launch it without torchrun's extra processes")
+    schedule = {"num_configs": C, "repeats": run.repeats, "warmup": run.warmup, "rotation": "cyclic_latin_square",
+                "per_example_warmup_steps": WARMUP_STEPS if C > 1 and run.warmup > 0 else 0,
+                "invocation": parent.name if parent is not None and C > 1 else None}
+    paths, infos, writers = [], [], []
+    for c, b in enumerate(benches):
+        if resume is None:
+            path = Path(broadcast(str(new_run_dir(parent or run.output_dir, b.label)) if dist.rank == 0 else None,
+                                  dist))
+            info = b.info(path.name, dict(schedule, config_index=c))
+        else:
+            path = resume[c]
+            info = RunInfo(**json.loads((path / "run.json").read_text(encoding="utf-8")))
+        writer = RunWriter(path, info, resume=resume is not None, shard=dist.rank if dist.active else None)
+        for r in writer.records:
+            if r.index >= len(b.examples) or b.examples[r.index].id != r.id:
+                raise UsageError(f"--resume {path}: its example {r.index} ({r.id}) is not this run's; data changed?")
+        paths.append(path), infos.append(info), writers.append(writer)
+    done = [{r.index for r in w.records} for w in writers]
+    n = len(benches[0].examples)
+    todo = [i for i in range(n) if i % dist.world == dist.rank and any(i not in d for d in done)]
+    warm = build_generator(benches[0].model, GenerationConfig()) if C > 1 and run.warmup > 0 else None
+    status, error = "complete", None
+    try:
+        if todo and run.warmup > 0:
+            for b in benches:
+                b.warm_up(todo[0])
+        for i in tqdm(todo, desc=f"{benches[0].task.name}: {C} configuration(s)", unit="ex",
+                      disable=not progress or dist.rank > 0, file=sys.stderr):
+            if warm is not None:  # untimed: the same prompt through the full model, a few decode steps
+                for _ in range(run.warmup):
+                    warm.generate(benches[0].prompt_ids(i)[0],
+                                  StopCondition(benches[0].model, WARMUP_STEPS + 1, (), eos_ids=set()))
+            pending = [c for c in range(C) if i not in done[c]]
+            timed: dict[int, list] = {c: [] for c in pending}
+            for r in range(run.repeats):
+                for slot, c in enumerate(x for x in rotation(C, i, r, run.repeats) if x in timed):
+                    timed[c].append((benches[c].generate(i), slot))
+            for c in pending:
+                writers[c].append(benches[c].score(i, timed[c]))
+    except KeyboardInterrupt:
+        status, error = "interrupted", "interrupted by the user"
+        raise
+    except Exception as e:
+        status, error = "failed", f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        summaries = []
+        for w, info in zip(writers, infos):
+            if dist.active:
+                w.close()  # this rank's records are on disk in examples.rank<R>.jsonl
+            else:
+                summaries.append(w.finish(info, status, error))
+    if dist.active:
+        barrier(dist)
+        for w, info, path in zip(writers, infos, paths):
+            if dist.rank == 0:
+                w.records = merge_shards(path, dist.world)
+                summaries.append(w.finish(info))
+            else:
+                summaries.append(summarize(info, w.records, status, error))  # this rank's share, not written
+        barrier(dist)
+    return list(zip(paths, summaries))
+
+
+def resume_configs(path: str) -> tuple[list[Path], RunConfig, list[GenerationConfig], list[bool]]:
+    """The configurations recorded under --resume PATH: one run directory, or a multi-configuration folder."""
+    root = Path(path)
+    dirs = [root] if (root / "run.json").is_file() else sorted(p.parent for p in root.glob("*/run.json"))
+    if not dirs:
+        raise UsageError(f"--resume {path}: not a run directory or a folder of run directories")
+    try:
+        infos = [json.loads((d / "run.json").read_text(encoding="utf-8")) for d in dirs]
+        order = sorted(range(len(dirs)), key=lambda k: infos[k].get("schedule", {}).get("config_index", 0))
+        dirs, infos = [dirs[k] for k in order], [infos[k] for k in order]
+        run = RunConfig(**infos[0]["run"])
+        gens = [GenerationConfig(**i["generation"]) for i in infos]
+        return dirs, run, gens, [bool(i.get("control")) for i in infos]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UsageError(f"--resume {path}: not a readable run directory ({e})") from None
+
+
+def resume(path: str, progress: bool = True) -> list[tuple[Path, Summary]]:
+    """Finish an interrupted run (or multi-configuration folder) in place."""
+    dirs, run, gens, controls = resume_configs(path)
+    model = load_model(run.model, run.device, run.dtype)
+    examples = load_run_examples(run, gens[0].seed)
+    benches = [Benchmark(run, g, model, examples, control=c) for g, c in zip(gens, controls)]
+    return execute_schedule(benches, dirs[0].parent if len(dirs) > 1 else None, progress, dirs)
 
 
 # -- several configurations in one invocation -------------------------------------------------------
@@ -262,12 +379,19 @@ def expand_sweep(items: list[str], base: GenerationConfig) -> list[GenerationCon
 
 
 def run_many(run: RunConfig, configs: list[GenerationConfig], progress: bool = True,
-             model: Optional[LayeredModel] = None, dist: Dist = SINGLE) -> tuple[Path, list[Summary]]:
-    """Every configuration on the same examples with one loaded model; one run directory each."""
+             model: Optional[LayeredModel] = None, dist: Dist = SINGLE,
+             control: bool = True) -> tuple[Path, list[Summary]]:
+    """Every configuration on the same examples with one loaded model, interleaved; one run directory each.
+
+    configs[0] is the baseline; with `control` a second copy of it joins the rotation as the A/A control
+    (marked `control` in its run log), whose speedup over the baseline is the noise floor.
+    """
     model = model or load_model(run.model, run.device, run.dtype)
     examples = load_run_examples(run, configs[0].seed)
     benches = [Benchmark(run, cfg, model, examples) for cfg in configs]  # validate all before running any
+    if control:
+        benches.insert(1, Benchmark(run, configs[0], model, examples, control=True))
     parent = Path(broadcast(str(new_run_dir(run.output_dir, f"{run.dataset}_multi")) if dist.rank == 0 else None,
                             dist))
-    summaries = [b.execute(progress, parent, dist=dist)[1] for b in benches]
-    return parent, summaries
+    results = execute_schedule(benches, parent, progress, dist=dist)
+    return parent, [s for _, s in results]

@@ -66,3 +66,30 @@ def test_self_speculation_is_lossless_on_other_architectures(tiny):
     ss = build_generator(tiny, GenerationConfig(generation_strategy="self_speculative", exit_layer=2,
                                                 num_speculations=3)).generate(prompt, stop)
     assert ss.tokens == ar.tokens
+
+
+def test_attention_other_than_sdpa_is_refused():
+    from harness.config import UsageError
+
+    hf = AutoModelForCausalLM.from_config(MistralConfig(**SMALL, sliding_window=None), attn_implementation="eager")
+    with pytest.raises(UsageError, match="attention implementation 'eager'"):
+        LayeredModel(hf, _Tok())
+
+
+@torch.inference_mode()
+def test_sliding_window_configs_are_exact_inside_the_window_and_refused_past_it():
+    from harness.config import UsageError
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(MistralConfig(**SMALL, sliding_window=16), attn_implementation="sdpa").eval()
+    m = LayeredModel(hf, _Tok(), name="mistral-swa")
+    assert m.window == 16 and m.max_context == 16
+    cache = m.new_cache()
+    ids = torch.randint(1, 128, (1, 16))
+    h = m.run_layers(m.embed(ids[:, :10]), 0, 4, cache, 0)
+    for p in range(10, 16):  # a plain cache: nothing dropped, so crop and masks stay exact
+        h = m.run_layers(m.embed(ids[:, p:p + 1]), 0, 4, cache, p)
+    assert m.cache_lengths(cache) == [16] * 4
+    assert torch.allclose(m.exit_logits(h), hf(ids).logits[:, -1:], atol=1e-4)
+    with pytest.raises(UsageError, match="sliding window"):
+        m.run_layers(m.embed(ids[:, :1]), 0, 4, cache, 16)

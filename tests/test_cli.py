@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def test_benchmark_writes_the_documented_run_log(tmp_path):
     proc = run("benchmark.py", "--dataset", "gsm8k", "--num_samples", "2", "--max_steps", "12", "--n_shot", "1",
                "--exit_layer", "20", "--output_dir", str(tmp_path), "--warmup", "1")
     assert proc.returncode == 0, proc.stderr
-    assert "| tokens/s (median)" in proc.stdout
+    assert "| decode ms/token (median)" in proc.stdout
     (run_dir,) = tmp_path.iterdir()
     info = json.loads((run_dir / "run.json").read_text())
     assert set(info) == {f.name for f in dataclasses.fields(RunInfo)}
@@ -190,7 +191,7 @@ def test_torchrun_shards_examples_and_rank0_merges(tmp_path):
                            "--dataset", "gsm8k", "--num_samples", "5", "--max_steps", "4",
                            "--output_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("| tokens/s (median)") == 1  # only rank 0 reports
+    assert proc.stdout.count("| decode ms/token (median)") == 1  # only rank 0 reports
     (run_dir,) = tmp_path.iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == ["examples.jsonl", "run.json", "summary.json"]
     recs = [json.loads(x) for x in (run_dir / "examples.jsonl").read_text().splitlines()]
@@ -198,3 +199,44 @@ def test_torchrun_shards_examples_and_rank0_merges(tmp_path):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["environment"]["world_size"] == 2
     assert json.loads((run_dir / "summary.json").read_text())["num_examples"] == 5
+
+
+def _tokenizer_files(model):
+    """The embedded model's converted directory (tokenizer files to build half-broken checkpoints from)."""
+    from harness.model import resolve_checkpoint
+
+    return Path(resolve_checkpoint(None)[1])
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("foreign_gguf", "not a GGUF file"),
+    ("truncated_gguf", "cannot read this GGUF file"),
+    ("config_only_dir", "no usable tokenizer"),
+    ("no_weights_dir", "cannot load the causal-LM weights"),
+    ("output_dir_is_a_file", "cannot create or write the output directory"),
+    ("output_dir_unwritable", "cannot create or write the output directory"),
+])
+def test_bad_model_files_and_output_dirs_get_one_line_and_exit_2(case, needle, tmp_path, model):
+    args = ["--num_samples", "1", "--max_steps", "2", "--output_dir", str(tmp_path / "out")]
+    if case == "foreign_gguf":
+        (tmp_path / "m.gguf").write_bytes(b"PK\x03\x04 this is a zip, not a model")
+        args += ["--model", str(tmp_path / "m.gguf")]
+    elif case == "truncated_gguf":
+        (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x05\x00")
+        args += ["--model", str(tmp_path / "m.gguf")]
+    elif case == "config_only_dir":
+        (tmp_path / "ckpt").mkdir()
+        (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+        args += ["--model", str(tmp_path / "ckpt")]
+    elif case == "no_weights_dir":
+        src = _tokenizer_files(model)
+        (tmp_path / "ckpt").mkdir()
+        for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(src / f, tmp_path / "ckpt" / f)
+        args += ["--model", str(tmp_path / "ckpt")]
+    elif case == "output_dir_is_a_file":
+        (tmp_path / "afile").write_text("")
+        args += ["--output_dir", str(tmp_path / "afile" / "sub")]
+    else:
+        args += ["--output_dir", "/proc/not-writable-here"]
+    assert_one_line_error(run("benchmark.py", *args), needle)

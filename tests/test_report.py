@@ -36,32 +36,36 @@ def sweep_dir(tmp_path_factory):
 
 def test_sweep_runs_the_grid_after_the_baseline(sweep_dir):
     runs = load_runs([str(sweep_dir)])
-    strategies = sorted((r["run"]["strategy"], json.dumps(r["run"]["knobs"], sort_keys=True)) for r in runs)
-    assert len(runs) == 5
-    assert strategies[0] == ("autoregressive", json.dumps({"exit_layer": None}))
-    grid = {(json.loads(k)["exit_layer"], json.loads(k)["num_speculations"]) for s, k in strategies[1:]}
+    strategies = sorted((r["run"]["strategy"], json.dumps(r["run"]["knobs"], sort_keys=True), r["run"]["control"])
+                        for r in runs)
+    assert len(runs) == 6  # baseline, its A/A control, the 2x2 grid
+    assert strategies[0] == ("autoregressive", json.dumps({"exit_layer": None}), False)
+    assert strategies[1] == ("autoregressive", json.dumps({"exit_layer": None}), True)
+    grid = {(json.loads(k)["exit_layer"], json.loads(k)["num_speculations"]) for s, k, _ in strategies[2:]}
     assert grid == {(10, 2), (10, 3), (20, 2), (20, 3)}
-    # every run evaluated the same examples
-    assert len({tuple(e["id"] for e in r["examples"]) for r in runs}) == 1
+    # every run evaluated the same examples, on the same prompts
+    assert len({tuple((e["id"], e["prompt_sha256"]) for e in r["examples"]) for r in runs}) == 1
 
 
 def test_report_table_speedups_and_deltas(sweep_dir):
     runs = load_runs([str(sweep_dir)])
     df = build_table(runs)
-    assert list(df["strategy"])[0] == "autoregressive"
+    assert list(df["strategy"])[0] == "autoregressive" and list(df["control"])[:2] == [False, True]
     base = df.iloc[0]
-    assert base["speedup"] == 1.0 and base["n_paired"] == 2
-    base_run = next(r for r in runs if r["run"]["strategy"] == "autoregressive")
+    assert base["decode_speedup"] == 1.0 and base["n_paired"] == 2
+    base_run = next(r for r in runs if r["run"]["strategy"] == "autoregressive" and not r["run"]["control"])
     for _, row in df.iloc[1:].iterrows():
         run = next(r for r in runs if r["run"]["run_id"] == row["run_id"])
-        ratios = [a["tokens_per_second"] / b["tokens_per_second"]
+        ratios = [b["decode_time_per_token"] / a["decode_time_per_token"]
                   for a, b in zip(run["examples"], base_run["examples"])]
-        assert row["speedup"] == pytest.approx(float(np.median(ratios)))
-        assert row["speedup_ci_low"] <= row["speedup"] <= row["speedup_ci_high"]
+        assert row["decode_speedup"] == pytest.approx(float(np.median(ratios)))
+        assert row["decode_speedup_min"] <= row["decode_speedup"] <= row["decode_speedup_max"]
+        assert math.isnan(row["decode_speedup_ci95_low"])  # 2 pairs: too few for an interval
         assert row["baseline"] == base_run["run"]["run_id"]
         # self-speculation is lossless: identical greedy output, so identical quality
         assert row["delta_exact_match"] == 0.0
-        assert 0.0 <= row["acceptance_rate"] <= 1.0
+        if row["strategy"] == "self_speculative":
+            assert 0.0 <= row["acceptance_rate"] <= 1.0
 
 
 def test_report_files_and_plots(sweep_dir, tmp_path):
@@ -71,7 +75,7 @@ def test_report_files_and_plots(sweep_dir, tmp_path):
     for f in files:
         assert f.stat().st_size > 0
     back = pd.read_csv(tmp_path / "report.csv")
-    assert len(back) == 5 and "speedup_ci_high" in back.columns
+    assert len(back) == 6 and "decode_speedup_ci95_high" in back.columns and back["control"].dtype == bool
     md = (tmp_path / "report.md").read_text()
     assert "### gsm8k" in md and "n=2" in md
 
@@ -81,7 +85,7 @@ def test_rows_without_a_baseline_say_so(sweep_dir, tmp_path):
     shutil.copytree(lone, tmp_path / lone.name)
     df = build_table(load_runs([str(tmp_path)]))
     assert df.iloc[0]["baseline"].startswith("no autoregressive baseline")
-    assert math.isnan(df.iloc[0]["speedup"])
+    assert math.isnan(df.iloc[0]["decode_speedup"])
 
 
 def test_report_cli_and_bad_paths(sweep_dir, tmp_path):

@@ -34,6 +34,7 @@ class GenerationResult:
     head_rows: int  # vocabulary rows evaluated by those exit heads, summed
     exit_head_flops: float  # 2 * hidden * rows over all decode exit heads
     confidence_flops: float = 0.0  # FLOPs of exit heads evaluated only to decide whether to exit (part of the above)
+    kv_fill_flops: float = 0.0  # FLOPs of state-copying K/V projections for skipped layers (CALM), decode only
     drafted: Optional[int] = None  # speculative methods: tokens drafted
     accepted: Optional[int] = None  # speculative methods: drafted tokens accepted by verification
 
@@ -42,18 +43,37 @@ class GenerationResult:
 
 
 class StopCondition:
-    """End of generation: EOS ids, stop strings in the decoded continuation, or max_steps tokens."""
+    """End of generation: EOS ids, stop strings in the decoded continuation, or max_steps tokens.
+
+    One rule for every method, applied token by token in generation order: a token ends generation if it
+    is an EOS id, else if the text up to it contains a stop string, else if it is the max_steps-th token.
+    With `fixed_length` only max_steps ends generation (pure speed comparisons); `first_stop` still says
+    where the text used for quality ends.
+    """
 
     def __init__(self, model: LayeredModel, max_steps: int, stop_strings: Sequence[str] = (),
-                 eos_ids: Optional[set[int]] = None):
+                 eos_ids: Optional[set[int]] = None, fixed_length: bool = False):
         self.model = model
         self.max_steps = max_steps
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.eos_ids = model.eos_ids() if eos_ids is None else eos_ids
+        self.fixed_length = fixed_length
 
     def _has_stop_string(self, tokens: Sequence[int]) -> bool:
         text = self.model.decode(tokens)
         return any(s in text for s in self.stop_strings)
+
+    def first_stop(self, tokens: Sequence[int], start: int = 0) -> Optional[tuple[int, str]]:
+        """The first token at or after `start` that ends generation: (tokens to keep, reason), or None."""
+        has_string = bool(self.stop_strings) and self._has_stop_string(tokens)  # one decode in the common case
+        for i in range(start, len(tokens)):
+            if tokens[i] in self.eos_ids:
+                return i + 1, "eos"
+            if has_string and self._has_stop_string(tokens[:i + 1]):
+                return i + 1, "stop_string"
+            if i + 1 >= self.max_steps:
+                return i + 1, "max_steps"
+        return None
 
     def check(self, tokens: list[int], new: int = 1) -> Optional[tuple[int, str]]:
         """After appending `new` tokens: None to go on, else (tokens to keep, reason).
@@ -61,17 +81,13 @@ class StopCondition:
         When several tokens arrive at once (speculation), the cut is placed right after the first token
         that ended generation, so methods that emit chunks are not credited with tokens past a stop.
         """
-        first = len(tokens) - new
-        for i in range(first, len(tokens)):
-            if tokens[i] in self.eos_ids:
-                return i + 1, "eos"
-        if self.stop_strings and self._has_stop_string(tokens):
-            for i in range(first + 1, len(tokens) + 1):
-                if self._has_stop_string(tokens[:i]):
-                    return i, "stop_string"
-        if len(tokens) >= self.max_steps:
-            return self.max_steps, "max_steps"
-        return None
+        if self.fixed_length:
+            return (self.max_steps, "max_steps") if len(tokens) >= self.max_steps else None
+        return self.first_stop(tokens, len(tokens) - new)
+
+    def remaining(self, emitted: int) -> int:
+        """Tokens that may still be emitted after `emitted` (speculative methods size drafts with it)."""
+        return max(self.max_steps - emitted, 0)
 
 
 GENERATORS: dict[str, type["Generator"]] = {}
@@ -157,7 +173,8 @@ class Generator(ABC):
             tokens=out.tokens[:keep], exit_layers=out.exit_layers[:keep], prefill_seconds=t_prefill - t_start,
             decode_seconds=t_end - t_prefill, stop_reason=reason, layer_forwards=c.layer_tokens,
             head_calls=c.head_calls, head_rows=c.head_rows,
-            exit_head_flops=float(self.model.head_flops(1) * c.head_rows), **extra)
+            exit_head_flops=float(self.model.head_flops(1) * c.head_rows),
+            kv_fill_flops=float(self.model.kv_fill_flops(c.kv_fill_tokens)), **extra)
 
 
 class Output:

@@ -2,7 +2,7 @@
 
 --criteria:
   cosine_similarity  cos(norm(h_l), norm(h_l-1)) > --cosine_threshold (0.95); no exit head needed
-  token_repeat       the exit argmax is the same for --repeats (3) consecutive layers
+  token_repeat       the exit argmax is the same for --token_repeats (3) consecutive layers
   convergence        |maxprob_l - maxprob_l-1| <= --convergence_delta (0.01)
   max_probability    maxprob_l > threshold interpolated over depth from --max_prob_start (0.99) at
                      --min_exit_layer to --max_prob_end (0.75) at the last layer
@@ -31,14 +31,14 @@ class Dynamic(LayerwiseExit):
         super().validate()
         if self.config.confidence in ("softmax", "hidden_state"):
             raise UsageError("dynamic reads its own criterion; --confidence may only be contrastive or jsd_contrastive")
-        if self.config.repeats < 1:
-            raise UsageError(f"--repeats must be >= 1, got {self.config.repeats}")
+        if self.config.token_repeats < 1:
+            raise UsageError(f"--token_repeats must be >= 1, got {self.config.token_repeats}")
         self.check = getattr(self, f"_{self.config.criteria}")
 
     def knobs(self) -> dict:
         c = self.config
         per = {"cosine_similarity": {"cosine_threshold": c.cosine_threshold},
-               "token_repeat": {"repeats": c.repeats},
+               "token_repeat": {"token_repeats": c.token_repeats},
                "convergence": {"convergence_delta": c.convergence_delta},
                "max_probability": {"max_prob_start": c.max_prob_start, "max_prob_end": c.max_prob_end},
                "entropy_based": {"entropy_temperature": c.entropy_temperature, "entropy_start": c.entropy_start,
@@ -57,7 +57,7 @@ class Dynamic(LayerwiseExit):
         return exits.cosine(norm(probe.hidden[depth]), norm(probe.hidden[depth - 1])) > self.config.cosine_threshold
 
     def _token_repeat(self, depth: int, probe: TokenProbe) -> bool:
-        n = self.config.repeats
+        n = self.config.token_repeats
         first = depth - n + 1
         if first < self.min_exit:
             probe.top_token(depth)  # evaluate as we go so the run of equal argmaxes can be read later

@@ -88,10 +88,13 @@ class SelfSpeculative(Generator):
         return states, drafted, probs
 
     # -- scorer -----------------------------------------------------------------------------
-    def score(self, states: list, drafted: list[int], pos: int, cache) -> torch.Tensor:
-        """Full-model logits at positions pos..pos+len(drafted), reusing the drafts' layer-E states."""
+    def score(self, states: list, drafted: list[int], token: int, pos: int, cache) -> torch.Tensor:
+        """Full-model logits at positions pos..pos+len(drafted), reusing the drafts' layer-E states.
+
+        `token` sits at `pos`; with no drafts the pass is one plain full-depth step for it.
+        """
         m, E = self.model, self.config.exit_layer
-        last = m.run_layers(m.embed(self.ids(drafted[-1:])), 0, E, cache, pos + len(drafted))
+        last = m.run_layers(m.embed(self.ids((drafted or [token])[-1:])), 0, E, cache, pos + len(drafted))
         h = m.run_layers(torch.cat(states + [last], dim=1), E, m.num_layers, cache, pos)
         return m.exit_logits(h)[0]
 
@@ -104,17 +107,24 @@ class SelfSpeculative(Generator):
         drafted_total = accepted_total = 0
         finished = out.add([token], [L])
         while not finished:
-            k = min(self.k, stop.max_steps - len(out.tokens))
-            states, drafted, q = self.draft(token, pos, k, cache, stop.eos_ids)
-            logits = self.score(states, drafted, pos, cache)
-            if self.sampler.greedy:
+            # a+1 tokens come out of a step (accepted drafts + the verifier's token): draft at most one
+            # fewer than may still be emitted, so no token past max_steps is ever produced or counted
+            k = min(self.k, stop.remaining(len(out.tokens)) - 1)
+            eos = set() if stop.fixed_length else stop.eos_ids
+            states, drafted, q = self.draft(token, pos, k, cache, eos) if k > 0 else ([], [], [])
+            logits = self.score(states, drafted, token, pos, cache)
+            if not drafted:
+                a, nxt = 0, self.sampler.pick(logits[-1:])
+            elif self.sampler.greedy:
                 a, nxt = verify_greedy(drafted, logits)
             else:
                 a, nxt = verify_sampling(drafted, torch.stack(q), self.sampler.probs(logits), self.sampler.rng)
             m.crop(cache, pos + a + 1)  # keep x, y1..ya; their K/V are now the full model's at every layer
             pos += a + 1
             token = nxt
-            drafted_total += len(drafted)
-            accepted_total += a
+            before = len(out.tokens)
             finished = out.add(drafted[:a] + [nxt], [E] * a + [L])
+            drafted_total += len(drafted)
+            # accepted drafts cut off by a stop (EOS / stop string inside the chunk) are not counted
+            accepted_total += min(a, (out.done[0] if finished else len(out.tokens)) - before)
         return self.result(out, t0, t1, self.clock(), drafted=drafted_total, accepted=accepted_total)
