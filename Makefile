@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # or install your own torch into .venv first (any torch>=2.4 is kept as it is).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean-cache
+.PHONY: setup demo test bench check clean-cache
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,17 @@ setup: $(VENV)/.installed
 DEMO_STRATEGIES := autoregressive:exit_layer=15,self_speculative:exit_layer=8:num_speculations=6,calm,free,dynamic:criteria=cosine_similarity
 
 demo: setup
-	$(PY) benchmark.py --dataset cnn_dm_summarization --num_samples 3 --max_steps 48 --strategies $(DEMO_STRATEGIES)
+	$(PY) benchmark.py --dataset cnn_dm_summarization --num_samples 3 --max_steps 48 --fixed_length --strategies $(DEMO_STRATEGIES)
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) bench/autoregressive_vs_hf.py
+
+# Is the measurement trustworthy here? Order effect, A/A control, free's null speedup: PASS/FAIL.
+check: setup
+	$(PY) bench/measurement_check.py
 
 clean-cache:
 	rm -rf $${EE_HARNESS_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/early_exit_harness}

@@ -3,6 +3,8 @@
     python eval.py --tasks gsm8k --limit 10 --model_args generation_strategy=self_speculative,exit_layer=8
     python eval.py --tasks cnn_dailymail,xsum --limit 5 --model_args criteria=entropy_based
     python eval.py --tasks humaneval --limit 5 --confirm_run_unsafe_code
+    python eval.py --model PATH --tasks gsm8k --limit 10 --generation_strategy self_speculative \\
+        --exit_layer 8 --num_speculations 6 --output_dir ./logs                     # LayerSkip's spelling
 
 Bundled, offline task definitions (harness/lm_eval_tasks, taking precedence over lm-eval's own):
 gsm8k (lm-eval's format and filters), humaneval (pass@1, executes code: needs
@@ -14,12 +16,14 @@ full model (or loglikelihood_exit_layer=E): early-exit generation gives them no 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.cli import Parser, require_single_process, run_main
+from harness.config import GenerationConfig, add_dataclass_args
 
 TASK_DIR = Path(__file__).resolve().parent / "harness" / "lm_eval_tasks"
 BUNDLED = ("gsm8k", "humaneval", "cnn_dailymail", "xsum")
@@ -34,13 +38,36 @@ def build_parser() -> Parser:
                    "autoregressive)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction) (default: all)")
     p.add_argument("--num_fewshot", type=int, default=None, help="few-shot exemplars (default: the task's own)")
-    p.add_argument("--output_path", default="results/lm_eval", help="results go to a new folder under this "
+    p.add_argument("--model", default=None, help="as benchmark.py --model; same as model= in --model_args "
+                   "(default: embedded model)")
+    p.add_argument("--output_path", "--output_dir", dest="output_path", default="results/lm_eval",
+                   help="results go to a new folder under this (--output_dir: LayerSkip's spelling) "
                    "(default: %(default)s)")
     p.add_argument("--log_samples", action="store_true", help="also write per-sample outputs (default: off)")
     p.add_argument("--confirm_run_unsafe_code", action="store_true",
                    help="allow tasks that execute generated code (humaneval) (default: off)")
     p.add_argument("--seed", type=int, default=0, help="lm-eval's random seeds (default: %(default)s)")
+    add_dataclass_args(p, GenerationConfig, "generation flags (as benchmark.py; merged into --model_args)",
+                       skip=("seed",))
     return p
+
+
+def model_args_from(args: argparse.Namespace) -> dict:
+    """--model_args merged with the generation flags given directly (LayerSkip's eval.py spelling)."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from harness.config import UsageError
+
+    merged = simple_parse_args_string(args.model_args)
+    direct = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)
+              if f.name != "seed" and getattr(args, f.name) != f.default}
+    if args.model is not None:
+        direct["model"] = args.model
+    for k, v in direct.items():
+        if k in merged and str(merged[k]) != str(v):
+            raise UsageError(f"{k} given twice with different values: --{k} {v} and --model_args {k}={merged[k]}")
+        merged[k] = v
+    return merged
 
 
 def _jsonable(obj):
@@ -52,7 +79,7 @@ def main() -> int:
     require_single_process()
     import lm_eval
     from lm_eval.tasks import TaskManager
-    from lm_eval.utils import make_table, simple_parse_args_string
+    from lm_eval.utils import make_table
 
     from harness.config import UsageError
     from harness.lm_eval_model import EarlyExitLM
@@ -69,7 +96,7 @@ def main() -> int:
                          f"bundled offline tasks: {', '.join(BUNDLED)}")
     if "humaneval" in tasks and not args.confirm_run_unsafe_code:
         raise UsageError("humaneval executes generated code; pass --confirm_run_unsafe_code to allow it")
-    lm = EarlyExitLM(**simple_parse_args_string(args.model_args))
+    lm = EarlyExitLM(**model_args_from(args))
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
                                       task_manager=manager, log_samples=args.log_samples,
                                       confirm_run_unsafe_code=args.confirm_run_unsafe_code,

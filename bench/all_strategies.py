@@ -1,28 +1,26 @@
 """Every registered method on the same prompts, in one process, against autoregressive.
 
-For each dataset: the same examples go through each configuration below (defaults unless stated;
-thresholds are NOT tuned on the evaluated data). Each generator is warmed up once; timers synchronize
-the device. Prints per configuration: median end-to-end tokens/s, speedup = that median over the
-autoregressive median, average exit layer, acceptance (speculative), layer forwards and exit-head
-MFLOPs per decoded token, and quality (ROUGE-L or exact match, mean over the examples).
+For each dataset the configurations below (defaults unless stated; thresholds NOT tuned on the evaluated
+data) run through the harness's measurement protocol (harness.runner.run_many): every example by every
+configuration back to back in a rotated order, after an untimed full-model warm-up on that prompt,
+with the A/A control, exactly --max_steps tokens each (--fixed_length; quality is still scored on the
+text up to the first stop). Prints the report: decode time per token, decode speedup (median of
+per-example ratios), spread, exit depth, acceptance, layer forwards and FLOPs per token, quality.
 
-    .venv/bin/python bench/all_strategies.py [--datasets cnn_dm_summarization,gsm8k] [--num_samples 3]
+    .venv/bin/python bench/all_strategies.py [--datasets cnn_dm_summarization,gsm8k] [--num_samples 10]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.config import GenerationConfig  # noqa: E402
-from harness.generators import StopCondition, build_generator  # noqa: E402
-from harness.metrics import METRICS  # noqa: E402
+from harness.config import GenerationConfig, RunConfig  # noqa: E402
 from harness.model import load_model  # noqa: E402
-from harness.runner import cut_at_stop  # noqa: E402
-from harness.tasks import get_task, load_examples  # noqa: E402
+from harness.report import markdown, write_report  # noqa: E402
+from harness.runner import run_many  # noqa: E402
 
 CONFIGS = [
     ("autoregressive", {}),
@@ -49,45 +47,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="as benchmark.py --model (default: embedded SmolLM2)")
     p.add_argument("--datasets", default="cnn_dm_summarization,gsm8k", help="(default: %(default)s)")
-    p.add_argument("--num_samples", type=int, default=3, help="examples per dataset (default: %(default)s)")
-    p.add_argument("--max_steps", type=int, default=48, help="new tokens at most (default: %(default)s)")
+    p.add_argument("--num_samples", type=int, default=10, help="examples per dataset (default: %(default)s)")
+    p.add_argument("--max_steps", type=int, default=48, help="new tokens per generation (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=1, help="timed repeats per cell (default: %(default)s)")
     p.add_argument("--only", default=None, help="comma-separated substrings selecting configurations")
     p.add_argument("--device", default="auto", help="(default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="(default: %(default)s)")
+    p.add_argument("--output_dir", default="results/all_strategies", help="(default: %(default)s)")
     a = p.parse_args()
     model = load_model(a.model, a.device, a.dtype)
-    configs = [c for c in CONFIGS if c[0] == "autoregressive" or not a.only
-               or any(s in c[0] for s in a.only.split(","))]
+    chosen = [kw for label, kw in CONFIGS if label == "autoregressive" or not a.only
+              or any(x in label for x in a.only.split(","))]
     for dataset in a.datasets.split(","):
-        task = get_task(dataset)
-        examples = load_examples(dataset, a.num_samples, n_shot=0)
-        prompts = [model.encode(e.prompt) for e in examples]
-        print(f"\n## {dataset}: {len(examples)} examples, max_steps {a.max_steps}, {model.name} on {model.device}")
-        print("| method | tok/s (median) | speedup | avg exit | acceptance | layers/token | head MFLOP/token "
-              "| quality |")
-        print("|---|---|---|---|---|---|---|---|")
-        base = None
-        for label, kw in configs:
-            gen = build_generator(model, GenerationConfig(**kw))
-            gen.generate(prompts[0], StopCondition(model, 8, task.stop))  # warm-up
-            tps, exits, drafted, accepted, layers, flops, decoded, quality = [], [], 0, 0, 0, 0.0, 0, []
-            for ex, ids in zip(examples, prompts):
-                r = gen.generate(ids, StopCondition(model, a.max_steps, task.stop))
-                tps.append(len(r.tokens) / (r.prefill_seconds + r.decode_seconds))
-                exits += r.exit_layers
-                drafted += r.drafted or 0
-                accepted += r.accepted or 0
-                layers += r.layer_forwards
-                flops += r.exit_head_flops
-                decoded += max(len(r.tokens) - 1, 0)
-                scores = METRICS[task.metric](cut_at_stop(model.decode(r.tokens), task.stop), ex)
-                quality.append(scores.get("rougeL", scores.get("exact_match", scores.get("pass_at_1"))))
-            med = statistics.median(tps)
-            base = base or med
-            acc = f"{accepted / drafted:.3f}" if drafted else "-"
-            print(f"| {label} | {med:.2f} | {med / base:.2f}x | {statistics.fmean(exits):.1f} | {acc} | "
-                  f"{layers / max(decoded, 1):.1f} | {flops / max(decoded, 1) / 1e6:.1f} | "
-                  f"{statistics.fmean(quality):.3f} |", flush=True)
+        run = RunConfig(model=a.model, dataset=dataset, num_samples=a.num_samples, output_dir=a.output_dir,
+                        device=a.device, dtype=a.dtype, repeats=a.repeats, fixed_length=True)
+        configs = [GenerationConfig(max_steps=a.max_steps, **kw) for kw in chosen]
+        parent, _ = run_many(run, configs, model=model)
+        df, _files = write_report([str(parent)], str(parent / "report"))
+        print(markdown(df), flush=True)
+        print(f"runs and report: {parent}")
 
 
 if __name__ == "__main__":

@@ -148,26 +148,46 @@ class RunConfig:
                                    "strings while timing (pure speed comparisons); the prediction scored for quality "
                                    "is still cut at the first stop")
     chat_template: bool = _f(False, "wrap each prompt in the tokenizer's chat template (off: raw prompts, as LayerSkip)")
+    protocol: str = _f(
+        "harness", "harness = this harness's evaluation; layerskip = LayerSkip's benchmark.py defaults, to put numbers "
+        "beside the paper's: seeded shuffle (--seed) of the evaluated file before taking the first N, no stop "
+        "strings, max_steps 512, ROUGE lowercased without stemming (torchmetrics ROUGEScore with its "
+        "LowercaseProcessingFunction), and with --sample LayerSkip's temperature 0.6 / top_p 0.9",
+        choices=("harness", "layerskip"))
     max_prompt_tokens: Optional[int] = _f(
         None, "truncate prompts from the left to this many tokens (default: the model's context minus max_steps)"
     )
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """Add one flag per dataclass field, typed and documented from the field itself."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple = ()) -> None:
+    """Add one flag per dataclass field (but `skip`), typed and documented from the field itself."""
     group = parser.add_argument_group(title)
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         kw: dict[str, Any] = {"default": f.default, "help": f.metadata["help"] + " (default: %(default)s)"}
         typ = hints[f.name]
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
+        if typ is bool:  # --flag, --flag true|false (LayerSkip's spelling), --no-flag
+            kw.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
+            group.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS)
         else:
             base = typ.__args__[0] if getattr(typ, "__args__", None) else typ  # Optional[X] -> X
             kw["type"] = base
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
         group.add_argument(f"--{f.name}", **kw)
+
+
+def parse_bool(text: str) -> bool:
+    """'true'/'false' (any case), '1'/'0', 'yes'/'no' -> bool; anything else is a usage error."""
+    low = str(text).lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

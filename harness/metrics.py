@@ -24,6 +24,29 @@ def rouge(prediction: str, example: Example) -> dict:
     return {k: s[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")}
 
 
+class _LowercaseWhitespace:
+    """LayerSkip's ROUGE tokenization: torchmetrics ROUGEScore with normalizer=LowercaseProcessingFunction
+    lowercases only (punctuation stays on the words) and splits on whitespace; no stemming."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return [t for t in text.lower().split() if t]
+
+
+@lru_cache(maxsize=1)
+def _rouge_layerskip():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False,
+                                    tokenizer=_LowercaseWhitespace())
+
+
+def rouge_layerskip(prediction: str, example: Example) -> dict:
+    """ROUGE-1/2/L F-measures as LayerSkip's benchmark.py computes them (lowercased, whitespace, no stemming)."""
+    s = _rouge_layerskip().score(example.reference, prediction)
+    return {k: s[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")}
+
+
 def _to_number(text: str) -> Optional[float]:
     text = text.replace(",", "").replace("$", "").rstrip(".")
     try:
@@ -63,6 +86,7 @@ def pass_at_1(prediction: str, example: Example, timeout: float = 10.0) -> dict:
 
 METRICS: dict[str, Callable[[str, Example], dict]] = {
     "rouge": rouge,
+    "rouge_layerskip": rouge_layerskip,
     "gsm8k_exact_match": gsm8k_exact_match,
     "pass_at_1": pass_at_1,
 }

@@ -8,8 +8,8 @@ recursively), or a glob. One row per run = (model, dataset, strategy, knobs).
 Speed is decode time per generated token (prefill excluded: every method shares it; it is reported on
 its own). A row's baseline is a full-depth `autoregressive` run (not the A/A control) that matches it on
 every field that changes what is measured (model, checkpoint, device, dtype, data file content,
-example ids and prompt hashes, n_shot, seed, max_steps, fixed_length, sampling, chat template, world
-size); one from the same invocation folder is preferred. If none matches, the row names the field that
+example ids and prompt hashes, n_shot, protocol, seed, max_steps, fixed_length, sampling, chat template,
+world size); one from the same invocation folder is preferred. If none matches, the row names the field that
 differs and has no speedup. `decode speedup` is the MEDIAN OF PER-EXAMPLE RATIOS (baseline decode
 time/token / method decode time/token, examples paired by id and prompt hash), with its IQR and min-max;
 a bootstrap 95% interval of that median is shown only from 10 pairs on. Quality deltas are paired mean
@@ -94,6 +94,7 @@ PAIRING: tuple = (
     ("data file (content hash)", lambda i: _get(i, "task", "data_sha256")),
     ("example ids and prompt hashes", lambda i: _get(i, "task", "examples_sha256")),
     ("n_shot", lambda i: _get(i, "task", "n_shot")),
+    ("protocol", lambda i: _get(i, "run", "protocol") or "harness"),
     ("seed", lambda i: _get(i, "generation", "seed")),
     ("max_steps", lambda i: _get(i, "task", "max_steps")),
     ("fixed_length", lambda i: _get(i, "run", "fixed_length")),

@@ -65,7 +65,8 @@ def load_run_examples(run: RunConfig, seed: int) -> list[Example]:
         raise UsageError(f"--repeats must be >= 1, got {run.repeats}")
     if run.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {run.warmup}")
-    examples = load_examples(run.dataset, run.num_samples, run.n_shot, seed, run.data_path, run.data_source)
+    examples = load_examples(run.dataset, run.num_samples, run.n_shot, seed, run.data_path, run.data_source,
+                             shuffle=run.protocol == "layerskip")
     if not examples:
         raise UsageError(f"no examples to evaluate in {run.data_path or get_task(run.dataset).eval_file}")
     return examples
@@ -125,16 +126,28 @@ def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, runs
                   "decode_seconds": r.decode_seconds, "new_tokens": len(r.tokens)} for i, (r, slot) in enumerate(runs)])
 
 
+LAYERSKIP_MAX_STEPS, LAYERSKIP_TEMPERATURE, LAYERSKIP_TOP_P = 512, 0.6, 0.9  # LayerSkip's GenerationConfig
+
+
 class Benchmark:
     """One configuration: a model + generator + task, ready to time and score examples."""
 
     def __init__(self, run: RunConfig, gen: GenerationConfig, model: Optional[LayeredModel] = None,
                  examples: Optional[list[Example]] = None, control: bool = False):
-        self.run, self.gen, self.control = run, gen, control
+        self.run, self.control = run, control
         self.task: Task = get_task(run.dataset)
+        # What the protocol decides: LayerSkip's benchmark.py has no stop strings, 512 new tokens, ROUGE
+        # lowercased without stemming, and samples at temperature 0.6 / top_p 0.9 (generator_base.py).
+        layerskip = run.protocol == "layerskip"
+        self.stops = () if layerskip else self.task.stop
+        self.metric = "rouge_layerskip" if layerskip and self.task.metric == "rouge" else self.task.metric
+        if layerskip and gen.sample:
+            gen = dataclasses.replace(gen, temperature=LAYERSKIP_TEMPERATURE if gen.temperature == 1.0
+                                      else gen.temperature, top_p=LAYERSKIP_TOP_P if gen.top_p == 1.0 else gen.top_p)
+        self.gen = gen
         self.examples = examples if examples is not None else load_run_examples(run, gen.seed)
         self.model = model or load_model(run.model, run.device, run.dtype)
-        self.max_steps = gen.max_steps or self.task.max_steps
+        self.max_steps = gen.max_steps or (LAYERSKIP_MAX_STEPS if layerskip else self.task.max_steps)
         self.generator: Generator = build_generator(self.model, dataclasses.replace(gen, max_steps=self.max_steps))
         self.max_prompt = run.max_prompt_tokens or max(self.model.max_context - self.max_steps, 1)
         self._prompts: dict[int, tuple[list[int], bool]] = {}
@@ -156,10 +169,10 @@ class Benchmark:
 
     def stop(self, fixed_length: Optional[bool] = None) -> StopCondition:
         fixed = self.run.fixed_length if fixed_length is None else fixed_length
-        return StopCondition(self.model, self.max_steps, self.task.stop, fixed_length=fixed)
+        return StopCondition(self.model, self.max_steps, self.stops, fixed_length=fixed)
 
     def info(self, run_id: str, schedule: dict) -> RunInfo:
-        task = {"name": self.task.name, "metric": self.task.metric, "stop": list(self.task.stop),
+        task = {"name": self.task.name, "metric": self.metric, "stop": list(self.stops), "protocol": self.run.protocol,
                 "max_steps": self.max_steps, "n_shot": self.run.n_shot, "num_examples": len(self.examples),
                 "data": self.run.data_path or (f"hf:{self.task.hf[0]}" if self.run.data_source == "hf"
                                                else str(Path(DATA_DIR.name) / self.task.eval_file)),
@@ -182,8 +195,8 @@ class Benchmark:
         ex, (ids, truncated) = self.examples[index], self.prompt_ids(index)
         tokens = runs[0][0].tokens
         kept = self.stop(fixed_length=False).first_stop(tokens) or (len(tokens), runs[0][0].stop_reason)
-        prediction = cut_at_stop(self.model.decode(tokens[:kept[0]]), self.task.stop)
-        metrics = METRICS[self.task.metric](prediction, ex)
+        prediction = cut_at_stop(self.model.decode(tokens[:kept[0]]), self.stops)
+        metrics = METRICS[self.metric](prediction, ex)
         return make_record(index, ex, ids, truncated, runs, prediction, kept, metrics)
 
     def evaluate(self, index: int) -> ExampleRecord:

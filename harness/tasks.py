@@ -148,8 +148,13 @@ def _records_from_hf(task: Task, split: str) -> list[dict]:
 
 
 def load_examples(name: str, num_samples: Optional[int] = None, n_shot: int = 0, seed: int = 42,
-                  data_path: Optional[str] = None, data_source: str = "bundled") -> list[Example]:
-    """The first `num_samples` examples of a task (all if None/0), with `n_shot` exemplars in each prompt."""
+                  data_path: Optional[str] = None, data_source: str = "bundled",
+                  shuffle: bool = False) -> list[Example]:
+    """The first `num_samples` examples of a task (all if None/0), with `n_shot` exemplars in each prompt.
+
+    With `shuffle` the records are first shuffled by random.Random(seed), as LayerSkip's benchmark.py
+    does (random.seed(seed) then random.shuffle in data.py's get_data) before taking the first N.
+    """
     task = get_task(name)
     if n_shot < 0:
         raise UsageError(f"--n_shot must be >= 0, got {n_shot}")
@@ -161,6 +166,9 @@ def load_examples(name: str, num_samples: Optional[int] = None, n_shot: int = 0,
         records = _records_from_hf(task, task.hf[2])
     else:
         records = _records_from_file(task, DATA_DIR / task.eval_file)
+    if shuffle:
+        records = list(records)
+        random.Random(seed).shuffle(records)
     evaluated = records[:num_samples] if num_samples else records
     shots = ""
     if n_shot:
