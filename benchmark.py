@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from harness.cli import make_parser, require_single_process, run_main
+from harness.cli import make_parser, run_main
 from harness.config import GenerationConfig, RunConfig, from_args
 
 
@@ -39,7 +39,7 @@ def format_summary(s) -> str:
             ("end-to-end tokens/s (median)", fmt(s.e2e_tokens_per_second_median, ".2f")),
             ("avg exit layer (decoded tokens)", fmt(s.avg_exit_layer, ".2f")),
             ("acceptance rate", fmt(s.acceptance_rate, ".3f")),
-            ("quality", scores)]
+            ("quality", scores)] + ([("error", s.error)] if s.error else [])
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"| {'field':{width}s} | value |", f"|{'-' * (width + 2)}|-------|"]
                      + [f"| {k:{width}s} | {v} |" for k, v in rows])
@@ -68,13 +68,18 @@ def main() -> int:
     if args.resume:
         from harness.runner import resume
 
-        require_single_process()
-        results = resume(args.resume)
-        for path, summary in results:
-            print(format_summary(summary))
-            print(f"run log: {path}")
-        if len(results) > 1:
-            report(results[0][0].parent)
+        dist = distributed.init()  # torchrun: each rank resumes from its own shard file
+        try:
+            results = resume(args.resume, dist=dist, device=distributed.device_for(args.device, dist)
+                             if dist.active else None)
+        finally:
+            distributed.finish(dist)
+        if dist.rank == 0:
+            for path, summary in results:
+                print(format_summary(summary))
+                print(f"run log: {path}")
+            if len(results) > 1:
+                report(results[0][0].parent)
         return 0 if all(s.status == "complete" for _, s in results) else 1
     run_cfg, gen_cfg = from_args(RunConfig, args), from_args(GenerationConfig, args)
     dist = distributed.init()  # torchrun with N processes: each takes every N-th example
@@ -102,7 +107,7 @@ def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep
         raise UsageError("use either --strategies or --sweep, not both")
     if sweep and gen_cfg.generation_strategy == "autoregressive" and not gen_cfg.criteria:
         raise UsageError("--sweep needs --generation_strategy (the method whose knobs are swept)")
-    model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype)
+    model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype, run_cfg.device_map)
     configs = expand_strategies(strategies, gen_cfg, model.num_layers) if strategies else expand_sweep(sweep, gen_cfg)
     parent, summaries = run_many(run_cfg, configs, model=model, dist=dist, control=control)
     if dist.rank == 0:

@@ -42,7 +42,7 @@ def main() -> int:
 
     gen_cfg = from_args(GenerationConfig, args)
     gen_cfg = dataclasses.replace(gen_cfg, max_steps=gen_cfg.max_steps or DEFAULT_MAX_STEPS)
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_model(args.model, args.device, args.dtype, getattr(args, "device_map", None))
     generator = build_generator(model, gen_cfg)
 
     def once(text: str) -> None:

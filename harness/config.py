@@ -154,6 +154,14 @@ class RunConfig:
         "strings, max_steps 512, ROUGE lowercased without stemming (torchmetrics ROUGEScore with its "
         "LowercaseProcessingFunction), and with --sample LayerSkip's temperature 0.6 / top_p 0.9",
         choices=("harness", "layerskip"))
+    shard_dir: Optional[str] = _f(
+        None, "under torchrun: where each process keeps its shard file (crash safety, --resume), '{rank}' replaced by "
+        "its rank, e.g. a node-local disk; rank 0 gets the records over the process group, so no shared "
+        "filesystem is needed (default: <run dir>/shards)")
+    device_map: Optional[str] = _f(
+        None, "spread a model larger than one device over several: auto | balanced | balanced_low_0 | sequential "
+        "(accelerate's device maps over the visible GPUs), or a JSON object / .json file mapping module names "
+        "to devices ('cpu', 'cuda:1', 'disk'); omitted = the whole model on --device")
     max_prompt_tokens: Optional[int] = _f(
         None, "truncate prompts from the left to this many tokens (default: the model's context minus max_steps)"
     )

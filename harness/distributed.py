@@ -1,15 +1,16 @@
 """Sharding a benchmark over the processes torchrun starts (one process = plain single run).
 
 Each rank evaluates examples rank, rank + world, ... with its own model copy (on cuda:LOCAL_RANK when
-CUDA is used) and appends its records to examples.rank<R>.jsonl; when all ranks are done, rank 0
-merges them in example order into examples.jsonl and writes summary.json. Communication is
-torch.distributed with the gloo backend (only small Python objects are exchanged).
+CUDA is used) and appends its records to its own shard file on its own storage. When all ranks are
+done, every rank sends its records to rank 0 over the process group (gloo: works across nodes without
+a shared filesystem), and rank 0 writes the merged examples.jsonl and summary.json. Only small Python
+objects are exchanged.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -59,6 +60,23 @@ def broadcast(obj: Any, d: Dist) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(obj: Any, d: Dist) -> Optional[list]:
+    """Every rank's `obj`, in rank order, on rank 0 (None on the others); over gloo, no shared storage."""
+    if not d.active:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * d.world if d.rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def layout(d: Dist) -> dict:
+    """How this job is laid out over machines (recorded in run.json)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+    return {"world_size": d.world, "nodes": max(1, d.world // max(local, 1)), "processes_per_node": local}
 
 
 def barrier(d: Dist) -> None:

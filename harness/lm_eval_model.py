@@ -35,7 +35,7 @@ class EarlyExitLM(TemplateLM):
     """An lm-eval LM whose generation is any harness generator (early exit, self-speculation, ...)."""
 
     def __init__(self, model: Optional[str] = None, pretrained: Optional[str] = None, device: str = "auto",
-                 dtype: str = "auto", loglikelihood_exit_layer: Optional[int] = None,
+                 dtype: str = "auto", device_map: Optional[str] = None, loglikelihood_exit_layer: Optional[int] = None,
                  max_length: Optional[int] = None, batch_size: Any = 1, max_batch_size: Any = None,
                  **knobs: Any):
         super().__init__()
@@ -45,7 +45,7 @@ class EarlyExitLM(TemplateLM):
             # the lm_eval CLI passes --device cuda:0 by default; fall back as lm-eval's hf model does
             print(f"early_exit: {device} unavailable, using cpu", file=sys.stderr)
             device = "cpu"
-        self.lm = load_model(model or pretrained, device, dtype)
+        self.lm = load_model(model or pretrained, device, dtype, device_map)
         typed = {k: parse_value(k, str(v)) if isinstance(v, str) else v for k, v in knobs.items()}
         self.gen_config = GenerationConfig(**typed)
         self.generator = build_generator(self.lm, self.gen_config)  # validates the knobs now

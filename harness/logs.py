@@ -156,25 +156,37 @@ def new_run_dir(output_dir: str | Path, label: str) -> Path:
 
 
 class RunWriter:
-    """Writes one run directory; every example is on disk as soon as it is scored."""
+    """Writes one run directory; every example is on disk as soon as it is scored.
 
-    def __init__(self, path: Path, info: RunInfo, resume: bool = False, shard: Optional[int] = None):
+    A process of a torchrun job (`shard` = its rank) appends to its own file, `shard_dir` /
+    examples.rank<R>.jsonl, on its own storage: no rank ever reads another rank's file. Rank 0 receives
+    the others' records over the process group and writes the merged examples.jsonl (see runner).
+    """
+
+    def __init__(self, path: Path, info: RunInfo, resume: bool = False, shard: Optional[int] = None,
+                 shard_dir: Optional[Path] = None):
         self.path = path
         self.records: list[ExampleRecord] = []
-        # a process of a sharded run writes its own file; rank 0 merges them (merge_shards)
-        name = "examples.jsonl" if shard is None else f"examples.rank{shard}.jsonl"
-        if resume:  # keep run.json and every complete record; drop a line cut short by a crash
-            lines = (path / "examples.jsonl").read_text(encoding="utf-8").splitlines() \
-                if (path / "examples.jsonl").exists() else []
+        if shard is None:
+            file = path / "examples.jsonl"
+        else:
+            shard_dir = shard_dir or path / "shards"
+            shard_dir.mkdir(parents=True, exist_ok=True)  # on a node without rank 0's storage too
+            file = shard_dir / f"examples.rank{shard}.jsonl"
+            if shard > 0:  # what this rank ran, kept beside its records (run.json lives on rank 0's storage)
+                _write_json(shard_dir / f"run.rank{shard}.json", info)
+        self.file = file
+        if resume:  # keep every complete record; drop a line cut short by a crash
+            lines = file.read_text(encoding="utf-8").splitlines() if file.exists() else []
             for line in lines:
                 try:
                     self.records.append(ExampleRecord(**json.loads(line)))
                 except (json.JSONDecodeError, TypeError):
                     break
-            (path / "examples.jsonl").write_text("".join(dumps(r) + "\n" for r in self.records), encoding="utf-8")
+            file.write_text("".join(dumps(r) + "\n" for r in self.records), encoding="utf-8")
         elif not shard:
             _write_json(path / "run.json", info)
-        self._examples = open(path / name, "a", encoding="utf-8")
+        self._examples = open(file, "a", encoding="utf-8")
 
     def append(self, record: ExampleRecord) -> None:
         self._examples.write(dumps(record) + "\n")
@@ -191,17 +203,18 @@ class RunWriter:
         _write_json(self.path / "summary.json", summary)
         return summary
 
+    def finish_merged(self, info: RunInfo, status: str = "complete", error: Optional[str] = None) -> Summary:
+        """Rank 0: the summary of the merged records (its own file is already closed)."""
+        summary = summarize(info, self.records, status, error)
+        _write_json(self.path / "summary.json", summary)
+        return summary
 
-def merge_shards(path: Path, world: int) -> list[ExampleRecord]:
-    """Join the per-rank example files of a sharded run into examples.jsonl, in example order."""
-    shards = [path / f"examples.rank{r}.jsonl" for r in range(world)]
-    records = [ExampleRecord(**json.loads(line)) for f in shards if f.exists()
-               for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    records.sort(key=lambda r: r.index)
-    (path / "examples.jsonl").write_text("".join(dumps(r) + "\n" for r in records), encoding="utf-8")
-    for f in shards:
-        f.unlink(missing_ok=True)
-    return records
+    def write_merged(self, records: list[ExampleRecord]) -> None:
+        """Rank 0: the whole run's records (received from every rank), in example order, as examples.jsonl."""
+        self.records = sorted({r.index: r for r in records}.values(), key=lambda r: r.index)
+        tmp = self.path / "examples.jsonl.tmp"
+        tmp.write_text("".join(dumps(r) + "\n" for r in self.records), encoding="utf-8")
+        os.replace(tmp, self.path / "examples.jsonl")
 
 
 def _median(xs: Iterable[Optional[float]]) -> Optional[float]:

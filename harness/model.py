@@ -190,8 +190,30 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "auto") -> "LayeredModel":
-    """Load any supported --model value onto a device/dtype and wrap it as a LayeredModel."""
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(spec: Optional[str]):
+    """--device_map value -> what from_pretrained takes: a strategy name, or {module name: device}."""
+    if spec is None:
+        return None
+    if spec in DEVICE_MAP_NAMES:
+        return spec
+    try:
+        text = Path(spec).read_text(encoding="utf-8") if spec.endswith(".json") else spec
+        mapping = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"--device_map {spec[:60]}: not one of {', '.join(DEVICE_MAP_NAMES)}, a JSON object or a "
+                         f"readable .json file ({e})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, (str, int)) for v in mapping.values()):
+        raise UsageError("--device_map JSON must map module names to devices, e.g. "
+                         '{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}')
+    return mapping
+
+
+def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "auto",
+               device_map: Optional[str] = None) -> "LayeredModel":
+    """Load any supported --model value onto a device/dtype (or spread by --device_map) as a LayeredModel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -206,15 +228,33 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
     t0 = time.perf_counter()
     tok = _load_part("tokenizer", lambda: AutoTokenizer.from_pretrained(where, local_files_only=local),
                      spec, where, local, hub_error)
+    placement = parse_device_map(device_map)
+    extra = {}
+    if placement is not None:
+        extra["device_map"] = placement
+        if isinstance(placement, dict) and "disk" in placement.values():  # accelerate's disk offload
+            extra["offload_folder"] = str(cache_root() / "offload" / hashlib.sha256(where.encode()).hexdigest()[:16])
     hf = _load_part("causal-LM weights", lambda: AutoModelForCausalLM.from_pretrained(
-        where, dtype=dt, local_files_only=local, attn_implementation="sdpa"), spec, where, local, hub_error)
+        where, dtype=dt, local_files_only=local, attn_implementation="sdpa", **extra), spec, where, local, hub_error)
     if tok is None or isinstance(tok, bool):
         raise UsageError(f"--model {spec}: no tokenizer could be loaded from {where}")
-    hf.to(dev).eval()
+    if placement is None:
+        hf.to(dev)
+    hf.eval()
     model = LayeredModel(hf, tok, name=name)
     model.checkpoint = checkpoint_fingerprint(where, local)
     model.load_seconds = time.perf_counter() - t0
     return model
+
+
+def execution_device(module) -> torch.device:
+    """Where a module computes: accelerate's hook device under a device map (weights may sit on disk), else its
+    parameters' device."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return next(module.parameters()).device
 
 
 def sliding_window(cfg) -> Optional[int]:
@@ -275,8 +315,14 @@ class LayeredModel:
         self.num_layers = len(self.layers)
         self.vocab_size = self.lm_head.weight.shape[0]
         self.hidden_size = self.lm_head.weight.shape[1]
-        self.device = self.lm_head.weight.device
-        self.dtype = self.lm_head.weight.dtype
+        # Under a device map (accelerate) each block runs on its own device: ids go to the embedding's,
+        # hidden states to each layer's (accelerate's hooks move module inputs), logits come from the head's.
+        self.device = execution_device(self._embed)
+        self.head_device = execution_device(self.lm_head)
+        self.layer_devices = [execution_device(layer) for layer in self.layers]
+        self.dtype = self.lm_head.weight.dtype if self.lm_head.weight.device.type != "meta" else \
+            next(p.dtype for p in hf_model.parameters() if p.is_floating_point())
+        self.device_map = getattr(hf_model, "hf_device_map", None)
         self.counters = Counters()
         self.load_seconds = 0.0
         self.checkpoint = name  # load_model replaces it with a fingerprint of the weights
@@ -386,14 +432,16 @@ class LayeredModel:
                 raise KVHoleError(f"layer {i} holds {have} positions but state copying starts at position {pos}")
             layer = self.layers[i]
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            dev = self.layer_devices[i]
+            x = layer.input_layernorm(h.to(dev))
+            cos_i, sin_i = cos.to(dev), sin.to(dev)
             shape = (h.shape[0], q, -1, attn.head_dim)
             k = attn.k_proj(x).view(shape)
             if hasattr(attn, "k_norm"):  # Qwen3 normalizes keys per head before rotary
                 k = attn.k_norm(k)
             k = k.transpose(1, 2)
             v = attn.v_proj(x).view(shape).transpose(1, 2)
-            k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+            k = k * cos_i.unsqueeze(1) + _rotate_half(k) * sin_i.unsqueeze(1)
             cache.update(k, v, i)
         self.counters.kv_fill_tokens += (stop - start) * q
 
@@ -411,11 +459,16 @@ class LayeredModel:
             return self.lm_head(n)
         self.counters.head_rows += positions * rows.numel()
         self.counters.head_calls += positions
-        return F.linear(n, self.lm_head.weight[rows])
+        return F.linear(n.to(self.head_device), self.lm_head.weight[rows.to(self.head_device)])
 
     def head_flops(self, rows: int) -> int:
         """Multiply-adds x2 of the exit head over `rows` vocabulary rows for one position."""
         return 2 * self.hidden_size * rows
+
+    def synchronize(self) -> None:
+        """Wait for queued work on every device this model computes on (timers call it)."""
+        for dev in {self.device, self.head_device, *self.layer_devices}:
+            synchronize(dev)
 
     def kv_fill_flops(self, layer_tokens: int) -> int:
         """FLOPs of state copying for `layer_tokens` (layer, position) pairs: k_proj + v_proj, x2 for multiply-add."""
@@ -452,4 +505,16 @@ class LayeredModel:
                 "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
                 "parameters": sum(p.numel() for p in self.hf.parameters()),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "checkpoint": self.checkpoint, "sliding_window": self.window}
+                "checkpoint": self.checkpoint, "sliding_window": self.window,
+                "device_map": self.device_map_summary()}
+
+    def device_map_summary(self) -> Optional[dict]:
+        """Device -> number of decoder layers on it (None without a device map)."""
+        if not self.device_map:
+            return None
+        out: dict[str, int] = {}
+        for d in self.layer_devices:
+            out[str(d)] = out.get(str(d), 0) + 1
+        offloaded = sum(1 for k, v in self.device_map.items() if v == "disk" and ".layers." in f".{k}.")
+        return {"layers_per_device": out, "layers_offloaded_to_disk": offloaded,
+                "embed": str(self.device), "head": str(self.head_device)}

@@ -102,6 +102,7 @@ PAIRING: tuple = (
      if _get(i, "generation", "sample") else False),
     ("chat_template", lambda i: _get(i, "run", "chat_template")),
     ("world_size", lambda i: _get(i, "environment", "world_size")),
+    ("device map", lambda i: _get(i, "model", "device_map") or "none"),
 )
 
 

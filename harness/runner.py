@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from .config import GenerationConfig, RunConfig, UsageError, for_strategy, parse_value
 from .generators import Generator, GenerationResult, StopCondition, build_generator
-from .distributed import Dist, barrier, broadcast
-from .logs import SCHEMA_VERSION, ExampleRecord, RunInfo, RunWriter, Summary, merge_shards, new_run_dir, summarize
+from .distributed import Dist, barrier, broadcast, gather
+from .logs import SCHEMA_VERSION, ExampleRecord, RunInfo, RunWriter, Summary, new_run_dir, summarize
 from .metrics import METRICS
 from .model import LayeredModel, load_model
 from .tasks import DATA_DIR, Example, Task, get_task, load_examples
@@ -52,7 +52,9 @@ def environment(device: torch.device) -> dict:
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "packages": versions, "git_commit": git_commit(),
            "device": str(device), "device_name": platform.processor() or platform.machine(),
-           "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+           "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+           "nodes": max(1, int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1)),
+           "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1))}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     return env
@@ -146,7 +148,7 @@ class Benchmark:
                                       else gen.temperature, top_p=LAYERSKIP_TOP_P if gen.top_p == 1.0 else gen.top_p)
         self.gen = gen
         self.examples = examples if examples is not None else load_run_examples(run, gen.seed)
-        self.model = model or load_model(run.model, run.device, run.dtype)
+        self.model = model or load_model(run.model, run.device, run.dtype, run.device_map)
         self.max_steps = gen.max_steps or (LAYERSKIP_MAX_STEPS if layerskip else self.task.max_steps)
         self.generator: Generator = build_generator(self.model, dataclasses.replace(gen, max_steps=self.max_steps))
         self.max_prompt = run.max_prompt_tokens or max(self.model.max_context - self.max_steps, 1)
@@ -242,8 +244,6 @@ def execute_schedule(benches: list[Benchmark], parent: Optional[Path] = None, pr
     torchrun each process takes every world-th example and rank 0 merges the shards at the end.
     """
     run, C = benches[0].run, len(benches)
-    if resume is not None and dist.active:
-        raise UsageError("--resume runs in one process; launch it without torchrun's extra processes")
     schedule = {"num_configs": C, "repeats": run.repeats, "warmup": run.warmup, "rotation": "cyclic_latin_square",
                 "per_example_warmup_steps": WARMUP_STEPS if C > 1 and run.warmup > 0 else 0,
                 "invocation": parent.name if parent is not None and C > 1 else None}
@@ -255,8 +255,12 @@ def execute_schedule(benches: list[Benchmark], parent: Optional[Path] = None, pr
             info = b.info(path.name, dict(schedule, config_index=c))
         else:
             path = resume[c]
-            info = RunInfo(**json.loads((path / "run.json").read_text(encoding="utf-8")))
-        writer = RunWriter(path, info, resume=resume is not None, shard=dist.rank if dist.active else None)
+            info = RunInfo(**read_run_info(path, dist))
+            if dist.active and info.environment.get("world_size") != dist.world:
+                raise UsageError(f"--resume {path}: it ran with {info.environment.get('world_size')} processes; "
+                                 f"resume it with the same number (now {dist.world}): examples are sharded by rank")
+        writer = RunWriter(path, info, resume=resume is not None, shard=dist.rank if dist.active else None,
+                           shard_dir=shard_dir(run, path, dist))
         for r in writer.records:
             if r.index >= len(b.examples) or b.examples[r.index].id != r.id:
                 raise UsageError(f"--resume {path}: its example {r.index} ({r.id}) is not this run's; data changed?")
@@ -265,7 +269,7 @@ def execute_schedule(benches: list[Benchmark], parent: Optional[Path] = None, pr
     n = len(benches[0].examples)
     todo = [i for i in range(n) if i % dist.world == dist.rank and any(i not in d for d in done)]
     warm = build_generator(benches[0].model, GenerationConfig()) if C > 1 and run.warmup > 0 else None
-    status, error = "complete", None
+    status, error, failure = "complete", None, None
     try:
         if todo and run.warmup > 0:
             for b in benches:
@@ -285,37 +289,87 @@ def execute_schedule(benches: list[Benchmark], parent: Optional[Path] = None, pr
                 writers[c].append(benches[c].score(i, timed[c]))
     except KeyboardInterrupt:
         status, error = "interrupted", "interrupted by the user"
+        for w, info in zip(writers, infos):  # every finished record is already on disk
+            w.finish(info, status, error) if not dist.active else w.close()
         raise
-    except Exception as e:
-        status, error = "failed", f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        summaries = []
-        for w, info in zip(writers, infos):
-            if dist.active:
-                w.close()  # this rank's records are on disk in examples.rank<R>.jsonl
-            else:
-                summaries.append(w.finish(info, status, error))
-    if dist.active:
-        barrier(dist)
-        for w, info, path in zip(writers, infos, paths):
-            if dist.rank == 0:
-                w.records = merge_shards(path, dist.world)
-                summaries.append(w.finish(info))
-            else:
-                summaries.append(summarize(info, w.records, status, error))  # this rank's share, not written
-        barrier(dist)
+    except Exception as e:  # noqa: BLE001 - recorded, the records kept, and raised again below
+        status, error, failure = "failed", f"{type(e).__name__}: {e}", e
+    if not dist.active:
+        summaries = [w.finish(info, status, error) for w, info in zip(writers, infos)]
+    else:
+        summaries = merge_over_ranks(writers, infos, status, error, dist)
+    if failure is not None:
+        raise failure
     return list(zip(paths, summaries))
 
 
-def resume_configs(path: str) -> tuple[list[Path], RunConfig, list[GenerationConfig], list[bool]]:
+def shard_dir(run: RunConfig, path: Path, dist: Dist) -> Optional[Path]:
+    """Where this rank keeps its shard of run directory `path` (--shard_dir, '{rank}' filled in)."""
+    if not dist.active or not run.shard_dir:
+        return None
+    return Path(run.shard_dir.replace("{rank}", str(dist.rank))) / path.name
+
+
+def read_run_info(path: Path, dist: Dist) -> dict:
+    """run.json of a run directory; a rank other than 0 may only have its own copy (no shared storage)."""
+    for f in (path / "run.json", path / "shards" / f"run.rank{dist.rank}.json"):
+        if f.is_file():
+            return json.loads(f.read_text(encoding="utf-8"))
+    raise UsageError(f"--resume {path}: no run.json here (nor this rank's copy in shards/)")
+
+
+def merge_over_ranks(writers: list[RunWriter], infos: list[RunInfo], status: str, error: Optional[str],
+                     dist: Dist) -> list[Summary]:
+    """Every rank sends its records to rank 0 over the process group; rank 0 writes the merged logs.
+
+    No rank reads another rank's files. A rank that failed still sends what it finished, and rank 0's
+    summary names it with its error; if a rank cannot be reached at all, rank 0 says so and keeps what it has
+    (that rank's records stay in its shard file).
+    """
+    for w in writers:
+        w.close()
+    payload = {"rank": dist.rank, "status": status, "error": error,
+               "records": [[dataclasses.asdict(r) for r in w.records] for w in writers]}
+    lost = None
+    try:
+        gathered = gather(payload, dist)
+    except RuntimeError as e:  # a peer died: keep what this rank has
+        gathered = [payload] if dist.rank == 0 else None
+        lost = f"lost contact with the other ranks while merging ({str(e).splitlines()[0]}); their records " \
+               "stay in their shard files"
+    if dist.rank != 0:
+        _barrier_quietly(dist, lost)  # rank 0 has written the merged logs before anyone exits (or raises)
+        return [summarize(info, w.records, status, error) for w, info in zip(writers, infos)]
+    bad = [g for g in gathered if g["status"] != "complete"]
+    if bad or lost:
+        status = "interrupted" if bad and all(g["status"] == "interrupted" for g in bad) and not lost else "failed"
+        error = "; ".join([f"rank {g['rank']}: {g['error']}" for g in bad] + ([lost] if lost else []))
+    summaries = []
+    for c, (w, info) in enumerate(zip(writers, infos)):
+        w.write_merged([ExampleRecord(**r) for g in gathered for r in g["records"][c]])
+        summaries.append(w.finish_merged(info, status, error))
+    _barrier_quietly(dist, lost)
+    return summaries
+
+
+def _barrier_quietly(dist: Dist, lost: Optional[str]) -> None:
+    if lost is None:
+        try:
+            barrier(dist)
+        except RuntimeError:
+            pass
+
+
+def resume_configs(path: str, dist: Dist = SINGLE) -> tuple[list[Path], RunConfig, list[GenerationConfig], list[bool]]:
     """The configurations recorded under --resume PATH: one run directory, or a multi-configuration folder."""
     root = Path(path)
-    dirs = [root] if (root / "run.json").is_file() else sorted(p.parent for p in root.glob("*/run.json"))
+    own = f"shards/run.rank{dist.rank}.json"  # a rank without rank 0's storage has its own copy
+    is_run = lambda d: (d / "run.json").is_file() or (dist.rank > 0 and (d / own).is_file())  # noqa: E731
+    dirs = [root] if is_run(root) else sorted(d for d in root.glob("*") if d.is_dir() and is_run(d))
     if not dirs:
         raise UsageError(f"--resume {path}: not a run directory or a folder of run directories")
     try:
-        infos = [json.loads((d / "run.json").read_text(encoding="utf-8")) for d in dirs]
+        infos = [read_run_info(d, dist) for d in dirs]
         order = sorted(range(len(dirs)), key=lambda k: infos[k].get("schedule", {}).get("config_index", 0))
         dirs, infos = [dirs[k] for k in order], [infos[k] for k in order]
         run = RunConfig(**infos[0]["run"])
@@ -325,13 +379,17 @@ def resume_configs(path: str) -> tuple[list[Path], RunConfig, list[GenerationCon
         raise UsageError(f"--resume {path}: not a readable run directory ({e})") from None
 
 
-def resume(path: str, progress: bool = True) -> list[tuple[Path, Summary]]:
-    """Finish an interrupted run (or multi-configuration folder) in place."""
-    dirs, run, gens, controls = resume_configs(path)
-    model = load_model(run.model, run.device, run.dtype)
+def resume(path: str, progress: bool = True, dist: Dist = SINGLE, device: Optional[str] = None
+           ) -> list[tuple[Path, Summary]]:
+    """Finish an interrupted run (or multi-configuration folder) in place; under torchrun each rank
+    resumes from its own shard file."""
+    dirs, run, gens, controls = resume_configs(path, dist)
+    if device is not None:
+        run = dataclasses.replace(run, device=device)
+    model = load_model(run.model, run.device, run.dtype, run.device_map)
     examples = load_run_examples(run, gens[0].seed)
     benches = [Benchmark(run, g, model, examples, control=c) for g, c in zip(gens, controls)]
-    return execute_schedule(benches, dirs[0].parent if len(dirs) > 1 else None, progress, dirs)
+    return execute_schedule(benches, dirs[0].parent if len(dirs) > 1 else None, progress, dirs, dist)
 
 
 # -- several configurations in one invocation -------------------------------------------------------
@@ -399,7 +457,7 @@ def run_many(run: RunConfig, configs: list[GenerationConfig], progress: bool = T
     configs[0] is the baseline; with `control` a second copy of it joins the rotation as the A/A control
     (marked `control` in its run log), whose speedup over the baseline is the noise floor.
     """
-    model = model or load_model(run.model, run.device, run.dtype)
+    model = model or load_model(run.model, run.device, run.dtype, run.device_map)
     examples = load_run_examples(run, configs[0].seed)
     benches = [Benchmark(run, cfg, model, examples) for cfg in configs]  # validate all before running any
     if control:

@@ -193,7 +193,7 @@ def test_torchrun_shards_examples_and_rank0_merges(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("| decode ms/token (median)") == 1  # only rank 0 reports
     (run_dir,) = tmp_path.iterdir()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["examples.jsonl", "run.json", "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["examples.jsonl", "run.json", "shards", "summary.json"]
     recs = [json.loads(x) for x in (run_dir / "examples.jsonl").read_text().splitlines()]
     assert [r["index"] for r in recs] == [0, 1, 2, 3, 4]
     info = json.loads((run_dir / "run.json").read_text())

@@ -128,7 +128,7 @@ class Generator(ABC):
         if config.max_steps is not None and config.max_steps < 1:
             raise UsageError(f"--max_steps must be >= 1, got {config.max_steps}")
         config.check_knobs(self.name)
-        self.sampler = Sampler(config, model.device)
+        self.sampler = Sampler(config, model.head_device)  # logits come from the head's device
         self.validate()
 
     def validate(self) -> None:
@@ -145,7 +145,7 @@ class Generator(ABC):
 
     # -- helpers shared by generators -------------------------------------------------------
     def clock(self) -> float:
-        synchronize(self.model.device)
+        self.model.synchronize()
         return time.perf_counter()
 
     def ids(self, tokens: Sequence[int]) -> torch.Tensor:
