@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
-DEMO_STRATEGIES := autoregressive:exit_layer=15,self_speculative:exit_layer=8:num_speculations=6,calm,free,dynamic:criteria=cosine_similarity
+DEMO_STRATEGIES := autoregressive:exit_layer=15,self_speculative:exit_layer=8:num_speculations=6,calm,free,dynamic:criteria=max_probability,hf_prompt_lookup,hf_assistant_early_exit:exit_layer=8
 
 demo: setup
 	$(PY) benchmark.py --dataset cnn_dm_summarization --num_samples 3 --max_steps 48 --fixed_length --strategies $(DEMO_STRATEGIES)

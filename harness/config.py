@@ -22,6 +22,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 CRITERIA = ("cosine_similarity", "token_repeat", "entropy_based", "max_probability", "convergence")
 CONFIDENCES = ("softmax", "max_prob", "hidden_state", "contrastive", "jsd_contrastive")
 VOCAB_REDUCTIONS = ("none", "fixed", "decaying", "adaptive")
+CONTRASTIVE = ("contrastive", "jsd_contrastive")
 
 SS, CALM, FREE, DYN = ("self_speculative",), ("calm",), ("free",), ("dynamic",)
 LAYERWISE = ("calm", "free", "dynamic")
@@ -42,10 +43,12 @@ class GenerationConfig:
     exit_layer: Optional[int] = _f(
         None,
         "number of layers used before the exit head, 1..L. With autoregressive: static exit "
-        "(only the first E layers). With self_speculative: the draft depth E < L (LayerSkip, arXiv 2404.16710)",
+        "(only the first E layers). With self_speculative: the draft depth E < L (LayerSkip, arXiv 2404.16710). "
+        "With dynamic: the deepest exit (the fork's loop over layers[:exit_layer])",
     )
     num_speculations: Optional[int] = _m(
-        None, "self_speculative: tokens drafted per step, >= 1; omitted = 6 (LayerSkip's num_speculations)", SS)
+        None, "self_speculative: tokens drafted per step, >= 1; omitted = 6 (LayerSkip's num_speculations). "
+        "hf_prompt_lookup: transformers' prompt_lookup_num_tokens; omitted = 10", SS + ("hf_prompt_lookup",))
     sample: bool = _f(False, "sample instead of greedy decoding (self_speculative: exact speculative sampling)")
     temperature: float = _f(1.0, "sampling temperature (with --sample)")
     top_p: float = _f(1.0, "nucleus sampling mass, 1.0 = off (with --sample)")
@@ -53,48 +56,101 @@ class GenerationConfig:
     seed: int = _f(42, "random seed for sampling and few-shot selection")
     # -- per-token exit rules: calm / free / dynamic ------------------------------------------------
     criteria: Optional[str] = _m(
-        None, "dynamic: exit criterion (Dynamic Early Exit fork of LayerSkip); alone it selects dynamic", DYN,
-        choices=CRITERIA)
+        None, "dynamic: exit criterion of the Dynamic Early Exit fork of LayerSkip (Amir-Voloshin/DynamicEarlyExit "
+        "self_speculation/llama_early_exit_utils.py); alone it selects dynamic", DYN, choices=CRITERIA)
     confidence: Optional[str] = _m(
-        None, "confidence measure: softmax = top-1 minus top-2 probability (CALM, Schuster et al. 2022; calm's "
-        "default), max_prob = top-1 probability (FREE, Bae et al. 2023; free's default), hidden_state = cosine of "
-        "consecutive layers' states (CALM saturation), contrastive | jsd_contrastive = expert vs amateur layer "
-        "(vocabulary-reduction fork of FREE). With dynamic, contrastive* replaces the softmax its criterion reads",
-        LAYERWISE, choices=CONFIDENCES)
+        None, "confidence measure: softmax = top-1 minus top-2 probability (calm's and free's default: FREE "
+        "util/skip_conf.py 7-16, its scripts' --shallow2deep_conf_type softmax), max_prob = top-1 probability, "
+        "hidden_state = cosine of consecutive layers' states (CALM's state saturation; calm only), contrastive | "
+        "jsd_contrastive = top-1 minus top-2 of the contrastive distribution against the amateur layer i//2 | "
+        "the layer of largest JSD/(i-l) in 2..i-1 (Confidently_Exiting util/skip_conf.py 124-135 | 159-170). With "
+        "dynamic, contrastive* replaces the softmax that max_probability, entropy_based and convergence read",
+        LAYERWISE, choices=CONFIDENCES,
+        when=(lambda c: c.generation_strategy != "dynamic" or (c.confidence in CONTRASTIVE and c.criteria in (
+            "max_probability", "entropy_based", "convergence")),
+            ("with dynamic only as contrastive or jsd_contrastive, and only for max_probability, entropy_based or "
+             "convergence")))
     threshold: Optional[float] = _m(
-        None, "calm/free: exit when confidence >= threshold; omitted = 0.9 (a value > 1 never exits)", CALM + FREE)
+        None, "calm/free: exit when confidence > threshold (FREE util/skip_conf.py 76); omitted = 0.9 (our "
+        "default; a value >= 1 never exits)", CALM + FREE)
     threshold_decay: Optional[float] = _m(
-        None, "calm: decaying threshold temperature tau: lambda_t = clip(0.9*lambda + 0.1*exp(-tau*t/N)) "
-        "(CALM eq. 4 as in FREE's CALM code); omitted = constant threshold", CALM)
+        None, "calm: decay the threshold over the generated position t with temperature tau (N = the generation's "
+        "max_steps); omitted = constant threshold", CALM)
+    threshold_decay_form: str = _m(
+        "calm_paper", "calm --threshold_decay: calm_paper = clip(0.9*lambda + 0.1*exp(-tau*t/N)) (CALM paper, "
+        "Schuster et al. 2022), free_code = lambda*exp(-tau*t/N)/10 + 9*lambda/10 (FREE's CALM code, "
+        "util/skip_conf.py 58-63)", CALM, choices=("calm_paper", "free_code"),
+        when=(lambda c: c.threshold_decay is not None, "with --threshold_decay"))
     min_exit_layer: Optional[int] = _m(
-        None, "calm/dynamic: first layer whose exit may be taken, 1..L-1; omitted = 1", CALM + DYN)
+        None, "calm/dynamic: first layer whose exit may be taken, 1..L-1; omitted = 1 (FREE's CALM code checks "
+        "from the first layer; contrastive needs >= 2, jsd_contrastive >= 3, dynamic cosine_similarity starts "
+        "at 2 and convergence at 3, as the references do)", CALM + DYN)
     shallow_exit_layer: Optional[int] = _m(
-        None, "free: depth of the shallow module, 1..L-1; omitted = L // 4 (FREE's shallow-deep module)", FREE)
+        None, "free: depth of the shallow module, 1..L-1; omitted = L // 4 (our default)", FREE)
     adaptive_threshold: bool = _m(
-        False, "free: re-estimate the threshold online from (shallow confidence, shallow==deep) pairs of the "
-        "parallel passes with a Beta mixture (FREE, Sec. 4.3)", FREE)
+        False, "free: refit the threshold at the start of every sequence (at most 300) on the (shallow "
+        "confidence, shallow == deep) pairs of every deep-processed token so far in the run (FREE "
+        "models/deploying_t5.py ~1049, ~1208-1214)", FREE)
+    adaptive_estimator: str = _m(
+        "beta_mixture", "free --adaptive_threshold: beta_mixture = FREE's per-class Beta fits by weighted moments, "
+        "threshold where P(agree | confidence) > 0.4 on 10 points in [0.3, 0.9] (util/bmm.py 6-15, 49-84, "
+        "110-116); posterior = our rule: smallest confidence with P(disagree | confidence) <= --adaptive_tolerance "
+        "(clipped to [0.3, 0.9])", FREE, choices=("beta_mixture", "posterior"),
+        when=(lambda c: c.adaptive_threshold, "with --adaptive_threshold"))
     adaptive_tolerance: float = _m(
-        0.1, "free --adaptive_threshold: exit when the estimated P(shallow != deep | confidence) <= this", FREE)
-    cosine_threshold: float = _m(0.95, "dynamic cosine_similarity: exit when cos(norm h_l, norm h_l-1) > this", DYN)
-    token_repeats: int = _m(3, "dynamic token_repeat: exit when the argmax is the same for this many consecutive layers",
-                      DYN)
+        0.1, "free --adaptive_estimator posterior: exit when the estimated P(shallow != deep | confidence) <= this",
+        FREE, when=(lambda c: c.adaptive_threshold and c.adaptive_estimator == "posterior",
+                    "with --adaptive_threshold --adaptive_estimator posterior"))
+    cosine_threshold: float = _m(
+        0.95, "dynamic cosine_similarity: exit when cos(final_norm(h_l), h_l-1) > this (fork's conf, "
+        "generator_base.py 48)", DYN, aliases=("--conf",),
+        when=(lambda c: c.criteria == "cosine_similarity", "with --criteria cosine_similarity"))
+    token_repeats: int = _m(
+        4, "dynamic token_repeat: exit when the count of consecutive layers repeating the previous layer's argmax "
+        "reaches this, i.e. this+1 equal layers (fork's repeats: generator_base.py 47, llama_early_exit_utils.py "
+        "54-60)", DYN, when=(lambda c: c.criteria == "token_repeat", "with --criteria token_repeat"))
     convergence_delta: float = _m(
-        0.01, "dynamic convergence: exit when |maxprob_l - maxprob_l-1| <= this", DYN)
-    max_prob_start: float = _m(0.99, "dynamic max_probability: threshold at min_exit_layer ...", DYN)
-    max_prob_end: float = _m(0.75, "... interpolated linearly to this at the last layer", DYN)
-    entropy_temperature: float = _m(1.0, "dynamic entropy_based: entropy of softmax(logits / T)", DYN)
-    entropy_start: float = _m(0.5, "dynamic entropy_based: entropy threshold (nats) at min_exit_layer ...", DYN)
-    entropy_end: float = _m(2.0, "... interpolated linearly to this at the last layer (exit when entropy < it)",
-                            DYN)
+        0.01, "dynamic convergence: exit when |maxprob_l - maxprob_l-1| <= this (fork's delta_threshold, "
+        "llama_early_exit_utils.py 136-179)", DYN, aliases=("--delta_threshold",),
+        when=(lambda c: c.criteria == "convergence", "with --criteria convergence"))
+    max_prob_start: float = _m(
+        0.99, "dynamic max_probability: exit when maxprob > start*r^scale + end*(1-r^scale), r = (L-l)/L, l the "
+        "0-based layer (llama_early_exit_utils.py 191-222)", DYN,
+        when=(lambda c: c.criteria == "max_probability", "with --criteria max_probability"))
+    max_prob_end: float = _m(0.75, "dynamic max_probability: end of that schedule", DYN,
+                             when=(lambda c: c.criteria == "max_probability", "with --criteria max_probability"))
+    max_prob_scale: float = _m(
+        0.75, "dynamic max_probability: exponent of that schedule (fork: llama_model_utils.py ~275)", DYN,
+        when=(lambda c: c.criteria == "max_probability", "with --criteria max_probability"))
+    entropy_temperature: float = _m(
+        3.0, "dynamic entropy_based: entropy of softmax((logits - max)/T) (llama_early_exit_utils.py 305-314)", DYN,
+        when=(lambda c: c.criteria == "entropy_based" and c.confidence not in CONTRASTIVE,
+              "with --criteria entropy_based and no contrastive confidence"))
+    entropy_start: float = _m(
+        11.0, "dynamic entropy_based: exit when entropy < start*sqrt(r) + end*(1-sqrt(r)), r = (L-l)/L "
+        "(llama_early_exit_utils.py 293-317, defaults llama_model_utils.py ~270-272; ln V = 10.8 for a 49k "
+        "vocabulary, so it fires unconditionally wherever r >= 0.36)", DYN,
+        when=(lambda c: c.criteria == "entropy_based", "with --criteria entropy_based"))
+    entropy_end: float = _m(10.5, "dynamic entropy_based: end of that schedule (nats)", DYN,
+                            when=(lambda c: c.criteria == "entropy_based", "with --criteria entropy_based"))
     vocab_reduction: str = _m(
-        "none", "calm/free/dynamic: score exits on a reduced vocabulary kept from the first eligible exit's full "
-        "head: fixed = top vocab_k rows, decaying = k shrinks linearly with depth to vocab_k/10, adaptive = "
-        "k = V*(1 - 0.9*previous confidence) (vocabulary-reduction fork of FREE)", LAYERWISE,
-        choices=VOCAB_REDUCTIONS)
-    vocab_k: int = _m(1000, "rows kept by --vocab_reduction fixed (and the starting k of decaying)", LAYERWISE)
+        "none", "calm/dynamic: score exits after the first one considered on rows of its full head, ranked by "
+        "logit: fixed = its top k = max(vocab_k_min, vocab_k/(1 + (vocab_k-vocab_k_min)/vocab_k_min * i/L)) rows, "
+        "decaying = the top k_i of them with that k at each layer i, adaptive = the top V*(1 - 0.9*confidence of "
+        "the previous layer) (Confidently_Exiting models/deploying_t5.py ~751-752, ~1008-1066)", CALM + DYN,
+        choices=VOCAB_REDUCTIONS,
+        when=(lambda c: c.confidence != "hidden_state" and c.criteria != "cosine_similarity",
+              "where exits read the exit head (not with --confidence hidden_state or --criteria cosine_similarity)"))
+    vocab_k: int = _m(35000, "--vocab_reduction fixed/decaying: k_max of that schedule (fork's maximum_k_size)",
+                      CALM + DYN, when=(lambda c: c.vocab_reduction in ("fixed", "decaying"),
+                                        "with --vocab_reduction fixed or decaying"))
+    vocab_k_min: int = _m(250, "--vocab_reduction fixed/decaying: k_min of that schedule (fork's minimum_k_size)",
+                          CALM + DYN, when=(lambda c: c.vocab_reduction in ("fixed", "decaying"),
+                                            "with --vocab_reduction fixed or decaying"))
     contrastive_alpha: float = _m(
-        0.1, "contrastive confidence: plausibility mask keeps tokens with p >= alpha * max p (expert layer)",
-        LAYERWISE)
+        0.1, "contrastive confidence: plausibility mask keeps tokens with p >= alpha * max p of the expert layer "
+        "(Confidently_Exiting: alpha = 0.1 at every call)", LAYERWISE,
+        when=(lambda c: c.confidence in CONTRASTIVE, "with --confidence contrastive or jsd_contrastive"))
 
     def __post_init__(self) -> None:
         if self.generation_strategy is None:
@@ -108,17 +164,27 @@ class GenerationConfig:
         """Vocabulary-reduction and contrastive knobs, only where they change behaviour (for run logs)."""
         out: dict[str, Any] = {}
         if self.vocab_reduction != "none":
-            out.update(vocab_reduction=self.vocab_reduction, vocab_k=self.vocab_k)
-        if self.confidence in ("contrastive", "jsd_contrastive"):
+            out["vocab_reduction"] = self.vocab_reduction
+            if self.vocab_reduction != "adaptive":
+                out.update(vocab_k=self.vocab_k, vocab_k_min=self.vocab_k_min)
+        if self.confidence in CONTRASTIVE:
             out["contrastive_alpha"] = self.contrastive_alpha
         return out
 
+    def ignored_knobs(self) -> list[str]:
+        """Knobs set away from their default that this configuration's sub-mode would ignore."""
+        return [f.name for f in dataclasses.fields(self) if "when" in f.metadata
+                and getattr(self, f.name) != f.default and not f.metadata["when"][0](self)]
+
     def check_knobs(self, strategy: str) -> None:
-        """Refuse knobs set away from their default for a strategy that would silently ignore them."""
+        """Refuse knobs set away from their default for a strategy, or a sub-mode, that would silently ignore them."""
         for f in dataclasses.fields(self):
             methods = f.metadata.get("methods")
             if methods and strategy not in methods and getattr(self, f.name) != f.default:
                 raise UsageError(f"--{f.name} applies to {', '.join(methods)}, not {strategy}")
+        for name in self.ignored_knobs():
+            f = next(f for f in dataclasses.fields(self) if f.name == name)
+            raise UsageError(f"--{name} applies only {f.metadata['when'][1]} ({strategy} would ignore it)")
 
 
 @dataclass
@@ -185,7 +251,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, s
             kw["type"] = base
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-        group.add_argument(f"--{f.name}", **kw)
+        group.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kw)  # aliases: a reference's spellings
 
 
 def parse_bool(text: str) -> bool:
@@ -235,10 +301,15 @@ def for_strategy(base: GenerationConfig, strategy: str, **overrides: Any) -> Gen
         methods = f.metadata.get("methods")
         if f.name in GENERIC_KNOBS or (methods and strategy in methods):
             kw[f.name] = getattr(base, f.name)
-    if strategy == "self_speculative":
+    if strategy in ("self_speculative", "hf_assistant_early_exit"):  # their exit_layer is the draft depth
         kw["exit_layer"] = base.exit_layer
     kw.update(overrides)
     kw["generation_strategy"] = strategy
     if strategy != "dynamic":
         kw.pop("criteria", None)
-    return GenerationConfig(**kw)
+    config = GenerationConfig(**kw)
+    for _ in range(2):  # shared knobs reach only the sub-modes they apply to (e.g. --vocab_k, not cosine)
+        for name in config.ignored_knobs():
+            if name not in overrides:
+                setattr(config, name, next(f.default for f in dataclasses.fields(config) if f.name == name))
+    return config

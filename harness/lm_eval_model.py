@@ -127,7 +127,7 @@ class EarlyExitLM(TemplateLM):
         """Aggregates over every generate_until request so far (written by eval.py beside the results)."""
         r = self.records
         tps = [x["tokens_per_second"] for x in r if x["tokens_per_second"]]
-        exits = [e for x in r for e in x["exit_layers"]]
+        exits = [e for x in r for e in x["exit_layers"][1:]]  # decoded tokens, as everywhere
         drafted = sum(x["drafted"] or 0 for x in r)
         return {"strategy": self.generator.name, "knobs": self.generator.knobs(), "model": self.lm.name,
                 "requests": len(r), "new_tokens": sum(x["new_tokens"] for x in r),

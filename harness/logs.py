@@ -58,6 +58,7 @@ class ExampleRecord:
     accepted: Optional[int]  # speculative methods: drafted tokens accepted (and kept); null otherwise
     acceptance_rate: Optional[float]  # accepted / drafted; null when not speculative
     repeats: list  # every timed repeat: {repeat, slot (0 = ran first on this example), prefill_seconds, decode_seconds, new_tokens}
+    method_log: Optional[dict]  # method state after this example, e.g. FREE's adaptive threshold trajectory entry
 
 
 @dataclass

@@ -125,7 +125,8 @@ def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, runs
         drafted=res.drafted, accepted=res.accepted,
         acceptance_rate=res.accepted / res.drafted if res.drafted else None,
         repeats=[{"repeat": i, "slot": slot, "prefill_seconds": r.prefill_seconds,
-                  "decode_seconds": r.decode_seconds, "new_tokens": len(r.tokens)} for i, (r, slot) in enumerate(runs)])
+                  "decode_seconds": r.decode_seconds, "new_tokens": len(r.tokens)} for i, (r, slot) in enumerate(runs)],
+        method_log=None)
 
 
 LAYERSKIP_MAX_STEPS, LAYERSKIP_TEMPERATURE, LAYERSKIP_TOP_P = 512, 0.6, 0.9  # LayerSkip's GenerationConfig
@@ -199,7 +200,9 @@ class Benchmark:
         kept = self.stop(fixed_length=False).first_stop(tokens) or (len(tokens), runs[0][0].stop_reason)
         prediction = cut_at_stop(self.model.decode(tokens[:kept[0]]), self.stops)
         metrics = METRICS[self.metric](prediction, ex)
-        return make_record(index, ex, ids, truncated, runs, prediction, kept, metrics)
+        record = make_record(index, ex, ids, truncated, runs, prediction, kept, metrics)
+        record.method_log = self.generator.log_state()
+        return record
 
     def evaluate(self, index: int) -> ExampleRecord:
         """Time example `index` --repeats times in a row and score it (a single-configuration run)."""
@@ -210,6 +213,7 @@ class Benchmark:
         ids = self.prompt_ids(index)[0]
         for _ in range(self.run.warmup):
             self.generator.generate(ids, StopCondition(self.model, min(self.max_steps, 16), (), eos_ids=set()))
+        self.generator.reset_state()  # a method that learns over the run (FREE's estimator) starts afresh
 
     def execute(self, progress: bool = True, parent: Optional[Path] = None,
                 resume: Optional[Path] = None, dist: Dist = SINGLE) -> tuple[Path, Summary]:
@@ -415,6 +419,7 @@ def expand_strategies(text: str, base: GenerationConfig, num_layers: int) -> lis
         if item.strip() == "all":
             specs += [("autoregressive", {}), ("self_speculative", {}), ("calm", {}), ("free", {})]
             specs += [("dynamic", {"criteria": c}) for c in ([base.criteria] if base.criteria else CRITERIA)]
+            specs += [("hf_generate", {}), ("hf_prompt_lookup", {}), ("hf_assistant_early_exit", {})]  # peers
         elif item.strip():
             specs.append(parse_spec(item))
     known = load_all()
@@ -424,7 +429,8 @@ def expand_strategies(text: str, base: GenerationConfig, num_layers: int) -> lis
             raise UsageError(f"unknown strategy {name!r} in --strategies; choose from: {', '.join(sorted(known))}")
         if name == "autoregressive" and not over:
             continue  # the baseline is already first
-        if name == "self_speculative" and base.exit_layer is None and "exit_layer" not in over:
+        if name in ("self_speculative", "hf_assistant_early_exit") and base.exit_layer is None \
+                and "exit_layer" not in over:
             over = {"exit_layer": max(1, num_layers // 4), **over}  # LayerSkip's typical E ~ L/4
         if name == "dynamic" and "criteria" not in over:
             over = {"criteria": base.criteria or CRITERIA[0], **over}

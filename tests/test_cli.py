@@ -182,7 +182,7 @@ def test_resume_finishes_an_interrupted_run(tmp_path, model, monkeypatch):
     assert [r["index"] for r in recs] == [0, 1, 2]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["num_examples"] == 3
-    assert_one_line_error(run("benchmark.py", "--resume", str(tmp_path / "nope")), "not a readable run directory")
+    assert_one_line_error(run("benchmark.py", "--resume", str(tmp_path / "nope")), "not a run directory")
 
 
 def test_torchrun_shards_examples_and_rank0_merges(tmp_path):

@@ -85,7 +85,7 @@ def _eval(*args):
 
 
 def test_eval_cli_bundled_task_offline(tmp_path):
-    proc = _eval("--tasks", "xsum", "--limit", "1", "--model_args", "max_steps=8,criteria=cosine_similarity",
+    proc = _eval("--tasks", "xsum", "--limit", "1", "--model_args", "max_steps=8,criteria=max_probability",
                  "--output_path", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     (out,) = tmp_path.iterdir()

@@ -97,7 +97,7 @@ def test_free_parallel_pass_fills_deep_cache_exactly(model, twenty_prompts):
 
 @pytest.mark.parametrize("kw", [dict(generation_strategy="calm", min_exit_layer=6, confidence="hidden_state",
                                      threshold=0.9),
-                                dict(criteria="cosine_similarity", cosine_threshold=0.9)])
+                                dict(criteria="cosine_similarity", cosine_threshold=0.5)])
 @torch.inference_mode()
 def test_state_copying_is_what_is_applied(model, twenty_prompts, kw):
     """Replaying the recorded exits by hand (E layers, then fill_kv from the exited state) gives the same cache."""
@@ -121,6 +121,67 @@ def test_state_copying_is_what_is_applied(model, twenty_prompts, kw):
         assert torch.equal(g.last_cache.layers[i].values, cache.layers[i].values)
 
 
+def hand_kv(model, layer: int, h: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V of one position at one Llama layer from that layer's weights, without the core or transformers:
+    RMSNorm(h) * weight, k/v projections, rotary embedding (split-half, theta from the config) on keys."""
+    cfg, lay = model.config, model.layers[layer]
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    x = h.reshape(-1).double()
+    x = x * torch.rsqrt(x.pow(2).mean() + lay.input_layernorm.variance_epsilon) * lay.input_layernorm.weight.double()
+    k = (lay.self_attn.k_proj.weight.double() @ x).view(-1, hd)
+    v = (lay.self_attn.v_proj.weight.double() @ x).view(-1, hd)
+    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or cfg.rope_theta
+    angles = pos / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    cos, sin = torch.cat([angles.cos(), angles.cos()]), torch.cat([angles.sin(), angles.sin()])
+    k1, k2 = k[:, : hd // 2], k[:, hd // 2:]
+    return k * cos + torch.cat([-k2, k1], dim=-1) * sin, v
+
+
+@torch.inference_mode()
+def test_state_copied_kv_equals_kv_recomputed_by_hand_from_the_layer_weights(model, twenty_prompts):
+    """Independent of fill_kv: every skipped layer of every exited position holds the K/V that the layer's
+    own norm, k/v projections and rotary embedding give for the exited hidden state (CALM Sec. 3.3)."""
+    assert model.config.model_type == "llama"
+    g = gen(model, generation_strategy="calm", min_exit_layer=6, confidence="hidden_state", threshold=0.9)
+    ids = model.encode(twenty_prompts[2])
+    res = g.generate(ids, StopCondition(model, 10, eos_ids=set()))
+    L = model.num_layers
+    exited = [(i, d) for i, d in enumerate(res.exit_layers[1:]) if d < L]
+    assert len(exited) >= 3  # some tokens did exit early
+    cache = model.new_cache()  # replay the recorded exits to get each exited hidden state
+    model.run_layers(model.embed(torch.tensor([ids])), 0, L, cache, 0)
+    for i, (prev, depth) in enumerate(zip(res.tokens[:-1], res.exit_layers[1:])):
+        pos = len(ids) + i
+        h = model.run_layers(model.embed(torch.tensor([[prev]])), 0, depth, cache, pos)
+        for layer in range(depth, L):
+            k, v = hand_kv(model, layer, h, pos)
+            got = g.last_cache.layers[layer]
+            assert torch.allclose(got.keys[0, :, pos].double(), k, atol=1e-4), (pos, layer)
+            assert torch.allclose(got.values[0, :, pos].double(), v, atol=1e-4), (pos, layer)
+            cache.update(k[None, :, None].float(), v[None, :, None].float(), layer)  # the replay goes on by hand
+
+
+@torch.inference_mode()
+def test_rotary_embeddings_are_computed_once_per_token_position(model, twenty_prompts, monkeypatch):
+    calls = []
+    real = model._rotary
+    monkeypatch.setattr(model, "_rotary", lambda h, pos: calls.append(pos.shape[-1]) or real(h, pos))
+    res = run(model, gen(model, generation_strategy="calm", min_exit_layer=4, threshold=0.5), twenty_prompts[8], 8)
+    assert any(d < model.num_layers for d in res.exit_layers)
+    assert len(calls) == len(res.tokens)  # the prefill, then one per decoded token (layers and state copying share it)
+
+
+def test_confidence_flops_exclude_the_head_that_picks_the_token(model, twenty_prompts):
+    g = gen(model, generation_strategy="calm", min_exit_layer=4, threshold=0.5)
+    res = run(model, g, twenty_prompts[8], 10, eos=False)
+    L, head = model.num_layers, model.head_flops(model.vocab_size)
+    assert any(d < L for d in res.exit_layers[1:])
+    # depths 4..e are evaluated; the one at e picks the token; a token at L is picked by the final head
+    checks = sum((d - 4) if d < L else (L - 4) for d in res.exit_layers[1:])
+    assert res.confidence_flops == checks * head
+    assert res.exit_head_flops == (checks + len(res.tokens) - 1) * head
+
+
 @pytest.mark.parametrize("name", list(NEVER))
 def test_rules_that_never_fire_reproduce_autoregressive(model, twenty_prompts, name):
     ar = gen(model)
@@ -136,17 +197,18 @@ def test_rules_that_never_fire_reproduce_autoregressive(model, twenty_prompts, n
     dict(generation_strategy="self_speculative", exit_layer=6, num_speculations=3),
     dict(generation_strategy="self_speculative", exit_layer=6, num_speculations=3, sample=True, temperature=0.8),
     dict(generation_strategy="calm", min_exit_layer=4, threshold=0.5),
-    dict(generation_strategy="calm", min_exit_layer=4, threshold=0.4, vocab_reduction="decaying", vocab_k=500),
+    dict(generation_strategy="calm", min_exit_layer=4, threshold=0.4, vocab_reduction="decaying", vocab_k=5000),
     dict(generation_strategy="calm", min_exit_layer=6, threshold=0.2, confidence="contrastive",
          vocab_reduction="adaptive"),
     dict(generation_strategy="free", threshold=0.4),
     dict(generation_strategy="free", threshold=0.4, adaptive_threshold=True),
-    dict(generation_strategy="free", threshold=0.3, confidence="jsd_contrastive", vocab_reduction="fixed"),
-    dict(criteria="cosine_similarity", cosine_threshold=0.9),
+    dict(generation_strategy="free", threshold=0.3, confidence="jsd_contrastive"),
+    dict(criteria="cosine_similarity", cosine_threshold=0.5),
     dict(criteria="token_repeat", token_repeats=2, min_exit_layer=10),
-    dict(criteria="entropy_based", min_exit_layer=10, entropy_start=2.0, entropy_end=4.0),
+    dict(criteria="entropy_based", min_exit_layer=10),
     dict(criteria="max_probability", min_exit_layer=10, max_prob_start=0.5, max_prob_end=0.3),
     dict(criteria="convergence", min_exit_layer=10, convergence_delta=0.05),
+    dict(criteria="max_probability", min_exit_layer=10, max_prob_start=0.5, max_prob_end=0.3, exit_layer=16),
 ])
 def test_every_method_keeps_the_cache_hole_free(model, twenty_prompts, kw):
     """run_layers raises KVHoleError on any read over a missing position; the cache ends complete."""
@@ -161,7 +223,12 @@ def test_every_method_keeps_the_cache_hole_free(model, twenty_prompts, kw):
     pending = getattr(g, "pending", 0)
     assert all(length in (n, n - pending) for length in lengths)
     assert len(res.exit_layers) == len(res.tokens)
-    assert all(1 <= d <= model.num_layers for d in res.exit_layers)
+    cap = kw.get("exit_layer") if "criteria" in kw else None  # dynamic: --exit_layer caps the exit depth
+    assert all(1 <= d <= (cap or model.num_layers) for d in res.exit_layers[1:])
+    if kw.get("generation_strategy") == "self_speculative":
+        assert res.drafted > 0 and res.accepted < res.drafted  # drafts were made and some were cropped
+    else:
+        assert any(d < model.num_layers for d in res.exit_layers[1:])  # exits did happen
 
 
 def test_speculative_sampling_preserves_the_target_distribution():
@@ -184,23 +251,21 @@ def test_speculative_sampling_preserves_the_target_distribution():
     assert abs(accepted / trials - 0.5) < 0.02
 
 
-def test_beta_mixture_threshold_separates_agreeing_from_disagreeing():
-    est = exits.BetaMixtureThreshold(initial=0.9, tolerance=0.1)
-    g = torch.Generator().manual_seed(0)
-    for c in torch.distributions.Beta(8.0, 2.0).sample((200,)).tolist():
-        est.update(c, True)
-    for c in torch.distributions.Beta(2.0, 6.0).sample((60,)).tolist():
-        est.update(c, False)
-    assert 0.3 < est.value < 0.8
-    del g
-
-
-def test_free_adaptive_threshold_moves_with_observed_pairs(model, twenty_prompts):
+def test_free_adaptive_threshold_refits_per_sequence_on_pairs_of_the_whole_run(model, twenty_prompts):
     g = gen(model, generation_strategy="free", threshold=0.5, adaptive_threshold=True, shallow_exit_layer=15)
-    res = run(model, g, twenty_prompts[1], 40, eos=False)
-    assert g.thresholds[0] == 0.5 and any(t != 0.5 for t in g.thresholds)
-    # untrained shallow exits mostly disagree with the deep model, so the estimate must rise, not fall
-    assert g.thresholds[-1] > 0.5 and res.exit_layers.count(15) > 0
+    for text in twenty_prompts[1:4]:
+        run(model, g, text, 12, eos=False)
+    traj = g.threshold_trajectory
+    assert [t["sequence"] for t in traj] == [0, 1, 2] and traj[0] == dict(sequence=0, pairs=0, agree=0, refit=False,
+                                                                          threshold=0.5)
+    assert traj[1]["refit"] and traj[2]["pairs"] > traj[1]["pairs"] > 0  # pairs accumulate across examples
+    assert all(0.3 <= t["threshold"] <= 0.9 for t in traj)  # FREE's grid: never stuck at 1.0
+    # every deep-processed token gives a pair, the current deep token too (below-threshold confidences)
+    assert min(g.adaptive.confidences) < 0.5 and len(g.adaptive.confidences) >= 11
+    assert traj[1]["threshold"] == exits.bmm_threshold(g.adaptive.confidences[:traj[1]["pairs"]],
+                                                       g.adaptive.agree[:traj[1]["pairs"]])
+    g.reset_state()
+    assert g.threshold_trajectory == [] and g.adaptive.confidences == []
 
 
 def test_vocabulary_reduction_cuts_confidence_flops(model, twenty_prompts):
@@ -209,6 +274,46 @@ def test_vocabulary_reduction_cuts_confidence_flops(model, twenty_prompts):
                          vocab_reduction="fixed", vocab_k=1000), twenty_prompts[3], 8)
     assert red.tokens == full.tokens
     assert 0 < red.confidence_flops < full.confidence_flops / 5
+
+
+@pytest.mark.parametrize("mode", ["fixed", "decaying", "adaptive"])
+@torch.inference_mode()
+def test_vocabulary_reduction_exits_pick_the_right_token_ids(model, twenty_prompts, mode):
+    """Exits on reduced rows happen, and each emitted token is the argmax of the full head restricted to the
+    rows the schedule keeps (a prefix of the first exit's ranking), i.e. row indices map back to vocabulary ids."""
+    from harness.exits import adaptive_k, decaying_k, softmax_margin
+
+    g = gen(model, generation_strategy="calm", min_exit_layer=4, threshold=0.3, vocab_reduction=mode)
+    ids = model.encode(twenty_prompts[8])
+    res = g.generate(ids, StopCondition(model, 12, eos_ids=set()))
+    L, first = model.num_layers, 4
+    assert sum(first < d < L for d in res.exit_layers[1:]) >= 2  # exits scored on reduced rows
+    cache = model.new_cache()
+    model.run_layers(model.embed(torch.tensor([ids])), 0, L, cache, 0)
+    checked = 0
+    for i, (prev, tok, depth) in enumerate(zip(res.tokens[:-1], res.tokens[1:], res.exit_layers[1:])):
+        pos, h = len(ids) + i, model.embed(torch.tensor([[prev]]))
+        states = []
+        for layer in range(depth):
+            h = model.run_layers(h, layer, layer + 1, cache, pos)
+            states.append(h)
+        model.fill_kv(h, depth, L, cache, pos)
+        if not first < depth < L:
+            continue
+        full = [model.exit_logits(s).reshape(-1) for s in states]  # full[d - 1]: the full head at depth d
+        ranking = full[first - 1].topk(min(model.vocab_size, decaying_k(first, L))).indices
+        if mode == "adaptive":  # k from the previous layer's confidence, on the rows that layer was scored on
+            rows_at = {first: None}
+            for d in range(first + 1, depth + 1):
+                prev = full[d - 2] if rows_at[d - 1] is None else full[d - 2][rows_at[d - 1]]
+                c = softmax_margin(torch.softmax(prev, -1))
+                rows_at[d] = ranking[:min(len(ranking), max(2, adaptive_k(model.vocab_size, c)))]
+            rows = rows_at[depth]
+        else:
+            rows = ranking[:len(ranking) if mode == "fixed" else min(len(ranking), decaying_k(depth, L))]
+        assert tok in rows.tolist() and tok == int(rows[full[depth - 1][rows].argmax()])
+        checked += 1
+    assert checked >= 2
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -223,6 +328,21 @@ def test_vocabulary_reduction_cuts_confidence_flops(model, twenty_prompts):
     (dict(generation_strategy="free", shallow_exit_layer=0), "outside 1..29"),
     (dict(generation_strategy="calm", exit_layer=8), "does not apply"),
     (dict(criteria="cosine_similarity", confidence="softmax"), "contrastive"),
+    (dict(criteria="token_repeat", confidence="contrastive"), "max_probability, entropy_based or convergence"),
+    (dict(generation_strategy="calm", vocab_k=500), "--vocab_k applies only with --vocab_reduction fixed"),
+    (dict(generation_strategy="calm", vocab_reduction="adaptive", vocab_k=500), "--vocab_k applies only"),
+    (dict(generation_strategy="calm", contrastive_alpha=0.2), "--contrastive_alpha applies only"),
+    (dict(generation_strategy="free", adaptive_tolerance=0.2), "--adaptive_tolerance applies only"),
+    (dict(generation_strategy="free", adaptive_threshold=True, adaptive_tolerance=0.2), "adaptive_estimator posterior"),
+    (dict(generation_strategy="free", adaptive_estimator="posterior"), "--adaptive_estimator applies only"),
+    (dict(generation_strategy="free", vocab_reduction="fixed"), "--vocab_reduction applies to calm, dynamic"),
+    (dict(generation_strategy="free", confidence="jsd_contrastive", shallow_exit_layer=2), "shallow_exit_layer >= 3"),
+    (dict(generation_strategy="calm", threshold_decay_form="free_code"), "--threshold_decay_form applies only"),
+    (dict(generation_strategy="calm", confidence="hidden_state", vocab_reduction="fixed"), "exit head"),
+    (dict(criteria="cosine_similarity", vocab_reduction="fixed"), "exit head"),
+    (dict(criteria="token_repeat", cosine_threshold=0.9), "--cosine_threshold applies only"),
+    (dict(criteria="max_probability", entropy_start=3.0), "--entropy_start applies only"),
+    (dict(criteria="entropy_based", confidence="contrastive", entropy_temperature=1.0), "--entropy_temperature"),
 ])
 def test_bad_combinations_are_usage_errors(model, kw, match):
     with pytest.raises(UsageError, match=match):

@@ -47,6 +47,13 @@ def test_records_travel_over_the_process_group_without_shared_storage(tmp_path):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["environment"]["world_size"] == 2 and info["environment"]["nodes"] == 1
     assert json.loads((run_dir / "summary.json").read_text())["num_examples"] == 5
+    # a crash: rank 1 lost its last record and rank 0 never merged; --resume reads each rank's own shard
+    shard1 = tmp_path / "node1" / run_dir.name / "examples.rank1.jsonl"
+    shard1.write_text(shard1.read_text().splitlines()[0] + "\n")
+    (run_dir / "examples.jsonl").unlink()
+    proc = torchrun("--resume", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert records(run_dir) == records(one)
 
 
 def test_a_failing_rank_is_reported_and_its_finished_records_kept(tmp_path):

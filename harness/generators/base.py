@@ -138,6 +138,13 @@ class Generator(ABC):
         """The knobs that define this method's behaviour, for the run log."""
         return {"exit_layer": self.config.exit_layer}
 
+    def reset_state(self) -> None:
+        """Forget what was learned across generations (the runner calls it after warm-up)."""
+
+    def log_state(self) -> Optional[dict]:
+        """State worth logging with each example's record (None for stateless methods)."""
+        return None
+
     @abstractmethod
     def generate(self, prompt_ids: Sequence[int], stop: StopCondition,
                  on_tokens: Optional[TokenCallback] = None) -> GenerationResult:

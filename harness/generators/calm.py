@@ -1,43 +1,49 @@
 """CALM (Schuster et al., NeurIPS 2022): exit at the first layer whose confidence beats a threshold.
 
-Confidence: softmax margin (top-1 minus top-2, the default), top-1 probability, hidden-state saturation
-(cosine of consecutive layers), or contrastive / JSD-contrastive (with --vocab_reduction, the
-vocabulary-reduction fork of FREE). The threshold may decay over the generated position
-(--threshold_decay tau, CALM eq. 4 as implemented in FREE's CALM code). A trained confidence classifier
-is not available for decoder-only models here; it is not offered. Skipped layers get state-copied K/V
-(see layerwise.py).
+Confidence (--confidence): softmax = top-1 minus top-2 probability (default; FREE's CALM code
+util/skip_conf.py 7-16), max_prob, hidden_state (cosine of consecutive layers' states, CALM's state
+saturation), or contrastive / jsd_contrastive (top-1 minus top-2 of the contrastive distribution of the
+vocabulary-reduction fork of FREE, Confidently_Exiting util/skip_conf.py 124-135 / 159-170). The token exits
+when confidence > threshold (util/skip_conf.py 76). The threshold may decay over the generated position t
+(--threshold_decay tau, N = the generation's max_steps) in the CALM paper's form or in FREE's code's form
+(--threshold_decay_form). A trained confidence classifier is not available for decoder-only models here; it
+is not offered. Skipped layers get state-copied K/V (see per_token_exit.py).
 """
 from __future__ import annotations
 
 from .. import exits
 from .base import register
-from .layerwise import LayerwiseExit
-from .probe import TokenProbe
+from .exit_probe import ExitProbe
+from .per_token_exit import PerTokenExit
 
 DEFAULT_THRESHOLD = 0.9
 
 
 @register("calm")
-class Calm(LayerwiseExit):
-    """CALM: per-token exit when confidence >= (decaying) threshold; state copying for skipped layers."""
+class Calm(PerTokenExit):
+    """CALM: per-token exit when confidence > (decaying) threshold; state copying for skipped layers."""
 
     def validate(self) -> None:
         super().validate()
         self.threshold = DEFAULT_THRESHOLD if self.config.threshold is None else self.config.threshold
-        self.max_steps = self.config.max_steps or 128
+        self.decay = exits.DECAY_FORMS[self.config.threshold_decay_form]
+
+    def first_check(self) -> int:
+        # the amateur layer must exist: i//2 >= 1 for contrastive, a layer in 2..i-1 for jsd_contrastive
+        return max(self.min_exit, exits.CONTRASTIVE_MIN_DEPTH.get(self.measure, 1))
 
     def knobs(self) -> dict:
         c = self.config
-        return {"confidence": self.measure, "threshold": self.threshold, "threshold_decay": c.threshold_decay,
-                "min_exit_layer": self.min_exit, **c.reduction_knobs()}
+        decay = {"threshold_decay": c.threshold_decay, "threshold_decay_form": c.threshold_decay_form} \
+            if c.threshold_decay is not None else {"threshold_decay": None}
+        return {"confidence": self.measure, "threshold": self.threshold, **decay, "min_exit_layer": self.min_exit,
+                **c.reduction_knobs()}
 
-    def threshold_at(self, step: int) -> float:
+    def threshold_at(self, step: int, max_steps: int) -> float:
+        """Threshold for the token at 1-based position t = step + 1 (FREE: pos_time = past length + 1)."""
         if self.config.threshold_decay is None:
             return self.threshold
-        return exits.decayed_threshold(self.threshold, step, self.max_steps, self.config.threshold_decay)
+        return self.decay(self.threshold, step + 1, max_steps, self.config.threshold_decay)
 
-    def should_exit(self, depth: int, probe: TokenProbe, step: int) -> bool:
-        return probe.confidence(depth, self.measure) >= self.threshold_at(step)
-
-    def token_confidence(self, probe: TokenProbe, depth: int) -> float:
-        return probe.confidence(depth, self.measure)
+    def should_exit(self, depth: int, probe: ExitProbe, step: int, max_steps: int) -> bool:
+        return exits.exit_fires(probe.confidence(depth, self.measure), self.threshold_at(step, max_steps))

@@ -1,85 +1,104 @@
-"""Dynamic early exit with the criteria of the Dynamic Early Exit fork of LayerSkip.
+"""Dynamic early exit with the criteria of the Dynamic Early Exit fork of LayerSkip
+(Amir-Voloshin/DynamicEarlyExit, self_speculation/llama_early_exit_utils.py; l = 0-based layer index,
+depth d = l + 1 layers run, r = (L - l)/L):
 
---criteria:
-  cosine_similarity  cos(norm(h_l), norm(h_l-1)) > --cosine_threshold (0.95); no exit head needed
-  token_repeat       the exit argmax is the same for --token_repeats (3) consecutive layers
-  convergence        |maxprob_l - maxprob_l-1| <= --convergence_delta (0.01)
-  max_probability    maxprob_l > threshold interpolated over depth from --max_prob_start (0.99) at
-                     --min_exit_layer to --max_prob_end (0.75) at the last layer
-  entropy_based      entropy(softmax(logits_l / T)) < threshold interpolated from --entropy_start (0.5)
-                     to --entropy_end (2.0) nats (the fork's exact entropy schedule is our choice here)
+  cosine_similarity  cos(final_norm(h_d), h_(d-1)) > --cosine_threshold 0.95 (alias --conf), the previous
+                     layer's state as the fork passes it (raw); first check at depth 2 (lines 104-123)
+  token_repeat       counter from 0, +1 when the argmax equals the previous layer's, else reset; exit when
+                     it reaches --token_repeats 4 (5 equal layers) (lines 54-60, generator_base.py 47)
+  convergence        |maxprob_d - maxprob_(d-1)| <= --convergence_delta 0.01 (alias --delta_threshold);
+                     first check at depth 3 (lines 151-179)
+  max_probability    maxprob_d > 0.99*r^0.75 + 0.75*(1 - r^0.75) (lines 220-222; scale 0.75 from
+                     llama_model_utils.py ~275)
+  entropy_based      entropy(softmax((z - max z)/3)) < 11.0*sqrt(r) + 10.5*(1 - sqrt(r)) (lines 293-317;
+                     defaults llama_model_utils.py ~270-272). With a 49k vocabulary (ln V = 10.80) this
+                     threshold fires unconditionally wherever r >= 0.36 (reported, not re-tuned)
 
-Unlike the fork, skipped layers get state-copied K/V (no holes; see layerwise.py) and a token whose
-criterion never fires runs all layers.
+--exit_layer E caps the depth as the fork's loop over layers[:exit_layer] does. Unlike the fork, skipped
+layers get state-copied K/V instead of holes (see per_token_exit.py), and a token whose criterion never
+fires runs every layer up to the cap, the last layer included (the fork's default exit_layer = -1 never
+runs it). --confidence contrastive|jsd_contrastive replaces the softmax that max_probability,
+entropy_based and convergence read with the contrastive distribution (our extension).
 """
 from __future__ import annotations
 
 from .. import exits
 from ..config import UsageError
 from .base import register
-from .layerwise import LayerwiseExit
-from .probe import TokenProbe
+from .exit_probe import ExitProbe
+from .per_token_exit import PerTokenExit
 
 
 @register("dynamic")
-class Dynamic(LayerwiseExit):
+class Dynamic(PerTokenExit):
     """Dynamic early exit: --criteria cosine_similarity|token_repeat|entropy_based|max_probability|convergence."""
 
-    default_confidence = "max_prob"
+    default_confidence = None
+    caps_depth = True
 
     def validate(self) -> None:
-        super().validate()
-        if self.config.confidence in ("softmax", "hidden_state"):
+        if self.config.confidence not in (None, *exits.CONTRASTIVE_MIN_DEPTH):
             raise UsageError("dynamic reads its own criterion; --confidence may only be contrastive or jsd_contrastive")
         if self.config.token_repeats < 1:
             raise UsageError(f"--token_repeats must be >= 1, got {self.config.token_repeats}")
+        super().validate()
         self.check = getattr(self, f"_{self.config.criteria}")
+
+    def first_check(self) -> int:
+        c, m = self.config.criteria, self.min_exit
+        amateur = exits.CONTRASTIVE_MIN_DEPTH.get(self.measure, 1)
+        if c == "cosine_similarity":
+            return max(m, 2)  # needs a previous layer's state, not the embeddings
+        if c == "convergence":
+            return max(m, 3, amateur + 1)  # the fork stores max probs from depth 2 and compares from depth 3
+        if c == "token_repeat":
+            return m
+        return max(m, amateur)
 
     def knobs(self) -> dict:
         c = self.config
         per = {"cosine_similarity": {"cosine_threshold": c.cosine_threshold},
                "token_repeat": {"token_repeats": c.token_repeats},
                "convergence": {"convergence_delta": c.convergence_delta},
-               "max_probability": {"max_prob_start": c.max_prob_start, "max_prob_end": c.max_prob_end},
+               "max_probability": {"max_prob_start": c.max_prob_start, "max_prob_end": c.max_prob_end,
+                                   "max_prob_scale": c.max_prob_scale},
                "entropy_based": {"entropy_temperature": c.entropy_temperature, "entropy_start": c.entropy_start,
                                  "entropy_end": c.entropy_end}}[c.criteria]
-        return {"criteria": c.criteria, "min_exit_layer": self.min_exit, "confidence": c.confidence,
-                **c.reduction_knobs(), **per}
+        return {"criteria": c.criteria, "min_exit_layer": self.min_exit, "exit_layer": c.exit_layer,
+                "confidence": c.confidence, **c.reduction_knobs(), **per}
 
-    def should_exit(self, depth: int, probe: TokenProbe, step: int) -> bool:
+    def should_exit(self, depth: int, probe: ExitProbe, step: int, max_steps: int) -> bool:
         return self.check(depth, probe)
 
-    def _schedule(self, depth: int, start: float, end: float) -> float:
-        return exits.interpolate(depth, self.min_exit, self.model.num_layers, start, end)
+    def _schedule(self, depth: int, start: float, end: float, power: float) -> float:
+        return exits.fork_schedule(depth - 1, self.model.num_layers, start, end, power)
 
-    def _cosine_similarity(self, depth: int, probe: TokenProbe) -> bool:
-        norm = self.model.norm
-        return exits.cosine(norm(probe.hidden[depth]), norm(probe.hidden[depth - 1])) > self.config.cosine_threshold
+    def _max(self, depth: int, probe: ExitProbe) -> float:
+        return probe.record(depth, exits.max_prob(probe.distribution(depth)))
 
-    def _token_repeat(self, depth: int, probe: TokenProbe) -> bool:
-        n = self.config.token_repeats
-        first = depth - n + 1
-        if first < self.min_exit:
-            probe.top_token(depth)  # evaluate as we go so the run of equal argmaxes can be read later
-            return False
+    def _cosine_similarity(self, depth: int, probe: ExitProbe) -> bool:
+        h = probe.hidden
+        return exits.cosine(self.model.norm(h[depth]), h[depth - 1]) > self.config.cosine_threshold
+
+    def _token_repeat(self, depth: int, probe: ExitProbe) -> bool:
+        state = probe.state
         top = probe.top_token(depth)
-        return all(probe.top_token(d) == top for d in range(first, depth))
+        count = exits.token_repeat_count(state.get("count", 0), state.get("previous"), top)
+        state.update(count=count, previous=top)
+        return count >= self.config.token_repeats
 
-    def _convergence(self, depth: int, probe: TokenProbe) -> bool:
-        cur = exits.max_prob(probe.probs(depth))
-        if depth - 1 < self.min_exit:
-            return False
-        return abs(cur - exits.max_prob(probe.probs(depth - 1))) <= self.config.convergence_delta
+    def _convergence(self, depth: int, probe: ExitProbe) -> bool:
+        return exits.convergence_fires(self._max(depth, probe), self._max(depth - 1, probe),
+                                       self.config.convergence_delta)
 
-    def _max_probability(self, depth: int, probe: TokenProbe) -> bool:
+    def _max_probability(self, depth: int, probe: ExitProbe) -> bool:
         c = self.config
-        return exits.max_prob(probe.probs(depth)) > self._schedule(depth, c.max_prob_start, c.max_prob_end)
+        return self._max(depth, probe) > self._schedule(depth, c.max_prob_start, c.max_prob_end, c.max_prob_scale)
 
-    def _entropy_based(self, depth: int, probe: TokenProbe) -> bool:
+    def _entropy_based(self, depth: int, probe: ExitProbe) -> bool:
         c = self.config
-        p = probe.probs(depth, c.entropy_temperature)
-        ent = float(-(p * p.clamp_min(1e-12).log()).sum())
-        return ent < self._schedule(depth, c.entropy_start, c.entropy_end)
-
-    def token_confidence(self, probe: TokenProbe, depth: int) -> float:
-        return exits.max_prob(probe.probs(depth))
+        if self.measure is None:
+            ent = exits.fork_entropy(probe.logits(depth)[0], c.entropy_temperature)
+        else:
+            ent = exits.entropy(probe.distribution(depth))
+        return ent < self._schedule(depth, c.entropy_start, c.entropy_end, exits.ENTROPY_STEEPNESS)
