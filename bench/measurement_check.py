@@ -105,7 +105,8 @@ def main() -> int:
     out = Path(a.output_dir) / "measurement_check.json"
     out.write_text(json.dumps({"device": str(model.device), "dtype": str(model.dtype), "model": model.name,
                                "order": order, "runs": str(parent),
-                               "verdict": [{"passed": ok, "check": line} for ok, line in checks]}, indent=2))
+                               "verdict": [{"passed": bool(ok), "check": line} for ok, line in checks]},
+                              indent=2, default=str))
     print(f"wrote {out} and {parent}/report")
     return 0 if passed else 1
 

@@ -18,7 +18,7 @@ from harness.report import build_table, control_notes, load_runs, markdown
 from harness.runner import rotation, run_many
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_STEPS = 12
+MAX_STEPS = 8
 
 
 def test_rotation_is_a_latin_square():
@@ -37,7 +37,7 @@ def test_rotation_is_a_latin_square():
 def multi(model, tmp_path_factory):
     """3 configurations (+ the A/A control) over 4 real GSM8K prompts, with --fixed_length and 2 repeats.
 
-    Greedy answers to the first four GSM8K questions end (blank line) after 12, 14, 6 and 4 tokens.
+    Greedy answers to the first four GSM8K questions end (blank line or EOS) after 12, 14, 6 and 4 tokens.
     """
     out = tmp_path_factory.mktemp("multi")
     run = RunConfig(dataset="gsm8k", num_samples=4, output_dir=str(out), warmup=1, repeats=2,
