@@ -73,12 +73,6 @@ def gather(obj: Any, d: Dist) -> Optional[list]:
     return out
 
 
-def layout(d: Dist) -> dict:
-    """How this job is laid out over machines (recorded in run.json)."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
-    return {"world_size": d.world, "nodes": max(1, d.world // max(local, 1)), "processes_per_node": local}
-
-
 def barrier(d: Dist) -> None:
     if d.active:
         import torch.distributed as dist

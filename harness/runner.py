@@ -204,10 +204,6 @@ class Benchmark:
         record.method_log = self.generator.log_state()
         return record
 
-    def evaluate(self, index: int) -> ExampleRecord:
-        """Time example `index` --repeats times in a row and score it (a single-configuration run)."""
-        return self.score(index, [(self.generate(index), 0) for _ in range(self.run.repeats)])
-
     def warm_up(self, index: int) -> None:
         """This configuration's own untimed warm-up on one prompt (kernels for its shapes)."""
         ids = self.prompt_ids(index)[0]
