@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # or install your own torch into .venv first (any torch>=2.4 is kept as it is).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench check clean-cache
+.PHONY: setup demo test bench check exits clean-cache
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,21 @@ bench: setup
 # Is the measurement trustworthy here? Order effect, A/A control, free's null speedup: PASS/FAIL.
 check: setup
 	$(PY) bench/measurement_check.py
+
+# The trained exits shipped for the embedded model (harness/data/exits/), from train/validation splits only,
+# seed 0: exit adapters + candidate vocabulary + self-speculative recommendation, then calibrated thresholds
+# (calm, free, dynamic max_probability) and ConsistentEE's policy on top. See README "Trained exits".
+EXITS := harness/data/exits/SmolLM2-135M-Instruct.safetensors
+EXITS_WORK := results/train
+exits: setup
+	$(PY) -m harness.train --recipe exit_adapters --exit_layers 6,8,10,12 --steps 600 --lr 2e-3 --seed 0 \
+		--seq_len 256 --eval_sequences 24 --max_docs 1000 --adapters_width 1536 --adapters_cache_sequences 320 \
+		--adapters_self_generated 16 --adapters_self_tokens 64 --log_every 100 --save_every 50 \
+		--work_dir $(EXITS_WORK)/exit_adapters --output $(EXITS)
+	$(PY) -m harness.train --recipe calibrate --exits $(EXITS) --output $(EXITS) --seed 0 \
+		--work_dir $(EXITS_WORK)/calibrate $(CALIBRATE_FLAGS)
+	$(PY) -m harness.train --recipe consistentee --exits $(EXITS) --output $(EXITS) --seed 0 --exit_layers 6,8,10,12 \
+		--work_dir $(EXITS_WORK)/consistentee $(CONSISTENTEE_FLAGS)
 
 clean-cache:
 	rm -rf $${EE_HARNESS_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/early_exit_harness}

@@ -85,6 +85,10 @@ def main() -> int:
     dist = distributed.init()  # torchrun with N processes: each takes every N-th example
     run_cfg = dataclasses.replace(run_cfg, device=distributed.device_for(run_cfg.device, dist))
     try:
+        datasets = task_list(run_cfg.dataset)
+        if len(datasets) > 1:
+            return run_tasks(run_cfg, gen_cfg, datasets, args.strategies, args.sweep, dist, args.control)
+        run_cfg = dataclasses.replace(run_cfg, dataset=datasets[0])
         if args.strategies or args.sweep:
             return run_several(run_cfg, gen_cfg, args.strategies, args.sweep, dist, args.control)
         from harness.runner import Benchmark
@@ -98,6 +102,60 @@ def main() -> int:
         distributed.finish(dist)
 
 
+ALL_TASKS = ("cnn_dm_summarization", "xsum_summarization", "human_eval", "gsm8k")
+
+
+def task_list(spec: str) -> list[str]:
+    """--dataset a,b,... or all -> task names (validated)."""
+    from harness.config import UsageError
+    from harness.tasks import get_task
+
+    names = list(ALL_TASKS) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise UsageError("--dataset is empty")
+    for n in names:
+        get_task(n)
+    return names
+
+
+def run_tasks(run_cfg: RunConfig, gen_cfg: GenerationConfig, datasets: list[str], strategies, sweep, dist,
+              control=True) -> int:
+    """Every configuration on every task, one loaded model; one folder per task under one parent, one report.
+
+    Each task keeps its own prompts, stop strings, metric and default max_steps. A single
+    --generation_strategy is run beside the autoregressive baseline of each task.
+    """
+    from pathlib import Path
+
+    from harness.config import UsageError, for_strategy
+    from harness.logs import new_run_dir
+    from harness.model import load_model
+    from harness.runner import broadcast, expand_strategies, expand_sweep, run_many
+
+    if run_cfg.data_path:
+        raise UsageError("--data_path names one file: use it with a single --dataset")
+    if strategies and sweep:
+        raise UsageError("use either --strategies or --sweep, not both")
+    model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype, run_cfg.device_map, run_cfg.exits)
+    if strategies:
+        configs = expand_strategies(strategies, gen_cfg, model.num_layers, model.exits)
+    elif sweep:
+        configs = expand_sweep(sweep, gen_cfg)
+    else:
+        configs = [for_strategy(gen_cfg, "autoregressive")]
+        if gen_cfg.generation_strategy != "autoregressive" or gen_cfg.exit_layer is not None:
+            configs.append(gen_cfg)
+    parent = Path(broadcast(str(new_run_dir(run_cfg.output_dir, "tasks")) if dist.rank == 0 else None, dist))
+    ok = True
+    for name in datasets:
+        task_cfg = dataclasses.replace(run_cfg, dataset=name, output_dir=str(parent))
+        _, summaries = run_many(task_cfg, configs, model=model, dist=dist, control=control and len(configs) > 1)
+        ok = ok and all(s.status == "complete" for s in summaries)
+    if dist.rank == 0:
+        report(parent)
+    return 0 if ok else 1
+
+
 def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep, dist, control=True) -> int:
     from harness.config import UsageError
     from harness.model import load_model
@@ -107,8 +165,9 @@ def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep
         raise UsageError("use either --strategies or --sweep, not both")
     if sweep and gen_cfg.generation_strategy == "autoregressive" and not gen_cfg.criteria:
         raise UsageError("--sweep needs --generation_strategy (the method whose knobs are swept)")
-    model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype, run_cfg.device_map)
-    configs = expand_strategies(strategies, gen_cfg, model.num_layers) if strategies else expand_sweep(sweep, gen_cfg)
+    model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype, run_cfg.device_map, run_cfg.exits)
+    configs = (expand_strategies(strategies, gen_cfg, model.num_layers, model.exits) if strategies
+               else expand_sweep(sweep, gen_cfg))
     parent, summaries = run_many(run_cfg, configs, model=model, dist=dist, control=control)
     if dist.rank == 0:
         report(parent)

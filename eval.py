@@ -47,6 +47,10 @@ def build_parser() -> Parser:
     p.add_argument("--confirm_run_unsafe_code", action="store_true",
                    help="allow tasks that execute generated code (humaneval) (default: off)")
     p.add_argument("--seed", type=int, default=0, help="lm-eval's random seeds (default: %(default)s)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also run the autoregressive baseline and an A/A control on every request (rotated order) and "
+                        "write comparison.json: paired decode speedup and each metric's delta from the baseline "
+                        "(same as baseline=true in --model_args) (default: off)")
     add_dataclass_args(p, GenerationConfig, "generation flags (as benchmark.py; merged into --model_args)",
                        skip=("seed",))
     return p
@@ -63,11 +67,26 @@ def model_args_from(args: argparse.Namespace) -> dict:
               if f.name != "seed" and getattr(args, f.name) != f.default}
     if args.model is not None:
         direct["model"] = args.model
+    if args.baseline:
+        direct["baseline"] = True
     for k, v in direct.items():
         if k in merged and str(merged[k]) != str(v):
             raise UsageError(f"{k} given twice with different values: --{k} {v} and --model_args {k}={merged[k]}")
         merged[k] = v
     return merged
+
+
+def metric_deltas(method: dict, base: dict) -> dict:
+    """Per task and metric: method, baseline and method - baseline (stderr entries skipped)."""
+    out = {}
+    for task, vals in method.items():
+        for k, v in vals.items():
+            b = base.get(task, {}).get(k)
+            if "stderr" in k or not isinstance(v, (int, float)) or not isinstance(b, (int, float)) \
+                    or isinstance(v, bool):
+                continue
+            out.setdefault(task, {})[k] = {"method": v, "baseline": b, "delta": v - b}
+    return out
 
 
 def _jsonable(obj):
@@ -97,11 +116,15 @@ def main() -> int:
     if "humaneval" in tasks and not args.confirm_run_unsafe_code:
         raise UsageError("humaneval executes generated code; pass --confirm_run_unsafe_code to allow it")
     lm = EarlyExitLM(**model_args_from(args))
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
-                                      task_manager=manager, log_samples=args.log_samples,
-                                      confirm_run_unsafe_code=args.confirm_run_unsafe_code,
-                                      random_seed=args.seed, numpy_random_seed=args.seed,
-                                      torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+
+    def evaluate(model):
+        return lm_eval.simple_evaluate(model=model, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                                       task_manager=manager, log_samples=args.log_samples,
+                                       confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+                                       random_seed=args.seed, numpy_random_seed=args.seed,
+                                       torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+
+    results = evaluate(lm)
     out = Path(args.output_path) / (datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "_" + "_".join(tasks))
     out.mkdir(parents=True, exist_ok=False)
     samples = results.pop("samples", None)
@@ -110,6 +133,18 @@ def main() -> int:
         (out / "samples.json").write_text(json.dumps(_jsonable(samples), indent=2) + "\n")
     speed = lm.speed_summary()
     (out / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
+    if lm.baseline:  # lm-eval scores the baseline's outputs (recorded on the same requests, replayed)
+        from harness.lm_eval_model import BaselineReplay
+
+        base = evaluate(BaselineReplay(lm))
+        base.pop("samples", None)
+        (out / "results_baseline.json").write_text(json.dumps(_jsonable(base), indent=2) + "\n")
+        comparison = {"speed": {k: speed.get(k) for k in ("decode_speedup", "decode_speedup_iqr",
+                                                          "control_decode_speedup", "control_decode_speedup_iqr",
+                                                          "paired_requests", "speedup_definition")},
+                      "deltas": metric_deltas(results["results"], base["results"])}
+        (out / "comparison.json").write_text(json.dumps(_jsonable(comparison), indent=2) + "\n")
+        print(f"vs autoregressive baseline: {json.dumps(comparison)}")
     print(make_table(results))
     print(f"speed: {json.dumps({k: speed[k] for k in ('strategy', 'tokens_per_second_median', 'avg_exit_layer', 'acceptance_rate')})}")
     print(f"written to {out}")

@@ -25,6 +25,8 @@ def build_parser() -> Parser:
     g.add_argument("--model", default=None, help="as in benchmark.py; omitted = embedded SmolLM2-135M-Instruct (default: %(default)s)")
     g.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
     g.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: %(default)s)")
+    g.add_argument("--exits", default="auto", help="trained exits: auto (shipped for this model), none, or an exit "
+                   "artifact path (default: %(default)s)")
     g.add_argument("--chat_template", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the tokenizer's chat template when it has one (default: %(default)s)")
     add_dataclass_args(p, GenerationConfig, "generation (strategy and its knobs)")
@@ -42,7 +44,7 @@ def main() -> int:
 
     gen_cfg = from_args(GenerationConfig, args)
     gen_cfg = dataclasses.replace(gen_cfg, max_steps=gen_cfg.max_steps or DEFAULT_MAX_STEPS)
-    model = load_model(args.model, args.device, args.dtype, getattr(args, "device_map", None))
+    model = load_model(args.model, args.device, args.dtype, getattr(args, "device_map", None), args.exits)
     generator = build_generator(model, gen_cfg)
 
     def once(text: str) -> None:

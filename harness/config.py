@@ -20,11 +20,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 CRITERIA = ("cosine_similarity", "token_repeat", "entropy_based", "max_probability", "convergence")
-CONFIDENCES = ("softmax", "max_prob", "hidden_state", "contrastive", "jsd_contrastive")
+CONFIDENCES = ("softmax", "max_prob", "hidden_state", "contrastive", "jsd_contrastive", "classifier")
 VOCAB_REDUCTIONS = ("none", "fixed", "decaying", "adaptive")
 CONTRASTIVE = ("contrastive", "jsd_contrastive")
 
-SS, CALM, FREE, DYN = ("self_speculative",), ("calm",), ("free",), ("dynamic",)
+SS, CALM, FREE, DYN = ("self_speculative", "hybrid_speculative"), ("calm",), ("free",), ("dynamic",)
 LAYERWISE = ("calm", "free", "dynamic")
 
 
@@ -47,8 +47,22 @@ class GenerationConfig:
         "With dynamic: the deepest exit (the fork's loop over layers[:exit_layer])",
     )
     num_speculations: Optional[int] = _m(
-        None, "self_speculative: tokens drafted per step, >= 1; omitted = 6 (LayerSkip's num_speculations). "
+        None, "self_speculative: tokens drafted per step, >= 1; omitted = the attached exit artifact's recommendation, "
+        "else 6 (LayerSkip's num_speculations). "
         "hf_prompt_lookup: transformers' prompt_lookup_num_tokens; omitted = 10", SS + ("hf_prompt_lookup",))
+    draft_vocab: Optional[int] = _m(
+        None, "self_speculative: draft with the exit head on this many candidate rows: 0 = the full vocabulary, N = "
+        "the attached exit artifact's candidate vocabulary (its size N); omitted = the artifact's recommendation, "
+        "else 0. Verification always uses the full head, so greedy output is unchanged", SS)
+    draft_threshold: Optional[float] = _m(
+        None, "self_speculative: stop drafting at the first draft whose top-1 probability is below this (adaptive "
+        "draft length, Kangaroo arXiv 2404.18911); 0 = always draft num_speculations; omitted = the artifact's "
+        "recommendation, else 0", SS)
+    lookup_ngram: int = _m(
+        3, "hybrid_speculative: longest n-gram matched against the prompt and the text so far (prompt lookup "
+        "decoding); a match proposes the tokens that followed it, else the early exit drafts", ("hybrid_speculative",))
+    lookup_tokens: int = _m(10, "hybrid_speculative: most tokens proposed by one prompt-lookup match (transformers' "
+                                "prompt_lookup_num_tokens default)", ("hybrid_speculative",))
     sample: bool = _f(False, "sample instead of greedy decoding (self_speculative: exact speculative sampling)")
     temperature: float = _f(1.0, "sampling temperature (with --sample)")
     top_p: float = _f(1.0, "nucleus sampling mass, 1.0 = off (with --sample)")
@@ -64,12 +78,15 @@ class GenerationConfig:
         "hidden_state = cosine of consecutive layers' states (CALM's state saturation; calm only), contrastive | "
         "jsd_contrastive = top-1 minus top-2 of the contrastive distribution against the amateur layer i//2 | "
         "the layer of largest JSD/(i-l) in 2..i-1 (Confidently_Exiting util/skip_conf.py 124-135 | 159-170). With "
-        "dynamic, contrastive* replaces the softmax that max_probability, entropy_based and convergence read",
+        "dynamic, contrastive* replaces the softmax that max_probability, entropy_based and convergence read. "
+        "classifier = sigmoid of CALM's trained early-exit classifier on the layer's hidden state (calm only; needs "
+        "an exit artifact from `python -m harness.train --recipe calm`; depths without a classifier never exit)",
         LAYERWISE, choices=CONFIDENCES,
-        when=(lambda c: c.generation_strategy != "dynamic" or (c.confidence in CONTRASTIVE and c.criteria in (
-            "max_probability", "entropy_based", "convergence")),
+        when=(lambda c: (c.confidence != "classifier" or c.generation_strategy == "calm") and (
+            c.generation_strategy != "dynamic" or (c.confidence in CONTRASTIVE and c.criteria in (
+                "max_probability", "entropy_based", "convergence"))),
             ("with dynamic only as contrastive or jsd_contrastive, and only for max_probability, entropy_based or "
-             "convergence")))
+             "convergence; as classifier only with calm")))
     threshold: Optional[float] = _m(
         None, "calm/free: exit when confidence > threshold (FREE util/skip_conf.py 76); omitted = 0.9 (our "
         "default; a value >= 1 never exits)", CALM + FREE)
@@ -81,6 +98,10 @@ class GenerationConfig:
         "Schuster et al. 2022), free_code = lambda*exp(-tau*t/N)/10 + 9*lambda/10 (FREE's CALM code, "
         "util/skip_conf.py 58-63)", CALM, choices=("calm_paper", "free_code"),
         when=(lambda c: c.threshold_decay is not None, "with --threshold_decay"))
+    policy_threshold: float = _m(
+        0.5, "policy: exit at a layer that has a ConsistentEE policy network when its exit probability pi(h) > this "
+        "(greedy policy; the reference code exits when pi > 0.5); 1.0 never exits, 0.0 exits at the first policy "
+        "layer", ("policy",))
     min_exit_layer: Optional[int] = _m(
         None, "calm/dynamic: first layer whose exit may be taken, 1..L-1; omitted = 1 (FREE's CALM code checks "
         "from the first layer; contrastive needs >= 2, jsd_contrastive >= 3, dynamic cosine_similarity starts "
@@ -139,8 +160,9 @@ class GenerationConfig:
         "decaying = the top k_i of them with that k at each layer i, adaptive = the top V*(1 - 0.9*confidence of "
         "the previous layer) (Confidently_Exiting models/deploying_t5.py ~751-752, ~1008-1066)", CALM + DYN,
         choices=VOCAB_REDUCTIONS,
-        when=(lambda c: c.confidence != "hidden_state" and c.criteria != "cosine_similarity",
-              "where exits read the exit head (not with --confidence hidden_state or --criteria cosine_similarity)"))
+        when=(lambda c: c.confidence not in ("hidden_state", "classifier") and c.criteria != "cosine_similarity",
+              "where exits read the exit head (not with --confidence hidden_state or classifier, or --criteria "
+              "cosine_similarity)"))
     vocab_k: int = _m(35000, "--vocab_reduction fixed/decaying: k_max of that schedule (fork's maximum_k_size)",
                       CALM + DYN, when=(lambda c: c.vocab_reduction in ("fixed", "decaying"),
                                         "with --vocab_reduction fixed or decaying"))
@@ -196,7 +218,9 @@ class RunConfig:
         "model: omitted = embedded SmolLM2-135M-Instruct; or a local transformers directory, a .gguf file, "
         "or a hub id (needs network)",
     )
-    dataset: str = _f("cnn_dm_summarization", "task (see the list below)")
+    dataset: str = _f("cnn_dm_summarization", "task (see the list below); several as a comma-separated list, or all "
+                      "(cnn_dm_summarization, xsum_summarization, human_eval, gsm8k): every configuration runs on "
+                      "every task with one loaded model, each task with its own prompts, stops and metric")
     data_path: Optional[str] = _f(None, "evaluate on this JSONL(.gz) file (same field names as the task) instead of the bundled one")
     data_source: str = _f("bundled", "bundled = files shipped in harness/data; hf = load through `datasets` (needs network)",
                           choices=("bundled", "hf"))
@@ -231,6 +255,10 @@ class RunConfig:
     max_prompt_tokens: Optional[int] = _f(
         None, "truncate prompts from the left to this many tokens (default: the model's context minus max_steps)"
     )
+    exits: str = _f(
+        "auto", "trained exits (adapters, candidate vocabulary, recommended and calibrated knobs from "
+        "`python -m harness.train`): auto = the artifact shipped for this model if there is one, none = untrained "
+        "exits, or the path of an exit artifact (refused if made for another model)")
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple = ()) -> None:
@@ -301,7 +329,7 @@ def for_strategy(base: GenerationConfig, strategy: str, **overrides: Any) -> Gen
         methods = f.metadata.get("methods")
         if f.name in GENERIC_KNOBS or (methods and strategy in methods):
             kw[f.name] = getattr(base, f.name)
-    if strategy in ("self_speculative", "hf_assistant_early_exit"):  # their exit_layer is the draft depth
+    if strategy in ("self_speculative", "hybrid_speculative", "hf_assistant_early_exit"):  # exit_layer = draft depth
         kw["exit_layer"] = base.exit_layer
     kw.update(overrides)
     kw["generation_strategy"] = strategy

@@ -9,6 +9,12 @@ and any generation knob of harness.config.GenerationConfig. `generate_until` run
 generator and records speed statistics (`speed_summary()`); `loglikelihood` and `loglikelihood_rolling`
 run the full model (or, with loglikelihood_exit_layer=E, the first E layers and the exit head): they
 get no speedup from early-exit generation.
+
+`baseline=true` also runs the autoregressive baseline and an A/A control (a second copy of it) on every
+generate_until request, the three in an order rotated per request (first request: an untimed warm-up of each).
+`speed_summary()` then holds the paired decode speedup (median of per-request ratios of decode time per token,
+with IQR, and the control's), and `BaselineReplay(lm)` replays the baseline's outputs so lm-eval can score them
+(eval.py --baseline writes the metric deltas).
 """
 from __future__ import annotations
 
@@ -29,13 +35,13 @@ from .model import load_model
 from .runner import cut_at_stop
 
 
-
 @register_model("early_exit")
 class EarlyExitLM(TemplateLM):
     """An lm-eval LM whose generation is any harness generator (early exit, self-speculation, ...)."""
 
     def __init__(self, model: Optional[str] = None, pretrained: Optional[str] = None, device: str = "auto",
-                 dtype: str = "auto", device_map: Optional[str] = None, loglikelihood_exit_layer: Optional[int] = None,
+                 dtype: str = "auto", device_map: Optional[str] = None, exits: str = "auto", baseline: Any = False,
+                 loglikelihood_exit_layer: Optional[int] = None,
                  max_length: Optional[int] = None, batch_size: Any = 1, max_batch_size: Any = None,
                  **knobs: Any):
         super().__init__()
@@ -45,10 +51,17 @@ class EarlyExitLM(TemplateLM):
             # the lm_eval CLI passes --device cuda:0 by default; fall back as lm-eval's hf model does
             print(f"early_exit: {device} unavailable, using cpu", file=sys.stderr)
             device = "cpu"
-        self.lm = load_model(model or pretrained, device, dtype, device_map)
+        self.lm = load_model(model or pretrained, device, dtype, device_map, exits)
         typed = {k: parse_value(k, str(v)) if isinstance(v, str) else v for k, v in knobs.items()}
         self.gen_config = GenerationConfig(**typed)
         self.generator = build_generator(self.lm, self.gen_config)  # validates the knobs now
+        self.baseline = parse_value("baseline", str(baseline)) if isinstance(baseline, str) else bool(baseline)
+        self.baseline_outputs: dict[str, str] = {}
+        if self.baseline:
+            from .config import for_strategy
+
+            base_cfg = for_strategy(self.gen_config, "autoregressive")
+            self.reference = [build_generator(self.lm, base_cfg), build_generator(self.lm, base_cfg)]
         L = self.lm.num_layers
         if loglikelihood_exit_layer is not None and not 1 <= int(loglikelihood_exit_layer) <= L:
             raise UsageError(f"loglikelihood_exit_layer {loglikelihood_exit_layer} is outside 1..{L}")
@@ -113,13 +126,28 @@ class EarlyExitLM(TemplateLM):
             if self.gen_config.max_steps:  # max_steps=N in --model_args caps every task's max_gen_toks
                 max_new = min(max_new, self.gen_config.max_steps)
             ids = self.tok_encode(context)[-(self._max_length - max_new):]
-            res = self.generator.generate(ids, StopCondition(self.lm, max_new, until))
+            stop = StopCondition(self.lm, max_new, until)
+            timed = {}
+            if self.baseline:  # method, baseline, control in a rotated order; warm each up on the first request
+                gens = [("method", self.generator), ("baseline", self.reference[0]), ("control", self.reference[1])]
+                if not self.records:
+                    for _, g in gens:
+                        g.generate(ids, StopCondition(self.lm, min(max_new, 4), until))
+                r = len(self.records) % len(gens)
+                for name, g in gens[r:] + gens[:r]:
+                    timed[name] = g.generate(ids, stop)
+                res = timed["method"]
+                self.baseline_outputs[replay_key(context, gen_kwargs)] = cut_at_stop(
+                    self.lm.decode(timed["baseline"].tokens), tuple(until))
+            else:
+                res = self.generator.generate(ids, stop)
             text = cut_at_stop(self.lm.decode(res.tokens), tuple(until))
             out.append(text)
             total = res.prefill_seconds + res.decode_seconds
             self.records.append({"new_tokens": len(res.tokens), "seconds": total,
                                  "tokens_per_second": len(res.tokens) / total if total > 0 else None,
-                                 "exit_layers": res.exit_layers, "drafted": res.drafted, "accepted": res.accepted})
+                                 "exit_layers": res.exit_layers, "drafted": res.drafted, "accepted": res.accepted,
+                                 **{f"{k}_decode_time_per_token": per_token(v) for k, v in timed.items()}})
         return out
 
     # -- speed statistics ---------------------------------------------------------------------------
@@ -134,7 +162,78 @@ class EarlyExitLM(TemplateLM):
                 "tokens_per_second_median": statistics.median(tps) if tps else None,
                 "avg_exit_layer": statistics.fmean(exits) if exits else None,
                 "acceptance_rate": sum(x["accepted"] or 0 for x in r) / drafted if drafted else None,
-                "loglikelihood_depth": self.ll_depth}
+                "loglikelihood_depth": self.ll_depth, **self.paired_speed()}
+
+    def paired_speed(self) -> dict:
+        """With baseline=true: the method's and the A/A control's decode speedup over the baseline, per request."""
+        if not self.baseline:
+            return {}
+        import numpy as np
+
+        out = {}
+        for name in ("method", "control"):
+            pairs = [(x["baseline_decode_time_per_token"], x[f"{name}_decode_time_per_token"]) for x in self.records
+                     if x.get("baseline_decode_time_per_token") and x.get(f"{name}_decode_time_per_token")]
+            ratio = np.array([b / m for b, m in pairs])
+            key = "decode_speedup" if name == "method" else "control_decode_speedup"
+            out[key] = float(np.median(ratio)) if len(ratio) else None
+            out[f"{key}_iqr"] = [float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75))] if len(ratio) \
+                else None
+        out["paired_requests"] = sum(1 for x in self.records if x.get("baseline_decode_time_per_token"))
+        out["speedup_definition"] = ("median over generate_until requests of baseline decode s/token / method decode "
+                                     "s/token, all three (method, baseline, control) run on every request in a "
+                                     "rotated order")
+        return out
+
+
+def per_token(res) -> Optional[float]:
+    """Decode seconds per decoded token (the first token belongs to prefill), as the harness reports."""
+    n = len(res.tokens) - 1
+    return res.decode_seconds / n if n > 0 else None
+
+
+def replay_key(context: str, gen_kwargs) -> str:
+    import json
+
+    return json.dumps([context, gen_kwargs], sort_keys=True, default=str)
+
+
+class BaselineReplay(TemplateLM):
+    """The baseline's outputs recorded by an EarlyExitLM with baseline=true, replayed for lm-eval to score."""
+
+    def __init__(self, lm: EarlyExitLM):
+        super().__init__()
+        self.inner = lm
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.inner.eot_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.inner.prefix_token_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.inner.tokenizer_name
+
+    def tok_encode(self, string: str, **kwargs) -> list[int]:
+        return self.inner.tok_encode(string, **kwargs)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        return self.inner._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, **kwargs)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self.inner.loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for context, gen_kwargs in [r.args for r in requests]:
+            key = replay_key(context, gen_kwargs)
+            if key not in self.inner.baseline_outputs:
+                raise UsageError("baseline replay: a request the method run did not see (same tasks and limit?)")
+            out.append(self.inner.baseline_outputs[key])
+        return out
 
 
 def lm_eval_cli() -> None:

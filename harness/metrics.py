@@ -78,6 +78,39 @@ def humaneval_program(completion: str, example: Example) -> str:
             f"check({example.meta['entry_point']})\n")
 
 
+def extract_code(answer: str, entry_point: str) -> Optional[str]:
+    """The markdown code block of a chat answer that defines `entry_point` (else the first block), or None."""
+    import re
+
+    blocks = re.findall(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:\n```|$)", answer, flags=re.S)
+    if not blocks:
+        return None
+    return next((b for b in blocks if re.search(rf"def\s+{re.escape(entry_point)}\s*\(", b)), blocks[0])
+
+
+def humaneval_chat_program(answer: str, example: Example) -> str:
+    """What HumanEval runs for a chat answer: the prompt's imports + the extracted block defining the entry point
+    (or, without one, prompt + block as a completion) + tests + check(entry_point)."""
+    import re
+
+    entry = example.meta["entry_point"]
+    code = extract_code(answer, entry)
+    if code is None:
+        return humaneval_program(answer, example)
+    if not re.search(rf"def\s+{re.escape(entry)}\s*\(", code):
+        return humaneval_program(code, example)
+    imports = "\n".join(line for line in example.prompt.splitlines() if line.startswith(("import ", "from ")))
+    return f"{imports}\n{code}\n\n{example.meta['test']}\n\ncheck({entry})\n"
+
+
+def pass_at_1_chat(prediction: str, example: Example, timeout: float = 10.0) -> dict:
+    """pass@1 of a chat answer: its code block is extracted first (so the metric measures the model's code, not
+    its markdown habit)."""
+    res = run_program(humaneval_chat_program(prediction, example), timeout=timeout)
+    return {"pass_at_1": float(res.passed), "execution": res.status, "execution_detail": res.detail,
+            "code_block": extract_code(prediction, example.meta["entry_point"]) is not None}
+
+
 def pass_at_1(prediction: str, example: Example, timeout: float = 10.0) -> dict:
     """1.0 when the completed function passes the problem's tests in the sandbox (one sample = pass@1)."""
     res = run_program(humaneval_program(prediction, example), timeout=timeout)
@@ -89,6 +122,7 @@ METRICS: dict[str, Callable[[str, Example], dict]] = {
     "rouge_layerskip": rouge_layerskip,
     "gsm8k_exact_match": gsm8k_exact_match,
     "pass_at_1": pass_at_1,
+    "pass_at_1_chat": pass_at_1_chat,
 }
 
 # Which keys of a metric's output are scores to average in summaries (others are diagnostics).

@@ -212,8 +212,12 @@ def parse_device_map(spec: Optional[str]):
 
 
 def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "auto",
-               device_map: Optional[str] = None) -> "LayeredModel":
-    """Load any supported --model value onto a device/dtype (or spread by --device_map) as a LayeredModel."""
+               device_map: Optional[str] = None, exits: Optional[str] = "none") -> "LayeredModel":
+    """Load any supported --model value onto a device/dtype (or spread by --device_map) as a LayeredModel.
+
+    `exits`: trained exits to attach (harness.trained_exits.attach): none, auto (the shipped artifact for this
+    model, if any) or a path.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -243,6 +247,9 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
     hf.eval()
     model = LayeredModel(hf, tok, name=name)
     model.checkpoint = checkpoint_fingerprint(where, local)
+    from .trained_exits import attach
+
+    attach(model, exits)
     model.load_seconds = time.perf_counter() - t0
     return model
 
@@ -293,6 +300,7 @@ class Counters:
     kv_fill_tokens: int = 0  # K/V of one layer computed for one position by state copying (no attention/MLP)
     head_rows: int = 0  # vocabulary rows of the exit head evaluated, summed over positions
     head_calls: int = 0  # exit-head evaluations (positions), full or reduced vocabulary
+    adapter_flops: int = 0  # FLOPs of trained exit adapters applied before the exit head
 
 
 class LayeredModel:
@@ -334,6 +342,13 @@ class LayeredModel:
                              "load the model with attn_implementation='sdpa'")
         self.window = sliding_window(cfg)  # sequences are capped at it, so full attention == windowed attention
         self.max_context = min(getattr(cfg, "max_position_embeddings", None) or 4096, self.window or 1 << 62)
+        self.exits = None  # trained exits (harness.trained_exits.ExitArtifact), attached by set_exits
+        self.adapters: dict = {}  # exit layer -> ExitAdapter module applied before the shared head
+
+    def set_exits(self, artifact) -> None:
+        """Attach trained exits (or None): their adapters apply whenever an exit at their layer is read."""
+        self.exits = artifact
+        self.adapters = artifact.modules(self) if artifact is not None else {}
 
     # -- cache -----------------------------------------------------------------
     def new_cache(self):
@@ -449,9 +464,22 @@ class LayeredModel:
         """The final norm (shared by every exit)."""
         return self._norm(h)
 
-    def exit_logits(self, h: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Exit head on any layer's hidden state: final norm + lm_head, optionally on a subset of vocab rows."""
-        n = self._norm(h)
+    def adapt(self, h: torch.Tensor, layer: Optional[int]) -> torch.Tensor:
+        """The hidden state an exit after `layer` layers reads: through its trained adapter if it has one."""
+        adapter = self.adapters.get(layer) if layer is not None and layer < self.num_layers else None
+        if adapter is None:
+            return h
+        self.counters.adapter_flops += adapter.flops() * h.shape[0] * h.shape[1]
+        return adapter(h)
+
+    def exit_logits(self, h: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                    layer: Optional[int] = None) -> torch.Tensor:
+        """Exit head on any layer's hidden state: final norm + lm_head, optionally on a subset of vocab rows.
+
+        `layer` (layers run before this exit) applies that exit's trained adapter, if one is attached; the last
+        layer's exit never has one.
+        """
+        n = self._norm(self.adapt(h, layer))
         positions = h.shape[0] * h.shape[1]
         if rows is None:
             self.counters.head_rows += positions * self.vocab_size
@@ -506,6 +534,7 @@ class LayeredModel:
                 "parameters": sum(p.numel() for p in self.hf.parameters()),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "checkpoint": self.checkpoint, "sliding_window": self.window,
+                "exits": self.exits.describe() if self.exits is not None else None,
                 "device_map": self.device_map_summary()}
 
     def device_map_summary(self) -> Optional[dict]:

@@ -151,10 +151,11 @@ def _per_example(run: dict) -> pd.DataFrame:
     for e in run["examples"]:
         row = {"id": str(e["id"]), "prompt_sha256": e.get("prompt_sha256"),
                "decode_time_per_token": e.get("decode_time_per_token"), "prefill_seconds": e.get("prefill_seconds"),
-               "e2e_tokens_per_second": e.get("e2e_tokens_per_second")}
+               "e2e_tokens_per_second": e.get("e2e_tokens_per_second"), "total_seconds": e.get("total_seconds")}
         row.update({k: e["metrics"].get(k) for k in QUALITY})
         rows.append(row)
-    cols = ["id", "prompt_sha256", "decode_time_per_token", "prefill_seconds", "e2e_tokens_per_second", *QUALITY]
+    cols = ["id", "prompt_sha256", "decode_time_per_token", "prefill_seconds", "e2e_tokens_per_second",
+            "total_seconds", *QUALITY]
     return pd.DataFrame(rows, columns=cols).drop_duplicates("id")
 
 
@@ -201,15 +202,20 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
         }
         for k in QUALITY:
             row[k] = float(ex[k].dropna().mean()) if ex[k].notna().any() else math.nan
+            row[f"{k}_q25"], row[f"{k}_q75"] = _quantile(ex[k], 0.25), _quantile(ex[k], 0.75)
         base, why = _baseline_for(run, runs) if not _is_baseline(info) else (run, None)
         if base is None:
-            row.update(baseline=why, n_paired=0, **speedup_stats(np.array([])))
+            row.update(baseline=why, n_paired=0, latency_ratio=math.nan, **speedup_stats(np.array([])))
             row.update({f"delta_{k}": math.nan for k in QUALITY})
         else:
             paired = ex.merge(_per_example(base), on=["id", "prompt_sha256"], suffixes=("", "_base"))
             ratio = (pd.to_numeric(paired["decode_time_per_token_base"]) /
                      pd.to_numeric(paired["decode_time_per_token"])).dropna().to_numpy()
             row.update(baseline=base["run"]["run_id"], n_paired=len(ratio), **speedup_stats(ratio))
+            # dataset level: total time (prefill + decode) of the method / of the baseline over the paired examples
+            tot = paired[["total_seconds", "total_seconds_base"]].apply(pd.to_numeric, errors="coerce").dropna()
+            row["latency_ratio"] = float(tot["total_seconds"].sum() / tot["total_seconds_base"].sum()) \
+                if len(tot) and tot["total_seconds_base"].sum() > 0 else math.nan
             for k in QUALITY:
                 d = (paired[k] - paired[f"{k}_base"]).dropna()
                 row[f"delta_{k}"] = float(d.mean()) if len(d) else math.nan
@@ -266,9 +272,31 @@ def _spread_cell(r) -> str:
             f"(n too small for a CI)")
 
 
+def across_tasks(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method (rows) and task (columns): decode speedup and the delta of the task's main quality metric."""
+    cells: dict = {}
+    for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
+        q = primary_quality(g)
+        for _, r in g.iterrows():
+            baseline = r["strategy"] == "autoregressive" and not bool(r["control"]) and \
+                json.loads(r["knobs"] or "{}").get("exit_layer") is None
+            if pd.isna(r["decode_speedup"]) or baseline:
+                continue
+            delta = f", {_fmt(r[f'delta_{q}'], '+.3f')} {q}" if q else ""
+            cells.setdefault((model, r["method"]), {})[dataset] = f"{r['decode_speedup']:.2f}x{delta}"
+    rows = [{"model": m, "method": meth, **v} for (m, meth), v in cells.items()]
+    return pd.DataFrame(rows).fillna("-") if rows else pd.DataFrame()
+
+
 def markdown(df: pd.DataFrame) -> str:
-    """Compact Markdown tables, one per (model, dataset), each followed by its A/A control note."""
+    """Compact Markdown tables, one per (model, dataset), each followed by its A/A control note; with several
+    tasks, a summary table first (per method: speedup and quality delta on each task)."""
     out = []
+    if df["dataset"].nunique() > 1:
+        s = across_tasks(df)
+        if not s.empty:
+            out.append("### Summary across tasks (decode speedup, delta of the task's main metric)\n\n"
+                       + s.to_markdown(index=False))
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         q = primary_quality(g)
         t = pd.DataFrame({
@@ -278,6 +306,7 @@ def markdown(df: pd.DataFrame) -> str:
                 zip(g["decode_ms_per_token_median"], g["decode_ms_per_token_q25"], g["decode_ms_per_token_q75"])],
             "decode speedup (median of per-example ratios [IQR])": [_speedup_cell(r) for _, r in g.iterrows()],
             "spread": [_spread_cell(r) for _, r in g.iterrows()],
+            "total time / baseline's (all examples)": g["latency_ratio"].map(lambda v: _fmt(v, ".3f")),
             "prefill s (median)": g["prefill_seconds_median"].map(lambda v: _fmt(v, ".3f")),
             "end-to-end tok/s (median)": g["e2e_tokens_per_second_median"].map(lambda v: _fmt(v, ".2f")),
             "avg exit (decoded)": g["avg_exit_layer"].map(lambda v: _fmt(v, ".1f")),
@@ -320,8 +349,40 @@ def _pareto(points: list[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
+FAMILIES = {  # strategy -> (family shown in the plot, colour)
+    "autoregressive": ("autoregressive / static exit", "tab:gray"),
+    "self_speculative": ("speculative (lossless)", "tab:blue"), "hybrid_speculative": ("speculative (lossless)", "tab:blue"),
+    "calm": ("per-token early exit", "tab:orange"), "free": ("per-token early exit", "tab:orange"),
+    "dynamic": ("per-token early exit", "tab:orange"), "policy": ("per-token early exit", "tab:orange"),
+    "hf_generate": ("transformers peers", "tab:green"), "hf_prompt_lookup": ("transformers peers", "tab:green"),
+    "hf_assistant_early_exit": ("transformers peers", "tab:green"),
+}
+SHORT = {"autoregressive": "AR", "self_speculative": "SS", "hybrid_speculative": "hybrid", "calm": "CALM",
+         "free": "FREE", "dynamic": "dyn", "policy": "policy", "hf_generate": "hf", "hf_prompt_lookup": "hf lookup",
+         "hf_assistant_early_exit": "hf AEE"}
+
+
+def short_label(strategy: str, knobs: dict) -> str:
+    """Method + its key knob, short enough to sit beside a point."""
+    k = knobs or {}
+    parts = [SHORT.get(strategy, strategy)]
+    if k.get("exit_layer") is not None:
+        parts.append(f"E{k['exit_layer']}")
+    if strategy in ("self_speculative", "hybrid_speculative") and k.get("num_speculations"):
+        parts.append(f"k{k['num_speculations']}")
+    if k.get("criteria"):
+        parts.append({"cosine_similarity": "cos", "token_repeat": "repeat", "entropy_based": "entropy",
+                      "max_probability": "maxprob", "convergence": "conv"}.get(k["criteria"], k["criteria"]))
+    if strategy in ("calm", "free") and k.get("threshold") is not None:
+        parts.append(f"t{k['threshold']:g}")
+    if k.get("shallow_exit_layer") is not None:
+        parts.append(f"S{k['shallow_exit_layer']}")
+    return " ".join(parts)
+
+
 def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
-    """Quality vs decode speedup per (model, dataset), with IQR bars and the A/A control's noise band."""
+    """Quality vs decode speedup per (model, dataset): IQR bars on both axes, the A/A control's noise band,
+    short labels beside the points, colour by method family (a small family key, not a key per method)."""
     plt = _pyplot()
 
     files = []
@@ -333,29 +394,31 @@ def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
         use_speedup = g["decode_speedup"].notna().all()
         xs = (g["decode_speedup"] if use_speedup else 1e3 / g["decode_ms_per_token_median"]).tolist()
         ys = g[q].tolist()
-        fig, ax = plt.subplots(figsize=(11, 5.5))
-        fig.subplots_adjust(left=0.08, right=0.52, bottom=0.1)
+        fig, ax = plt.subplots(figsize=(8, 5.5))
         ctl = df[(df["model"] == model) & (df["dataset"] == dataset) & df["control"]]["decode_speedup"].dropna()
         if use_speedup and len(ctl):
             dev = max(abs(float(ctl.iloc[0]) - 1.0), 0.005)
             ax.axvspan(1 - dev, 1 + dev, color="0.85", zorder=0, label="A/A control noise band")
-        if use_speedup:
-            ax.errorbar(xs, ys, xerr=[(g["decode_speedup"] - g["decode_speedup_q25"]).tolist(),
-                                      (g["decode_speedup_q75"] - g["decode_speedup"]).tolist()],
-                        fmt="none", ecolor="0.5", lw=1, zorder=2)
-        ax.scatter(xs, ys, zorder=3)
-        for i, (x, y) in enumerate(zip(xs, ys), 1):  # numbers on the plot, names in the key beside it
-            ax.annotate(str(i), (x, y), fontsize=9, xytext=(4, 4), textcoords="offset points")
-        key = "\n".join(textwrap.fill(f"{i}. {m}", 60, subsequent_indent="    ")
-                        for i, m in enumerate(g["method"], 1))
-        fig.text(0.54, 0.95, key, fontsize=7.5, va="top", family="monospace")
+        yerr = [(g[q] - g[f"{q}_q25"]).clip(lower=0).fillna(0).tolist(),
+                (g[f"{q}_q75"] - g[q]).clip(lower=0).fillna(0).tolist()]
+        xerr = [(g["decode_speedup"] - g["decode_speedup_q25"]).tolist(),
+                (g["decode_speedup_q75"] - g["decode_speedup"]).tolist()] if use_speedup else None
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.6", lw=0.8, zorder=2)
+        colours = [FAMILIES.get(s, ("other", "tab:purple"))[1] for s in g["strategy"]]
+        ax.scatter(xs, ys, c=colours, zorder=3, s=28)
+        for x, y, s, kn in zip(xs, ys, g["strategy"], g["knobs"]):
+            ax.annotate(short_label(s, json.loads(kn or "{}")), (x, y), fontsize=7.5, xytext=(4, 3),
+                        textcoords="offset points")
+        for fam, colour in dict(FAMILIES.get(s, ("other", "tab:purple")) for s in g["strategy"]).items():
+            ax.scatter([], [], c=colour, s=28, label=fam)
         front = _pareto(list(zip(xs, ys)))
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:red", label="Pareto front")
         ax.set_xlabel("decode speedup over autoregressive (median of per-example ratios, IQR bars)" if use_speedup
                       else "decoded tokens/s (median)")
         ax.set_ylabel(q)
         ax.set_title(f"{dataset} ({model})")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="best", framealpha=0.7)
+        ax.grid(alpha=0.25)
         files.append(_save(fig, out / f"speed_quality_{dataset}.png"))
     return files
 
@@ -425,6 +488,9 @@ def write_report(paths: list[str], out: Optional[str] = None) -> tuple[pd.DataFr
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "report.csv", out_dir / "report.md"]
     df.to_csv(files[0], index=False)
+    if df["dataset"].nunique() > 1:
+        files.append(out_dir / "summary_by_task.csv")
+        across_tasks(df).to_csv(files[-1], index=False)
     files[1].write_text(markdown(df), encoding="utf-8")
     files += plot_speed_quality(df, out_dir)
     ex = plot_exit_layers(runs, out_dir)

@@ -144,12 +144,14 @@ class Benchmark:
         layerskip = run.protocol == "layerskip"
         self.stops = () if layerskip else self.task.stop
         self.metric = "rouge_layerskip" if layerskip and self.task.metric == "rouge" else self.task.metric
+        if run.chat_template and self.task.chat_metric and not layerskip:  # instruct answers: markdown code blocks
+            self.stops, self.metric = self.task.chat_stop, self.task.chat_metric
         if layerskip and gen.sample:
             gen = dataclasses.replace(gen, temperature=LAYERSKIP_TEMPERATURE if gen.temperature == 1.0
                                       else gen.temperature, top_p=LAYERSKIP_TOP_P if gen.top_p == 1.0 else gen.top_p)
         self.gen = gen
         self.examples = examples if examples is not None else load_run_examples(run, gen.seed)
-        self.model = model or load_model(run.model, run.device, run.dtype, run.device_map)
+        self.model = model or load_model(run.model, run.device, run.dtype, run.device_map, run.exits)
         self.max_steps = gen.max_steps or (LAYERSKIP_MAX_STEPS if layerskip else self.task.max_steps)
         self.generator: Generator = build_generator(self.model, dataclasses.replace(gen, max_steps=self.max_steps))
         self.max_prompt = run.max_prompt_tokens or max(self.model.max_context - self.max_steps, 1)
@@ -184,7 +186,7 @@ class Benchmark:
                                               for i, ex in enumerate(self.examples)])}
         model = dict(self.model.describe(), load_seconds=self.model.load_seconds, source=self.run.model)
         return RunInfo(schema_version=SCHEMA_VERSION, run_id=run_id, created=datetime.now(timezone.utc).isoformat(),
-                       command=list(sys.argv), strategy=self.generator.name, knobs=self.generator.knobs(),
+                       command=list(sys.argv), strategy=self.generator.name, knobs=self.generator.knobs() | ({"trained_defaults": self.generator.trained_knobs} if self.generator.trained_knobs else {}),
                        generation=dataclasses.asdict(self.gen), run=dataclasses.asdict(self.run), task=task,
                        model=model, environment=environment(self.model.device), control=self.control,
                        schedule=schedule)
@@ -386,7 +388,7 @@ def resume(path: str, progress: bool = True, dist: Dist = SINGLE, device: Option
     dirs, run, gens, controls = resume_configs(path, dist)
     if device is not None:
         run = dataclasses.replace(run, device=device)
-    model = load_model(run.model, run.device, run.dtype, run.device_map)
+    model = load_model(run.model, run.device, run.dtype, run.device_map, run.exits)
     examples = load_run_examples(run, gens[0].seed)
     benches = [Benchmark(run, g, model, examples, control=c) for g, c in zip(gens, controls)]
     return execute_schedule(benches, dirs[0].parent if len(dirs) > 1 else None, progress, dirs, dist)
@@ -405,8 +407,13 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def expand_strategies(text: str, base: GenerationConfig, num_layers: int) -> list[GenerationConfig]:
-    """--strategies a,b:k=v,... or all -> configs, the full-depth autoregressive baseline first."""
+def expand_strategies(text: str, base: GenerationConfig, num_layers: int, exits=None) -> list[GenerationConfig]:
+    """--strategies a,b:k=v,... or all -> configs, the full-depth autoregressive baseline first.
+
+    `exits`: the attached exit artifact, if any: `all` then adds the methods that need trained exits
+    (hybrid_speculative; policy when it holds ConsistentEE policies), and self-speculation without an explicit
+    --exit_layer takes the artifact's recommended one instead of L/4.
+    """
     from .config import CRITERIA
     from .generators import load_all
 
@@ -415,6 +422,10 @@ def expand_strategies(text: str, base: GenerationConfig, num_layers: int) -> lis
         if item.strip() == "all":
             specs += [("autoregressive", {}), ("self_speculative", {}), ("calm", {}), ("free", {})]
             specs += [("dynamic", {"criteria": c}) for c in ([base.criteria] if base.criteria else CRITERIA)]
+            if exits is not None:
+                specs.append(("hybrid_speculative", {}))
+                if any(k.startswith("consistentee.") for k in exits.tensors):
+                    specs.append(("policy", {}))
             specs += [("hf_generate", {}), ("hf_prompt_lookup", {}), ("hf_assistant_early_exit", {})]  # peers
         elif item.strip():
             specs.append(parse_spec(item))
@@ -425,8 +436,9 @@ def expand_strategies(text: str, base: GenerationConfig, num_layers: int) -> lis
             raise UsageError(f"unknown strategy {name!r} in --strategies; choose from: {', '.join(sorted(known))}")
         if name == "autoregressive" and not over:
             continue  # the baseline is already first
-        if name in ("self_speculative", "hf_assistant_early_exit") and base.exit_layer is None \
-                and "exit_layer" not in over:
+        recommended = exits is not None and "exit_layer" in exits.recommended.get("self_speculative", {})
+        if name in ("self_speculative", "hybrid_speculative", "hf_assistant_early_exit") and base.exit_layer is None \
+                and "exit_layer" not in over and not (recommended and name != "hf_assistant_early_exit"):
             over = {"exit_layer": max(1, num_layers // 4), **over}  # LayerSkip's typical E ~ L/4
         if name == "dynamic" and "criteria" not in over:
             over = {"criteria": base.criteria or CRITERIA[0], **over}
@@ -459,7 +471,7 @@ def run_many(run: RunConfig, configs: list[GenerationConfig], progress: bool = T
     configs[0] is the baseline; with `control` a second copy of it joins the rotation as the A/A control
     (marked `control` in its run log), whose speedup over the baseline is the noise floor.
     """
-    model = model or load_model(run.model, run.device, run.dtype, run.device_map)
+    model = model or load_model(run.model, run.device, run.dtype, run.device_map, run.exits)
     examples = load_run_examples(run, configs[0].seed)
     benches = [Benchmark(run, cfg, model, examples) for cfg in configs]  # validate all before running any
     if control:

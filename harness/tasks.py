@@ -57,6 +57,8 @@ class Task:
     shot_sep: str = ""  # text between the exemplars and the prompt
     id_field: Optional[str] = None
     meta_fields: tuple = ()
+    chat_stop: tuple = ()  # stop strings with --chat_template (an instruct model answers in its own format)
+    chat_metric: Optional[str] = None  # metric with --chat_template, when the answer format differs
 
 
 def _summary_shot(doc: str, ref: str) -> Callable[[dict], str]:
@@ -85,7 +87,10 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("human_eval", "openai_humaneval_test.jsonl", ("openai_humaneval", None, "test"),
          ("task_id", "prompt", "test", "entry_point"), lambda r: r["prompt"], lambda r: r.get("canonical_solution", ""),
          None, "pass_at_1", stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"), max_steps=256,
-         id_field="task_id", meta_fields=("test", "entry_point")),
+         id_field="task_id", meta_fields=("test", "entry_point"),
+         # with the chat template the model writes a markdown answer: stop after the closing fence of a code
+         # block and run the extracted block (pass_at_1_chat), not prompt + markdown
+         chat_stop=("\n```\n",), chat_metric="pass_at_1_chat"),
     Task("gsm8k", "gsm8k_main_test.jsonl", ("gsm8k", "main", "test"), ("question", "answer"),
          lambda r: f"Question: {r['question']}\nAnswer:", lambda r: r["answer"],
          lambda r: f"Question: {r['question']}\nAnswer: {r['answer']}\n\n", "gsm8k_exact_match",

@@ -17,7 +17,7 @@ torch.set_num_threads(max(1, torch.get_num_threads()))
 def model():
     from harness.model import load_model
 
-    return load_model(None, "cpu", "float32")
+    return load_model(None, "cpu", "float32", exits="none")
 
 
 @pytest.fixture(scope="session")

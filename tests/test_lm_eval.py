@@ -85,14 +85,22 @@ def _eval(*args):
 
 
 def test_eval_cli_bundled_task_offline(tmp_path):
-    proc = _eval("--tasks", "xsum", "--limit", "1", "--model_args", "max_steps=8,criteria=max_probability",
-                 "--output_path", str(tmp_path))
+    proc = _eval("--tasks", "xsum", "--limit", "2", "--model_args", "max_steps=8,criteria=max_probability",
+                 "--baseline", "--output_path", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     (out,) = tmp_path.iterdir()
     results = json.loads((out / "results.json").read_text())
-    assert "rouge1,none" in results["results"]["xsum"] and results["results"]["xsum"]["sample_len"] == 1
+    assert "rouge1,none" in results["results"]["xsum"] and results["results"]["xsum"]["sample_len"] == 2
     speed = json.loads((out / "speed.json").read_text())
-    assert speed["strategy"] == "dynamic" and speed["requests"] == 1 and speed["avg_exit_layer"] < 30
+    assert speed["strategy"] == "dynamic" and speed["requests"] == 2 and speed["avg_exit_layer"] < 30
+    # --baseline: autoregressive + A/A control on the same requests, paired speedup and metric deltas
+    comp = json.loads((out / "comparison.json").read_text())
+    assert comp["speed"]["paired_requests"] == 2 and comp["speed"]["decode_speedup"] > 0
+    assert comp["speed"]["control_decode_speedup"] > 0
+    d = comp["deltas"]["xsum"]["rouge1,none"]
+    assert abs(d["method"] - d["baseline"] - d["delta"]) < 1e-12
+    base = json.loads((out / "results_baseline.json").read_text())
+    assert base["results"]["xsum"]["rouge1,none"] == d["baseline"]
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -6,7 +6,7 @@ import importlib
 from .base import GENERATORS, GenerationResult, Generator, StopCondition, build_generator, register
 
 # Modules holding registered generators; a new method adds its module name here.
-MODULES = ("autoregressive", "self_speculative", "calm", "free", "dynamic", "hf_peers")
+MODULES = ("autoregressive", "self_speculative", "calm", "free", "dynamic", "hf_peers", "policy")
 
 
 def load_all() -> dict:

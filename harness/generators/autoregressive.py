@@ -25,6 +25,6 @@ class Autoregressive(Generator):
         out, pos = Output(stop, on_tokens), len(prompt_ids)
         while not out.add([token], [depth]):
             h = m.run_layers(m.embed(self.ids([token])), 0, depth, cache, pos)
-            token = self.sampler.pick(m.exit_logits(h))
+            token = self.sampler.pick(m.exit_logits(h, layer=depth))
             pos += 1
         return self.result(out, t0, t1, self.clock())

@@ -6,6 +6,7 @@ run logs and reports pick it up without edits.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -32,7 +33,7 @@ class GenerationResult:
     layer_forwards: int  # decoder-layer applications to one token position during decode (not prefill)
     head_calls: int  # exit-head evaluations during decode (positions)
     head_rows: int  # vocabulary rows evaluated by those exit heads, summed
-    exit_head_flops: float  # 2 * hidden * rows over all decode exit heads
+    exit_head_flops: float  # 2 * hidden * rows over all decode exit heads, plus trained exit adapters' FLOPs
     confidence_flops: float = 0.0  # FLOPs of exit heads evaluated only to decide whether to exit (part of the above)
     kv_fill_flops: float = 0.0  # FLOPs of state-copying K/V projections for skipped layers (CALM), decode only
     drafted: Optional[int] = None  # speculative methods: tokens drafted
@@ -122,14 +123,38 @@ class Generator(ABC):
 
     def __init__(self, model: LayeredModel, config: GenerationConfig):
         self.model = model
-        self.config = config
+        self.config = config = dataclasses.replace(config)  # trained defaults below must not leak to the caller
         if config.exit_layer is not None and not 1 <= config.exit_layer <= model.num_layers:
             raise UsageError(f"--exit_layer {config.exit_layer} is outside 1..{model.num_layers} for this model")
         if config.max_steps is not None and config.max_steps < 1:
             raise UsageError(f"--max_steps must be >= 1, got {config.max_steps}")
         config.check_knobs(self.name)
+        self.trained_knobs = self.apply_trained_defaults()
         self.sampler = Sampler(config, model.head_device)  # logits come from the head's device
         self.validate()
+
+    def artifact_key(self) -> str:
+        """Key of this method's entries in an exit artifact's `recommended` / `thresholds`."""
+        return self.name
+
+    def apply_trained_defaults(self) -> dict:
+        """Knobs left at their defaults take the attached exit artifact's recommended / calibrated values.
+
+        Returns what was taken (logged with the run's knobs). A knob given explicitly on the command line with a
+        value different from its default always wins; `--exits none` turns all of this off.
+        """
+        art = self.model.exits
+        if art is None:
+            return {}
+        key = self.artifact_key()
+        wanted = {**art.recommended.get(key, {}), **art.thresholds.get(key, {}).get("knobs", {})}
+        defaults = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
+        taken = {}
+        for k, v in wanted.items():
+            if k in defaults and getattr(self.config, k) == defaults[k]:
+                setattr(self.config, k, v)
+                taken[k] = v
+        return taken
 
     def validate(self) -> None:
         """Reject knob combinations this method cannot honour (raise UsageError)."""
@@ -168,7 +193,7 @@ class Generator(ABC):
         self.last_cache = cache  # kept for inspection (tests)
         t0 = self.clock()
         h = m.run_layers(m.embed(self.ids(prompt_ids)), 0, depth or m.num_layers, cache, 0)
-        token = self.sampler.pick(m.exit_logits(h[:, -1:]))
+        token = self.sampler.pick(m.exit_logits(h[:, -1:], layer=depth or m.num_layers))
         t1 = self.clock()
         m.reset_counters()
         return cache, token, t0, t1
@@ -180,7 +205,7 @@ class Generator(ABC):
             tokens=out.tokens[:keep], exit_layers=out.exit_layers[:keep], prefill_seconds=t_prefill - t_start,
             decode_seconds=t_end - t_prefill, stop_reason=reason, layer_forwards=c.layer_tokens,
             head_calls=c.head_calls, head_rows=c.head_rows,
-            exit_head_flops=float(self.model.head_flops(1) * c.head_rows),
+            exit_head_flops=float(self.model.head_flops(1) * c.head_rows + c.adapter_flops),
             kv_fill_flops=float(self.model.kv_fill_flops(c.kv_fill_tokens)), **extra)
 
 

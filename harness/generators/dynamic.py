@@ -55,6 +55,9 @@ class Dynamic(PerTokenExit):
             return m
         return max(m, amateur)
 
+    def artifact_key(self) -> str:
+        return f"dynamic:{self.config.criteria}"
+
     def knobs(self) -> dict:
         c = self.config
         per = {"cosine_similarity": {"cosine_threshold": c.cosine_threshold},

@@ -25,6 +25,44 @@ from ..model import LayeredModel
 
 Logits = tuple[torch.Tensor, Optional[int]]  # (logits, k): columns are ranking[:k], or the full vocabulary if k is None
 
+# CALM's trained early-exit classifier in an exit artifact (harness/train/calm.py writes it): one linear layer per
+# exit depth on that depth's raw hidden state, tensors "<prefix><depth>.weight" (1, hidden) and ".bias" (1,).
+CLASSIFIER_PREFIX = "calm.classifier."
+
+
+def classifier_depths(model: LayeredModel) -> list[int]:
+    """Depths 1..L-1 at which the attached exit artifact holds a CALM classifier (empty without one)."""
+    art = model.exits
+    if art is None:
+        return []
+    out = []
+    for key in art.tensors:
+        if key.startswith(CLASSIFIER_PREFIX) and key.endswith(".weight"):
+            depth = key[len(CLASSIFIER_PREFIX):-len(".weight")]
+            if depth.isdigit() and 1 <= int(depth) < model.num_layers:
+                out.append(int(depth))
+    return sorted(out)
+
+
+def classifier_at(model: LayeredModel, depth: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight (hidden,), bias ()) of the classifier at `depth`, fp32 on that layer's device, or None.
+
+    Copies to the device are cached on the artifact and redone when its tensors are replaced or changed in place.
+    """
+    art = model.exits
+    w = art.tensors.get(f"{CLASSIFIER_PREFIX}{depth}.weight") if art is not None else None
+    b = art.tensors.get(f"{CLASSIFIER_PREFIX}{depth}.bias") if art is not None else None
+    if w is None or b is None:
+        return None
+    cache = art.__dict__.setdefault("_classifier_cache", {})
+    dev = model.layer_devices[depth - 1]
+    hit = cache.get((depth, str(dev)))
+    if hit is None or hit[0] is not w or hit[1] is not b or hit[2] != (w._version, b._version):
+        hit = cache[(depth, str(dev))] = (w, b, (w._version, b._version),
+                                          w.detach().reshape(-1).to(dev, torch.float32),
+                                          b.detach().reshape(()).to(dev, torch.float32))
+    return hit[3], hit[4]
+
 
 class ExitProbe:
     """Hidden states, exit logits and exit distributions of one token, by depth (0 = embeddings)."""
@@ -48,7 +86,7 @@ class ExitProbe:
     # -- head evaluations ---------------------------------------------------------------------------
     def _head(self, depth: int, k: Optional[int]) -> torch.Tensor:
         rows = None if k is None else self.ranking[:k]
-        out = self.model.exit_logits(self.hidden[depth], rows).reshape(-1)
+        out = self.model.exit_logits(self.hidden[depth], rows, layer=depth).reshape(-1)
         self._flops += self.model.head_flops(out.numel())
         return out
 
@@ -114,9 +152,18 @@ class ExitProbe:
 
     def confidence(self, depth: int, measure: str) -> float:
         """Confidence of the exit at `depth`: softmax margin, max prob, hidden-state cosine, or the margin of
-        the contrastive distribution (Confidently_Exiting util/skip_conf.py 131, 170)."""
+        the contrastive distribution (Confidently_Exiting util/skip_conf.py 131, 170), or CALM's trained
+        classifier sigmoid(w . h + b) (-inf where the artifact has none at `depth`: the token never exits there)."""
         if measure == "hidden_state":
             value = exits.cosine(self.hidden[depth], self.hidden[depth - 1])
+        elif measure == "classifier":
+            clf = classifier_at(self.model, depth)
+            if clf is None:
+                value = float("-inf")
+            else:
+                h = self.hidden[depth].reshape(-1).to(clf[0].device, torch.float32)
+                value = float(torch.sigmoid(h @ clf[0] + clf[1]))
+                self._flops += 2 * self.model.hidden_size  # one dot product: tiny next to an exit head
         elif measure == "max_prob":
             value = exits.max_prob(self.distribution(depth))
         else:
@@ -138,5 +185,6 @@ class ExitProbe:
 
     @property
     def confidence_flops(self) -> float:
-        """Head FLOPs spent only on the exit decision: all but the evaluation that picked the token."""
+        """FLOPs spent only on the exit decision: every head evaluation but the one that picked the token, plus
+        2 * hidden per trained-classifier check."""
         return self._flops - (self._expert_flops.get(self._picked, 0.0) if self._picked is not None else 0.0)

@@ -69,7 +69,7 @@ class PerTokenExit(Generator):
             if depth < self.cap:
                 token = probe.pick(depth, self.sampler)
             else:  # no rule fired: the full head at the cap (the last layer unless --exit_layer caps it)
-                token = self.sampler.pick(m.exit_logits(h))
+                token = self.sampler.pick(m.exit_logits(h, layer=self.cap))
             if depth < L:
                 m.fill_kv(h, depth, L, cache, pos, rope=rope)
             conf_flops += probe.confidence_flops

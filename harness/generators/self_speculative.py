@@ -1,13 +1,21 @@
-"""Self-speculative decoding (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710).
+"""Self-speculative decoding (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710), and a hybrid drafter.
 
 Split as in vLLM's speculative decoding:
-  proposer  draft k tokens with the first E layers and the shared exit head;
-  scorer    run layers E..L-1 once over the k+1 positions, starting from the layer-E hidden states kept
-            while drafting, so layers 1..E are never recomputed (LayerSkip's KV + exit-query reuse);
+  proposer  draft up to k tokens with the first E layers and the shared exit head (through the exit's trained
+            adapter when an exit artifact is attached; optionally on its candidate rows only, and stopping at the
+            first unsure draft: Kangaroo's adaptive draft length, arXiv 2404.18911). `hybrid_speculative` first
+            looks the last n-gram up in the prompt and the text so far (prompt lookup decoding) and proposes the
+            tokens that followed it; only without a match does it draft with the early exit;
+  scorer    run layers E..L-1 once over the drafted positions + 1, starting from the layer-E hidden states kept
+            while drafting, so layers 1..E are never recomputed (LayerSkip's KV + exit-query reuse); lookup drafts
+            have no layer-E states and go through all L layers in one pass;
   verifier  greedy: accept the longest prefix equal to the full model's argmax, plus its next token;
             sampling: exact speculative sampling (accept y with prob min(1, p/q), else resample from
-            norm(max(0, p - q))), which leaves the full model's distribution unchanged.
-Rejected positions are cropped from every layer's cache, so the cache always equals the full model's.
+            norm(max(0, p - q))), which leaves the full model's distribution unchanged (a lookup draft's q is a
+            point mass).
+Verification always uses the full model and full head, so greedy output equals autoregressive output whatever
+the drafts are. Rejected positions are cropped from every layer's cache, so the cache always equals the full
+model's.
 """
 from __future__ import annotations
 
@@ -48,41 +56,96 @@ def verify_sampling(draft: list[int], draft_probs: torch.Tensor, target_probs: t
     return len(draft), int(torch.multinomial(target_probs[len(draft)], 1, generator=rng))
 
 
+def lookup(tokens: Sequence[int], max_ngram: int, count: int) -> list[int]:
+    """Prompt lookup decoding: the tokens after the latest earlier occurrence of the longest suffix n-gram.
+
+    Tries n = max_ngram .. 1; returns at most `count` tokens, or [] without a match.
+    """
+    seq = list(tokens)
+    for n in range(min(max_ngram, len(seq) - 1), 0, -1):
+        tail = seq[-n:]
+        for start in range(len(seq) - n - 1, -1, -1):  # latest match first, excluding the suffix itself
+            if seq[start:start + n] == tail:
+                return seq[start + n:start + n + count]
+    return []
+
+
 @register("self_speculative")
 class SelfSpeculative(Generator):
     """LayerSkip self-speculation: draft with E layers, verify with the rest in one pass (lossless)."""
 
+    use_lookup = False
+
+    def artifact_key(self) -> str:
+        return "self_speculative"
+
     def validate(self) -> None:
-        L = self.model.num_layers
-        e = self.config.exit_layer
+        m, c = self.model, self.config
+        L, e = m.num_layers, c.exit_layer
         if e is None:
-            raise UsageError("self_speculative needs --exit_layer E (the draft depth, 1..L-1)")
+            raise UsageError(f"{self.name} needs --exit_layer E (the draft depth, 1..L-1), or trained exits that "
+                             "recommend one (--exits)")
         if e >= L:
-            raise UsageError(f"self_speculative needs --exit_layer below the model's {L} layers, got {e}")
-        k = self.config.num_speculations
+            raise UsageError(f"{self.name} needs --exit_layer below the model's {L} layers, got {e}")
+        k = c.num_speculations
         if k is not None and k < 1:
             raise UsageError(f"--num_speculations must be >= 1, got {k}")
         self.k = k or DEFAULT_SPECULATIONS
+        self.rows = None
+        if c.draft_vocab:
+            vocab = m.exits.vocab if m.exits is not None else None
+            if vocab is None:
+                raise UsageError("--draft_vocab needs an exit artifact with a candidate vocabulary (--exits); "
+                                 "train one with python -m harness.train --recipe exit_adapters")
+            if c.draft_vocab != len(vocab):
+                raise UsageError(f"--draft_vocab is 0 (full head) or the artifact's {len(vocab)} candidate rows, "
+                                 f"got {c.draft_vocab}")
+            self.rows = vocab.to(m.head_device)
+        self.threshold = c.draft_threshold or 0.0
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UsageError(f"--draft_threshold must be in [0, 1], got {self.threshold}")
+        if self.use_lookup and (c.lookup_ngram < 1 or c.lookup_tokens < 1):
+            raise UsageError("--lookup_ngram and --lookup_tokens must be >= 1")
+        self.stats = {}
 
     def knobs(self) -> dict:
-        return {"exit_layer": self.config.exit_layer, "num_speculations": self.k}
+        out = {"exit_layer": self.config.exit_layer, "num_speculations": self.k,
+               "draft_vocab": 0 if self.rows is None else len(self.rows), "draft_threshold": self.threshold}
+        if self.use_lookup:
+            out.update(lookup_ngram=self.config.lookup_ngram, lookup_tokens=self.config.lookup_tokens)
+        return out
+
+    def log_state(self) -> Optional[dict]:
+        return dict(self.stats) if self.stats else None
 
     # -- proposer ---------------------------------------------------------------------------
     def draft(self, token: int, pos: int, k: int, cache, eos: set[int]):
-        """k draft tokens after `token` (at `pos`); keeps each layer-E state for the scorer."""
+        """Up to k draft tokens after `token` (at `pos`); keeps each layer-E state for the scorer.
+
+        Returns (states, drafted, probs): states[i] is the layer-E state of the input at pos+i. A draft below
+        the confidence threshold is dropped and drafting stops; its input's state is kept (the scorer needs it).
+        """
         m, E = self.model, self.config.exit_layer
         states, drafted, probs = [], [], []
         for i in range(k):
             h = m.run_layers(m.embed(self.ids([token])), 0, E, cache, pos + i)
             states.append(h)
-            logits = m.exit_logits(h)[0, -1]
+            logits = m.exit_logits(h, self.rows, layer=E)[0, -1]
             if self.sampler.greedy:
-                token = int(logits.argmax())
+                j = int(logits.argmax())
+                conf = float(torch.softmax(logits.float(), -1)[j]) if self.threshold > 0 else 1.0
             else:
                 q = self.sampler.probs(logits)
-                token = int(torch.multinomial(q, 1, generator=self.sampler.rng))
-                probs.append(q)
+                j = int(torch.multinomial(q, 1, generator=self.sampler.rng))
+                conf = float(q.max())
+                if self.rows is not None:  # the draft distribution over the whole vocabulary (0 off the rows)
+                    q = torch.zeros(m.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, self.rows, q)
+            if conf < self.threshold:
+                break
+            token = int(self.rows[j]) if self.rows is not None else j
             drafted.append(token)
+            if not self.sampler.greedy:
+                probs.append(q)
             if token in eos:  # nothing useful can follow an end of sequence
                 break
         return states, drafted, probs
@@ -94,9 +157,16 @@ class SelfSpeculative(Generator):
         `token` sits at `pos`; with no drafts the pass is one plain full-depth step for it.
         """
         m, E = self.model, self.config.exit_layer
-        last = m.run_layers(m.embed(self.ids((drafted or [token])[-1:])), 0, E, cache, pos + len(drafted))
-        h = m.run_layers(torch.cat(states + [last], dim=1), E, m.num_layers, cache, pos)
+        if len(states) <= len(drafted):  # the last draft's input has not been through layers 0..E yet
+            last = m.run_layers(m.embed(self.ids((drafted or [token])[-1:])), 0, E, cache, pos + len(drafted))
+            states = states + [last]
+        h = m.run_layers(torch.cat(states, dim=1), E, m.num_layers, cache, pos)
         return m.exit_logits(h)[0]
+
+    def score_full(self, drafted: list[int], token: int, pos: int, cache) -> torch.Tensor:
+        """Full-model logits for `token` and lookup drafts (no layer-E states): all layers, one pass."""
+        m = self.model
+        return m.exit_logits(m.run_layers(m.embed(self.ids([token] + drafted)), 0, m.num_layers, cache, pos))[0]
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], stop: StopCondition,
@@ -104,15 +174,30 @@ class SelfSpeculative(Generator):
         m, L, E = self.model, self.model.num_layers, self.config.exit_layer
         cache, token, t0, t1 = self.prefill(prompt_ids)
         out, pos = Output(stop, on_tokens), len(prompt_ids)  # `token` sits at `pos`, not yet processed
-        drafted_total = accepted_total = 0
+        stats = {"drafted": 0, "accepted": 0, "lookup_steps": 0, "lookup_drafted": 0, "lookup_accepted": 0,
+                 "steps": 0}
         finished = out.add([token], [L])
         while not finished:
             # a+1 tokens come out of a step (accepted drafts + the verifier's token): draft at most one
             # fewer than may still be emitted, so no token past max_steps is ever produced or counted
-            k = min(self.k, stop.remaining(len(out.tokens)) - 1)
+            room = stop.remaining(len(out.tokens)) - 1
             eos = set() if stop.fixed_length else stop.eos_ids
-            states, drafted, q = self.draft(token, pos, k, cache, eos) if k > 0 else ([], [], [])
-            logits = self.score(states, drafted, token, pos, cache)
+            found = []
+            if self.use_lookup and room > 0:
+                found = lookup(list(prompt_ids) + out.tokens, self.config.lookup_ngram,
+                               min(self.config.lookup_tokens, room))
+                cut = next((i + 1 for i, t in enumerate(found) if t in eos), len(found))
+                found = found[:cut]
+            if found:
+                drafted, depth = found, L
+                logits = self.score_full(drafted, token, pos, cache)
+                q = [torch.nn.functional.one_hot(torch.tensor(t, device=logits.device), m.vocab_size).to(logits.dtype)
+                     for t in drafted] if not self.sampler.greedy else []
+            else:
+                k = min(self.k, room)
+                states, drafted, q = self.draft(token, pos, k, cache, eos) if k > 0 else ([], [], [])
+                logits = self.score(states, drafted, token, pos, cache)
+                depth = E
             if not drafted:
                 a, nxt = 0, self.sampler.pick(logits[-1:])
             elif self.sampler.greedy:
@@ -123,8 +208,21 @@ class SelfSpeculative(Generator):
             pos += a + 1
             token = nxt
             before = len(out.tokens)
-            finished = out.add(drafted[:a] + [nxt], [E] * a + [L])
-            drafted_total += len(drafted)
+            finished = out.add(drafted[:a] + [nxt], [depth] * a + [L])
             # accepted drafts cut off by a stop (EOS / stop string inside the chunk) are not counted
-            accepted_total += min(a, (out.done[0] if finished else len(out.tokens)) - before)
-        return self.result(out, t0, t1, self.clock(), drafted=drafted_total, accepted=accepted_total)
+            kept = min(a, (out.done[0] if finished else len(out.tokens)) - before)
+            prefix = "lookup_" if found else ""
+            stats[prefix + "drafted"] += len(drafted)
+            stats[prefix + "accepted"] += kept
+            stats["lookup_steps"] += bool(found)
+            stats["steps"] += 1
+        self.stats = stats if self.use_lookup else {"steps": stats["steps"]}
+        return self.result(out, t0, t1, self.clock(), drafted=stats["drafted"] + stats["lookup_drafted"],
+                           accepted=stats["accepted"] + stats["lookup_accepted"])
+
+
+@register("hybrid_speculative")
+class HybridSpeculative(SelfSpeculative):
+    """Prompt-lookup drafts when the last n-gram recurs, else early-exit drafts; full-model verification (lossless)."""
+
+    use_lookup = True

@@ -1,0 +1,128 @@
+"""ConsistentEE's learned exit policy (Zeng et al., AAAI 2024, arXiv 2312.11882), as a per-token exit generator.
+
+Every exit layer l the policy was trained for has a small policy network pi_l: the shared final norm of the layer's
+hidden state -> Linear(hidden, width) -> ReLU -> Linear(width, 1) -> sigmoid = the probability of exiting after l
+(the reference applies its `Policy_networks_{idx}` to the normed hidden state and exits when the sigmoid > 0.5:
+ConsistentEE_LLM/llama/modeling_llama.py, mode 6). At inference the policy is greedy: a token leaves at the first
+depth d that has a policy network and pi_d(h_d) > --policy_threshold (0.5 by default, as the reference); layers
+without one are never exit points; a token no policy lets go runs every layer and is chosen by the full head, so
+policies that never fire reproduce autoregressive decoding exactly. Skipped layers get state-copied K/V (see
+per_token_exit.py), as the reference's `calculate_k_v_state` does for its exited tokens.
+
+The networks are trained by `python -m harness.train --recipe consistentee` (harness/train/consistentee.py) and
+live in the exit artifact as tensors `consistentee.<layer>.<param>`. Their FLOPs (2 x weights per evaluation) are
+counted as confidence FLOPs, and also into exit_head_flops, of which confidence FLOPs are a part.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import UsageError
+from .base import GenerationResult, StopCondition, TokenCallback, register
+from .exit_probe import ExitProbe
+from .per_token_exit import PerTokenExit
+
+PREFIX = "consistentee."
+TRAIN_COMMAND = "python -m harness.train --recipe consistentee"
+
+
+class ExitPolicy(nn.Module):
+    """pi_l(x) = sigmoid(fc2(relu(fc1(x)))), x = the final norm of layer l's hidden state; forward returns the logit."""
+
+    def __init__(self, hidden_size: int, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, width)
+        self.fc2 = nn.Linear(width, 1)
+        nn.init.zeros_(self.fc2.weight)  # pi = 0.5 everywhere at start: REINFORCE explores both actions evenly
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))).squeeze(-1)
+
+    def prob(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(x))
+
+    def flops(self) -> int:
+        """Multiply-adds x2 of one evaluation (one position)."""
+        return 2 * (self.fc1.weight.numel() + self.fc2.weight.numel())
+
+
+def policy_tensors(policies: dict[int, ExitPolicy]) -> dict[str, torch.Tensor]:
+    """Artifact tensors of the policies: `consistentee.<layer>.<param>` (artifact keys without the 't.' prefix)."""
+    return {f"{PREFIX}{layer}.{k}": v.detach().float().cpu().contiguous()
+            for layer, pol in policies.items() for k, v in pol.state_dict().items()}
+
+
+def policies_from_tensors(tensors: dict[str, torch.Tensor], hidden_size: int,
+                          device: Optional[torch.device] = None) -> dict[int, ExitPolicy]:
+    """The policy networks held in an artifact's tensors (empty if it has none), fp32, eval mode, frozen."""
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(PREFIX):
+            layer, name = key[len(PREFIX):].split(".", 1)
+            states.setdefault(int(layer), {})[name] = value
+    out = {}
+    for layer, sd in sorted(states.items()):
+        if "fc1.weight" not in sd:
+            raise UsageError(f"exit artifact: policy tensors of layer {layer} are incomplete ({sorted(sd)}); retrain "
+                             f"them with `{TRAIN_COMMAND}`")
+        width, hid = sd["fc1.weight"].shape
+        if hid != hidden_size:
+            raise UsageError(f"exit artifact: policy of layer {layer} reads hidden size {hid}, the model has "
+                             f"{hidden_size}")
+        pol = ExitPolicy(hidden_size, width)
+        pol.load_state_dict(sd)
+        out[layer] = pol.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    return out
+
+
+@register("policy")
+class Policy(PerTokenExit):
+    """ConsistentEE: a learned policy network per exit layer; exit when pi_l(h_l) > --policy_threshold."""
+
+    def validate(self) -> None:
+        m = self.model
+        art = m.exits
+        self.policies = policies_from_tensors(art.tensors, m.hidden_size) if art is not None else {}
+        if not self.policies:
+            where = f"the exit artifact {art.path or '(in memory)'} has none" if art is not None else \
+                "no exit artifact is attached"
+            raise UsageError(f"policy needs ConsistentEE policy networks and {where}: train them with "
+                             f"`{TRAIN_COMMAND}` and pass --exits <the artifact it writes>")
+        bad = [layer for layer in self.policies if not 1 <= layer < m.num_layers]
+        if bad:
+            raise UsageError(f"exit artifact: policy layers {bad} are outside 1..{m.num_layers - 1} for this model")
+        for layer, pol in self.policies.items():
+            self.policies[layer] = pol.to(m.layer_devices[layer - 1])
+        t = self.config.policy_threshold
+        if not 0.0 <= t <= 1.0:
+            raise UsageError(f"--policy_threshold must be in [0, 1] (a probability), got {t}")
+        self.threshold = t
+        self.policy_flops = 0.0
+        super().validate()
+
+    def first_check(self) -> int:
+        return max(self.min_exit, min(self.policies))
+
+    def knobs(self) -> dict:
+        width = next(iter(self.policies.values())).fc1.out_features
+        return {"policy_threshold": self.threshold, "policy_layers": sorted(self.policies), "policy_hidden": width}
+
+    def should_exit(self, depth: int, probe: ExitProbe, step: int, max_steps: int) -> bool:
+        pol = self.policies.get(depth)
+        if pol is None:
+            return False
+        self.policy_flops += pol.flops()
+        x = self.model.norm(probe.hidden[depth]).to(pol.fc1.weight.device, torch.float32)
+        return float(pol.prob(x).reshape(())) > self.threshold
+
+    def generate(self, prompt_ids: Sequence[int], stop: StopCondition,
+                 on_tokens: Optional[TokenCallback] = None) -> GenerationResult:
+        self.policy_flops = 0.0
+        res = super().generate(prompt_ids, stop, on_tokens)
+        res.confidence_flops += self.policy_flops  # spent only on deciding whether to exit
+        res.exit_head_flops += self.policy_flops  # confidence FLOPs are part of exit_head_flops
+        return res

@@ -1,0 +1,245 @@
+"""What every training recipe shares: config, data (train/validation splits only), the teacher, the loop.
+
+The loop logs loss and per-exit agreement to `<work_dir>/train_log.jsonl` with a progress bar, checkpoints every
+`--save_every` steps to `<work_dir>/checkpoint.pt` (trainable state, optimizer, RNG, step) and resumes from it when
+restarted with the same `--work_dir`. On CUDA the forward runs under bf16 autocast; on CPU in the model's dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..config import UsageError, _f
+from ..tasks import DATA_DIR, read_jsonl
+from ..trained_exits import ExitArtifact
+
+# Training / calibration text: train and validation splits only (never the test files the harness reports on).
+# name -> (bundled file, record -> text in the task's own prompt format)
+SOURCES: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "xsum_validation": ("xsum_validation.jsonl.gz", lambda r: f"Article: {r['document']}\nSummary: {r['summary']}\n"),
+    "gsm8k_train": ("gsm8k_main_train.jsonl.gz", lambda r: f"Question: {r['question']}\nAnswer: {r['answer']}\n\n"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Flags shared by every recipe (recipe-specific ones come from each recipe's own options dataclass)."""
+
+    recipe: str = _f("exit_adapters", "training recipe (see the list below)")
+    model: Optional[str] = _f(None, "model: omitted = embedded SmolLM2-135M-Instruct; or a directory, .gguf, hub id")
+    exits: str = _f("none", "start from this exit artifact (none, auto = the shipped one, or a path); the recipe "
+                            "adds what it learns to it and writes the result to --output")
+    output: Optional[str] = _f(None, "exit artifact to write (default: <work_dir>/exits.safetensors)")
+    work_dir: Optional[str] = _f(None, "checkpoints and train_log.jsonl; a restart with the same dir resumes "
+                                       "(default: results/train/<recipe>)")
+    data: str = _f("xsum_validation,gsm8k_train", "comma-separated training sources (train/validation splits "
+                   "only): " + ", ".join(SOURCES))
+    max_docs: int = _f(2000, "at most this many documents per source (shuffled with --seed)")
+    seq_len: int = _f(256, "tokens per training sequence")
+    batch_size: int = _f(4, "sequences per step")
+    steps: int = _f(200, "optimizer steps")
+    lr: float = _f(1e-3, "learning rate (AdamW)")
+    seed: int = _f(0, "seed for data order, initialisation and dropout")
+    eval_sequences: int = _f(8, "held-out sequences (from the same splits, never trained on) for agreement")
+    exit_layers: str = _f("6,8,10", "comma-separated exit layers the recipe trains or reads")
+    log_every: int = _f(10, "evaluate agreement and log every N steps")
+    save_every: int = _f(50, "checkpoint every N steps")
+    device: str = _f("auto", "torch device: auto, cpu, cuda, ...")
+    dtype: str = _f("auto", "float32 | bfloat16 | auto (float32 on cpu; on cuda float32 weights + bf16 autocast)")
+
+    def layers(self, num_layers: int) -> list[int]:
+        try:
+            out = sorted({int(x) for x in self.exit_layers.split(",") if x.strip()})
+        except ValueError:
+            raise UsageError(f"--exit_layers {self.exit_layers!r}: expected comma-separated integers") from None
+        bad = [x for x in out if not 1 <= x < num_layers]
+        if bad or not out:
+            raise UsageError(f"--exit_layers {self.exit_layers}: each must be in 1..{num_layers - 1}")
+        return out
+
+    def paths(self) -> tuple[Path, Path]:
+        work = Path(self.work_dir or f"results/train/{self.recipe}")
+        return work, Path(self.output) if self.output else work / "exits.safetensors"
+
+
+# -- data ---------------------------------------------------------------------------------------------
+def load_texts(cfg: TrainConfig) -> list[str]:
+    """Documents of the chosen sources, shuffled with the seed, at most max_docs per source."""
+    texts = []
+    for name in [s.strip() for s in cfg.data.split(",") if s.strip()]:
+        if name not in SOURCES:
+            raise UsageError(f"--data {name!r}: unknown source; choose from {', '.join(SOURCES)}")
+        file, fmt = SOURCES[name]
+        docs = [fmt(r) for _, r in read_jsonl(DATA_DIR / file)]
+        random.Random(cfg.seed).shuffle(docs)
+        texts += docs[:cfg.max_docs]
+    random.Random(cfg.seed + 1).shuffle(texts)
+    return texts
+
+
+def pack(tokenizer, texts: list[str], seq_len: int, limit: Optional[int] = None) -> torch.Tensor:
+    """Token ids of the texts, each ended by EOS, concatenated and cut into (N, seq_len) rows."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
+        if limit is not None and len(ids) >= limit * seq_len:
+            break
+    n = len(ids) // seq_len
+    if limit is not None:
+        n = min(n, limit)
+    if n == 0:
+        raise UsageError(f"not enough training text for one sequence of {seq_len} tokens")
+    return torch.tensor(ids[:n * seq_len]).view(n, seq_len)
+
+
+def train_eval_split(cfg: TrainConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, held-out rows): the held-out rows are the last eval_sequences of the packed stream."""
+    rows = pack(tokenizer, load_texts(cfg), cfg.seq_len)
+    if len(rows) <= cfg.eval_sequences:
+        raise UsageError(f"only {len(rows)} sequences of {cfg.seq_len} tokens; lower --eval_sequences or --seq_len")
+    return rows[:-cfg.eval_sequences], rows[-cfg.eval_sequences:]
+
+
+# -- the model as teacher -------------------------------------------------------------------------------
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (weights stay fp32 for the optimizer); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def hidden_states(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Raw hidden state after every depth 0..L-1 (0 = embeddings) and the final-normed state at depth L."""
+    out = model.hf.model(input_ids=ids.to(model.device), output_hidden_states=True, use_cache=False)
+    return list(out.hidden_states)
+
+
+@torch.no_grad()
+def agreement(model, rows: torch.Tensor, layers: list[int], batch: int = 4) -> dict[int, float]:
+    """Teacher-forced top-1 agreement of each exit (with its attached adapter, if any) with the last layer."""
+    hits = {d: 0 for d in layers}
+    total = 0
+    for i in range(0, len(rows), batch):
+        with autocast(model.device):
+            hs = hidden_states(model, rows[i:i + batch])
+            target = model.lm_head(hs[-1]).argmax(-1)
+            for d in layers:
+                hits[d] += int((model.exit_logits(hs[d], layer=d).argmax(-1) == target).sum())
+        total += target.numel()
+    return {d: hits[d] / total for d in layers}
+
+
+# -- loop -------------------------------------------------------------------------------------------------
+@dataclass
+class Loop:
+    """One recipe's optimisation: trainable modules, a loss per batch, an evaluation, checkpoints."""
+
+    cfg: TrainConfig
+    modules: dict[str, torch.nn.Module]  # what is trained and checkpointed, by name
+    loss: Callable[[torch.Tensor, int], tuple[torch.Tensor, dict]]  # (batch rows, step) -> (loss, metrics)
+    evaluate: Callable[[], dict]  # -> metrics logged every log_every steps and at the end
+    lr: Optional[float] = None  # overrides cfg.lr
+    weight_decay: float = 0.0
+    history: list[dict] = field(default_factory=list)  # every logged line
+
+    def run(self, rows: torch.Tensor) -> dict:
+        """Train for cfg.steps (resuming from the work dir's checkpoint); returns the last evaluation."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        work, _ = cfg.paths()
+        work.mkdir(parents=True, exist_ok=True)
+        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        if not params:
+            raise UsageError(f"recipe {cfg.recipe}: nothing to train")
+        opt = torch.optim.AdamW(params, lr=self.lr or cfg.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(
+            0.1, 1 - s / max(cfg.steps, 1)))  # short warm-up, linear decay to 10%
+        gen = torch.Generator().manual_seed(cfg.seed)
+        step = 0
+        ckpt = work / "checkpoint.pt"
+        log_path = work / "train_log.jsonl"
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            if state.get("recipe") != cfg.recipe:
+                raise UsageError(f"{ckpt} belongs to recipe {state.get('recipe')}; use another --work_dir")
+            for name, m in self.modules.items():
+                m.load_state_dict(state["modules"][name])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            gen.set_state(state["rng"])
+            step = state["step"]
+        bar = tqdm(total=cfg.steps, initial=step, desc=cfg.recipe, dynamic_ncols=True)
+        last_eval: dict = {}
+        t0 = time.perf_counter()
+        while step < cfg.steps:
+            idx = torch.randint(len(rows), (cfg.batch_size,), generator=gen)
+            for m in self.modules.values():
+                m.train()
+            loss, metrics = self.loss(rows[idx], step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            line = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
+                    "seconds": time.perf_counter() - t0, **metrics}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                for m in self.modules.values():
+                    m.eval()
+                last_eval = self.evaluate()
+                line.update(last_eval)
+            self.history.append(line)
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", **{k: f"{v:.3f}" for k, v in last_eval.items()
+                                                          if isinstance(v, float)})
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                tmp = ckpt.with_suffix(".tmp")
+                torch.save({"recipe": cfg.recipe, "step": step, "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "rng": gen.get_state(),
+                            "modules": {n: m.state_dict() for n, m in self.modules.items()}}, tmp)
+                tmp.replace(ckpt)
+        bar.close()
+        for m in self.modules.values():
+            m.eval()
+        return last_eval or self.evaluate()
+
+
+# -- artifact ----------------------------------------------------------------------------------------------
+def start_artifact(cfg: TrainConfig, model) -> ExitArtifact:
+    """The artifact this recipe adds to: --exits (checked against the model) or a new one for this model."""
+    if cfg.exits and cfg.exits != "none":
+        if model.exits is None:
+            raise UsageError(f"--exits {cfg.exits}: no artifact for this model")
+        return model.exits
+    return ExitArtifact(model=ExitArtifact.identity(model))
+
+
+def provenance(cfg: TrainConfig, seconds: float, metrics: dict, **extra) -> dict:
+    """How an artifact part was made: enough to reproduce it and to judge it."""
+    from ..runner import git_commit
+
+    dev = torch.device("cuda") if cfg.device.startswith("cuda") and torch.cuda.is_available() else None
+    return {"command": "python -m harness.train " + " ".join(sys.argv[1:]), "config": asdict(cfg),
+            "seconds": round(seconds, 1), "hardware": torch.cuda.get_device_name(dev) if dev else
+            f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}",
+            "torch": torch.__version__, "commit": git_commit(), "metrics": metrics, **extra}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)

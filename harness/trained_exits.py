@@ -1,0 +1,177 @@
+"""Trained exits: the artifact file that carries them, and the adapters it attaches to a model.
+
+An *exit artifact* is one safetensors file holding everything a training recipe learned for one model:
+- exit adapters (Kangaroo, arXiv 2404.18911): per exit layer, a small module applied to that layer's hidden
+  state before the shared final norm + lm_head. Ours is a residual MLP (RMSNorm -> up -> SiLU -> down, the down
+  projection zero-initialised so an untrained adapter is the untrained exit). Kangaroo's adapter is one attention
+  layer; a stateless adapter has no K/V of its own, so it composes with every method's KV policy (CALM's state
+  copying, FREE's parallel decoding, self-speculative crops) without new cache positions to keep consistent;
+- a candidate vocabulary (token ids, most frequent first) for reduced-vocabulary draft heads;
+- recommended settings (self-speculative exit layer, draft length, draft confidence threshold) and calibrated
+  thresholds (calm / free / dynamic), written by the recipes in `harness.train`;
+- any other learned tensors under a namespaced key (the ConsistentEE policy networks, CALM's classifier);
+- provenance: recipe, command, seed, data, steps, seconds, hardware, and the agreement it measured.
+The file records which model it was trained for; attaching it to another model is refused with one line.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import UsageError
+
+FORMAT = "early-exit-harness/exits/1"
+SHIPPED_DIR = Path(__file__).parent / "data" / "exits"
+
+
+class ExitAdapter(nn.Module):
+    """h -> h + W_down silu(W_up rmsnorm(h)): applied to a layer's hidden state before the shared exit head."""
+
+    def __init__(self, hidden: int, width: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden, eps=eps)
+        self.up = nn.Linear(hidden, width, bias=False)
+        self.down = nn.Linear(width, hidden, bias=False)
+        nn.init.zeros_(self.down.weight)  # identity at start: training begins from the untrained exit
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.down(torch.nn.functional.silu(self.up(self.norm(h))))
+
+    def flops(self) -> int:
+        """Multiply-adds x2 per position."""
+        return 2 * 2 * self.up.weight.numel()
+
+
+@dataclass
+class ExitArtifact:
+    """What training learned for one model, as saved in one file."""
+
+    model: dict  # identity of the model it was trained for: fingerprint, name, num_layers, hidden_size, vocab_size
+    adapters: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # exit layer -> ExitAdapter state
+    adapter_width: int = 0  # hidden width of every adapter's MLP
+    vocab: Optional[torch.Tensor] = None  # candidate vocabulary ids for reduced draft heads, most frequent first
+    recommended: dict = field(default_factory=dict)  # per strategy: default knobs (e.g. self_speculative exit_layer)
+    thresholds: dict = field(default_factory=dict)  # per strategy: calibrated knobs with their guarantee
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # other learned tensors, "<recipe>.<name>"
+    provenance: dict = field(default_factory=dict)  # per recipe: command, seed, data, steps, seconds, hardware, metrics
+    path: Optional[str] = None  # where it was loaded from (not saved)
+
+    # -- identity ----------------------------------------------------------------------------------
+    @staticmethod
+    def identity(model) -> dict:
+        return {"fingerprint": model.checkpoint, "name": model.name, "num_layers": model.num_layers,
+                "hidden_size": model.hidden_size, "vocab_size": model.vocab_size}
+
+    def matches(self, model) -> Optional[str]:
+        """None if trained for `model`, else what differs (one phrase)."""
+        ident = self.identity(model)
+        for key in ("num_layers", "hidden_size", "vocab_size", "fingerprint"):
+            if self.model.get(key) != ident[key]:
+                return f"{key} {self.model.get(key)} != this model's {ident[key]}"
+        return None
+
+    # -- file ----------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flat = {f"adapter.{layer}.{k}": v.detach().to("cpu").contiguous() for layer, sd in self.adapters.items()
+                for k, v in sd.items()}
+        if self.vocab is not None:
+            flat["vocab"] = self.vocab.to(torch.int64).cpu().contiguous()
+        for k, v in self.tensors.items():
+            flat[f"t.{k}"] = v.detach().to("cpu").contiguous()
+        meta = {"format": FORMAT, "model": self.model, "adapter_width": self.adapter_width,
+                "adapter_layers": sorted(self.adapters), "recommended": self.recommended,
+                "thresholds": self.thresholds, "provenance": self.provenance}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(flat, str(tmp), metadata={"harness": json.dumps(meta, sort_keys=True)})
+        tmp.replace(path)  # never a half-written artifact under the real name
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExitArtifact":
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("harness", "null") or "null")
+                if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                    raise UsageError(f"--exits {path}: not an exit artifact of this harness (format {FORMAT})")
+                flat = {k: f.get_tensor(k) for k in f.keys()}
+        except UsageError:
+            raise
+        except Exception as e:  # unreadable, truncated or not safetensors
+            raise UsageError(f"--exits {path}: cannot read it as an exit artifact ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        adapters: dict[int, dict[str, torch.Tensor]] = {}
+        tensors = {}
+        for k, v in flat.items():
+            if k.startswith("adapter."):
+                _, layer, name = k.split(".", 2)
+                adapters.setdefault(int(layer), {})[name] = v
+            elif k.startswith("t."):
+                tensors[k[2:]] = v
+        return cls(model=meta["model"], adapters=adapters, adapter_width=meta.get("adapter_width", 0),
+                   vocab=flat.get("vocab"), recommended=meta.get("recommended", {}),
+                   thresholds=meta.get("thresholds", {}), tensors=tensors, provenance=meta.get("provenance", {}),
+                   path=str(path))
+
+    def modules(self, model) -> dict[int, ExitAdapter]:
+        """The adapters as modules on each exit layer's device and the model's dtype."""
+        out = {}
+        for layer, sd in self.adapters.items():
+            a = ExitAdapter(model.hidden_size, self.adapter_width, eps=getattr(model.config, "rms_norm_eps", 1e-5))
+            a.load_state_dict(sd)
+            dev = model.layer_devices[min(layer, model.num_layers) - 1]
+            out[layer] = a.to(device=dev, dtype=model.dtype).eval().requires_grad_(False)
+        return out
+
+    def describe(self) -> dict:
+        """For run logs: where it came from and what it holds."""
+        return {"path": self.path, "adapter_layers": sorted(self.adapters), "adapter_width": self.adapter_width,
+                "vocab": None if self.vocab is None else int(self.vocab.numel()),
+                "recommended": self.recommended, "thresholds": self.thresholds,
+                "recipes": sorted(self.provenance)}
+
+
+def shipped_artifacts() -> list[Path]:
+    return sorted(SHIPPED_DIR.glob("*.safetensors")) if SHIPPED_DIR.is_dir() else []
+
+
+def find_shipped(model) -> Optional[ExitArtifact]:
+    """The artifact shipped in the package for this model, if any."""
+    for path in shipped_artifacts():
+        try:
+            art = ExitArtifact.load(path)
+        except UsageError:
+            continue
+        if art.matches(model) is None:
+            return art
+    return None
+
+
+def attach(model, spec: Optional[str]) -> Optional[ExitArtifact]:
+    """--exits: 'auto' (the shipped artifact if one matches, else none), 'none', or a path. Sets model.exits."""
+    spec = spec or "none"
+    if spec == "none":
+        art = None
+    elif spec == "auto":
+        art = find_shipped(model)
+    else:
+        if not Path(spec).is_file():
+            raise UsageError(f"--exits {spec}: no such file (use auto, none or the path of an exit artifact)")
+        art = ExitArtifact.load(spec)
+        why = art.matches(model)
+        if why is not None:
+            raise UsageError(f"--exits {spec} was trained for another model ({why}); pass --exits none or an artifact "
+                             "made for this model")
+    model.set_exits(art)
+    return art
