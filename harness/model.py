@@ -162,14 +162,23 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
+FINGERPRINT_SAMPLE = 1 << 20  # bytes read from the start and the end of each weight file
+
+
 def checkpoint_fingerprint(where: str, local: bool) -> str:
-    """What identifies the weights, independent of where they sit: hub id, or config + weight-file sizes."""
+    """What identifies the weights, independent of where they sit: hub id, or config + weight-file sizes and
+    content samples (the first and last MiB of each file: a fine-tune of the same architecture differs there)."""
     if not local:
         return where
     root = Path(where)
     h = hashlib.sha256((root / "config.json").read_bytes())
     for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(FINGERPRINT_SAMPLE))
+            fh.seek(max(0, size - FINGERPRINT_SAMPLE))
+            h.update(fh.read(FINGERPRINT_SAMPLE))
     return h.hexdigest()[:16]
 
 
@@ -349,6 +358,13 @@ class LayeredModel:
         """Attach trained exits (or None): their adapters apply whenever an exit at their layer is read."""
         self.exits = artifact
         self.adapters = artifact.modules(self) if artifact is not None else {}
+        vocab = artifact.vocab if artifact is not None and self.adapters else None
+        self.exit_vocab = vocab.to(self.head_device) if vocab is not None else None
+        self._in_exit_vocab = self._exit_weight = None
+        if vocab is not None:
+            self._exit_weight = self.lm_head.weight.detach()[self.exit_vocab].contiguous()  # gathered once
+            self._in_exit_vocab = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.head_device)
+            self._in_exit_vocab[self.exit_vocab] = True
 
     # -- cache -----------------------------------------------------------------
     def new_cache(self):
@@ -477,9 +493,28 @@ class LayeredModel:
         """Exit head on any layer's hidden state: final norm + lm_head, optionally on a subset of vocab rows.
 
         `layer` (layers run before this exit) applies that exit's trained adapter, if one is attached; the last
-        layer's exit never has one.
+        layer's exit never has one. A trained exit is a candidate-vocabulary exit: its adapter was fitted on the
+        artifact's candidate rows only, so its head scores those rows and every other token gets -inf (the
+        logits keep the full vocabulary's shape; the head costs the candidate rows only).
         """
+        trained = layer is not None and layer < self.num_layers and layer in self.adapters \
+            and self.exit_vocab is not None
         n = self._norm(self.adapt(h, layer))
+        if trained:
+            positions = h.shape[0] * h.shape[1]
+            self.counters.head_calls += positions
+            if rows is None:
+                self.counters.head_rows += positions * self.exit_vocab.numel()
+                part = F.linear(n.to(self.head_device), self._exit_weight)
+                out = torch.full((*part.shape[:-1], self.vocab_size), float("-inf"), dtype=part.dtype,
+                                 device=part.device)
+                return out.index_copy_(-1, self.exit_vocab, part)
+            self.counters.head_rows += positions * rows.numel()
+            if rows is self.exit_vocab:  # a draft head on exactly the candidate rows
+                return F.linear(n.to(self.head_device), self._exit_weight)
+            rows = rows.to(self.head_device)
+            part = F.linear(n.to(self.head_device), self.lm_head.weight[rows])
+            return part.masked_fill(~self._in_exit_vocab[rows], float("-inf"))
         positions = h.shape[0] * h.shape[1]
         if rows is None:
             self.counters.head_rows += positions * self.vocab_size
@@ -487,7 +522,8 @@ class LayeredModel:
             return self.lm_head(n)
         self.counters.head_rows += positions * rows.numel()
         self.counters.head_calls += positions
-        return F.linear(n.to(self.head_device), self.lm_head.weight[rows.to(self.head_device)])
+        weight = self._exit_weight if rows is self.exit_vocab else self.lm_head.weight[rows.to(self.head_device)]
+        return F.linear(n.to(self.head_device), weight)
 
     def head_flops(self, rows: int) -> int:
         """Multiply-adds x2 of the exit head over `rows` vocabulary rows for one position."""

@@ -100,7 +100,7 @@ class SelfSpeculative(Generator):
             if c.draft_vocab != len(vocab):
                 raise UsageError(f"--draft_vocab is 0 (full head) or the artifact's {len(vocab)} candidate rows, "
                                  f"got {c.draft_vocab}")
-            self.rows = vocab.to(m.head_device)
+            self.rows = m.exit_vocab if m.exit_vocab is not None else vocab.to(m.head_device)
         self.threshold = c.draft_threshold or 0.0
         if not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"--draft_threshold must be in [0, 1], got {self.threshold}")

@@ -48,6 +48,8 @@ class TrainConfig:
     seq_len: int = _f(256, "tokens per training sequence")
     batch_size: int = _f(4, "sequences per step")
     steps: int = _f(200, "optimizer steps")
+    schedule_steps: Optional[int] = _f(None, "length of the learning-rate schedule (linear decay to 10%%); default "
+                                             "--steps. Longer than --steps = stop early on a longer schedule")
     lr: float = _f(1e-3, "learning rate (AdamW)")
     seed: int = _f(0, "seed for data order, initialisation and dropout")
     eval_sequences: int = _f(8, "held-out sequences (from the same splits, never trained on) for agreement")
@@ -164,8 +166,9 @@ class Loop:
         if not params:
             raise UsageError(f"recipe {cfg.recipe}: nothing to train")
         opt = torch.optim.AdamW(params, lr=self.lr or cfg.lr, weight_decay=self.weight_decay)
+        horizon = cfg.schedule_steps or cfg.steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(
-            0.1, 1 - s / max(cfg.steps, 1)))  # short warm-up, linear decay to 10%
+            0.1, 1 - s / max(horizon, 1)))  # short warm-up, linear decay to 10%
         gen = torch.Generator().manual_seed(cfg.seed)
         step = 0
         ckpt = work / "checkpoint.pt"
