@@ -39,15 +39,15 @@ check: setup
 EXITS := harness/data/exits/SmolLM2-135M-Instruct.safetensors
 EXITS_WORK := results/train
 exits: setup
-	$(PY) -m harness.train --recipe exit_adapters --exit_layers 6,8,10,12 --steps 200 --schedule_steps 600 --lr 2e-3 --seed 0 \
+	$(PY) -m harness.train --recipe exit_adapters --exit_layers 6,8,10,12 --steps 250 --schedule_steps 600 --lr 2e-3 --seed 0 \
 		--seq_len 256 --eval_sequences 24 --max_docs 1000 --adapters_width 1536 --adapters_cache_sequences 320 \
 		--adapters_self_generated 16 --adapters_self_tokens 64 --log_every 100 --save_every 50 \
 		--work_dir $(EXITS_WORK)/exit_adapters --output $(EXITS)
 	$(PY) -m harness.train --recipe calibrate --exits $(EXITS) --output $(EXITS) --seed 0 \
-		--work_dir $(EXITS_WORK)/calibrate --calibrate_examples 16 --calibrate_grid 6 --calibrate_max_steps 24 \
-		--calibrate_max_prompt_tokens 400 --calibrate_delta 0.15
+		--work_dir $(EXITS_WORK)/calibrate --calibrate_examples 10 --calibrate_grid 4 --calibrate_max_steps 16 \
+		--calibrate_max_prompt_tokens 400 --calibrate_delta 0.25
 	$(PY) -m harness.train --recipe consistentee --exits $(EXITS) --output $(EXITS) --seed 0 --exit_layers 6,8,10,12 \
-		--work_dir $(EXITS_WORK)/consistentee --steps 40 --seq_len 128 --batch_size 2 --lr 1e-3 --log_every 20
+		--work_dir $(EXITS_WORK)/consistentee --steps 150 --seq_len 128 --batch_size 2 --lr 3e-3 --log_every 50 --consistentee_alpha 2
 
 clean-cache:
 	rm -rf $${EE_HARNESS_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/early_exit_harness}

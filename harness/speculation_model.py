@@ -80,8 +80,8 @@ def simulate(agree: Sequence[bool], conf: Sequence[float], E: int, k: int, thres
 
     agree[t]: the draft exit's top-1 at position t equals the last layer's; conf[t]: its draft confidence (top-1
     probability on the draft head). Drafting stops at k drafts or at the first draft whose confidence is below
-    `threshold` (that draft is dropped, Kangaroo's early stop). Verification runs layers E..L-1 over the kept
-    drafts + 1 positions plus the full head on them.
+    `threshold` (that draft is dropped, Kangaroo's early stop; its input's layer-E state is kept for the scorer).
+    Verification runs layers E..L-1 over the kept drafts + 1 positions plus the full head on them.
     """
     L = costs.layer_count
     q_max = max(costs.layer_chunk)
@@ -100,7 +100,10 @@ def simulate(agree: Sequence[bool], conf: Sequence[float], E: int, k: int, thres
         while a < kept and agree[t + a]:
             a += 1
         q = min(kept + 1, q_max)
-        verify = E * costs.layer + (L - E) * costs.layer_chunk[q] + costs.head[q]
+        # the last position's layers 0..E: already run by a draft attempt that stopped on the threshold (the
+        # generator keeps that state), else run by the scorer
+        last = 0.0 if steps > kept else E * costs.layer
+        verify = last + (L - E) * costs.layer_chunk[q] + costs.head[q]
         time_total += steps * draft_step + verify
         tokens += a + 1
         drafted += kept

@@ -59,7 +59,7 @@ def test_criteria_alone_selects_dynamic_and_speculative_records_acceptance(tmp_p
     info = json.loads(next((tmp_path / "dyn").iterdir()).joinpath("run.json").read_text())
     assert info["strategy"] == "dynamic" and info["knobs"]["criteria"] == "entropy_based"
     assert info["knobs"]["min_exit_layer"] == 12
-    proc = run("benchmark.py", "--generation_strategy", "self_speculative", "--exit_layer", "12",
+    proc = run("benchmark.py", "--generation_strategy", "self_speculative", "--exit_layer", "12", "--exits", "none",
                "--num_speculations", "3", "--num_samples", "2", "--max_steps", "10", "--dataset", "gsm8k",
                "--output_dir", str(tmp_path / "ss"))
     assert proc.returncode == 0, proc.stderr

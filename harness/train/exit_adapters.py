@@ -165,6 +165,7 @@ def run(cfg: TrainConfig, opts: AdapterOptions, model):
     rec, table = recommend(model, held, held_target, layers, vocab)
     art.recommended["self_speculative"] = {k: rec[k] for k in ("exit_layer", "num_speculations", "draft_threshold")}
     art.recommended["self_speculative"]["draft_vocab"] = int(len(vocab))
+    art.recommended.update(per_token_defaults(metrics, layers, model.num_layers))
     art.provenance["exit_adapters"] = provenance(
         cfg, time.perf_counter() - t_start, metrics, options=opts.__dict__, train_tokens=int(len(tokens)),
         held_out_tokens=int(len(held_target)), data_note="train/validation splits only; held-out = last "
@@ -177,6 +178,18 @@ def run(cfg: TrainConfig, opts: AdapterOptions, model):
           f"recommended self_speculative {art.recommended['self_speculative']} "
           f"(predicted {rec['predicted_speedup']:.2f}x)")
     return art
+
+
+def per_token_defaults(metrics: dict, layers: list[int], L: int) -> dict:
+    """Where per-token exit methods should look once exits are trained: calm/dynamic check no layer below the
+    first trained exit (untrained shallower exits are confidently wrong); FREE's shallow exit is the trained
+    layer with the largest agreement x fraction of layers saved."""
+    from ..config import CRITERIA
+
+    shallow = max(layers, key=lambda d: metrics.get(f"agree_vocab_{d}", 0.0) * (1 - d / L))
+    out = {"free": {"shallow_exit_layer": shallow}, "calm": {"min_exit_layer": layers[0]}}
+    out.update({f"dynamic:{c}": {"min_exit_layer": layers[0]} for c in CRITERIA})
+    return out
 
 
 @torch.no_grad()
