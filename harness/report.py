@@ -57,8 +57,9 @@ def find_run_dirs(paths: list[str]) -> list[Path]:
 
 
 def _knobs_label(strategy: str, knobs: dict) -> str:
-    shown = {k: v for k, v in sorted(knobs.items()) if v is not None and v != "none"}
-    return strategy + ("" if not shown else " " + " ".join(f"{k}={v}" for k, v in shown.items()))
+    shown = {k: v for k, v in sorted(knobs.items()) if v is not None and v != "none" and k != "trained_defaults"}
+    trained = " [trained exits]" if knobs.get("trained_defaults") else ""  # knobs taken from the exit artifact
+    return strategy + ("" if not shown else " " + " ".join(f"{k}={v}" for k, v in shown.items())) + trained
 
 
 def _is_baseline(run: dict) -> bool:
