@@ -481,6 +481,47 @@ def plot_sweep(df: pd.DataFrame, out: Path) -> list[Path]:
     return files
 
 
+def _family(row) -> str:
+    """Which curve a row belongs to for the speed-quality AUC: static exit, or the method's strategy."""
+    if row["strategy"] == "autoregressive":
+        return "static exit" if json.loads(row["knobs"] or "{}").get("exit_layer") is not None else ""
+    return row["strategy"]
+
+
+def speed_quality_auc(df: pd.DataFrame) -> pd.DataFrame:
+    """FREE's headline metric: the area under each method's speed-quality curve (a threshold or exit-layer sweep).
+
+    Per (model, dataset), each method's points (decode speedup, main quality metric) plus the full model's (1, q0)
+    form a curve; quality at speedup x is the best quality the method reaches at a speedup >= x (its Pareto
+    envelope; 0 beyond its fastest point). The area is taken over the SAME range [1, X] for every method of the
+    table, X = the largest speedup any of them reaches, and divided by q0 * (X - 1): 1.0 = the full model's quality
+    at every speedup up to X, so static exit, the method and the full model are on one scale. Methods with one
+    configuration get an area too (a one-point curve). Needs the baseline row and at least one other point."""
+    rows = []
+    for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
+        q = primary_quality(g)
+        base = g[(g["strategy"] == "autoregressive") & ~g["control"].astype(bool) & (g.apply(_family, axis=1) == "")]
+        if q is None or base.empty:
+            continue
+        q0 = float(base[q].iloc[0])
+        pts = g[~g["control"].astype(bool) & g["decode_speedup"].notna() & g[q].notna()].copy()
+        pts["family"] = pts.apply(_family, axis=1)
+        pts = pts[pts["family"] != ""]
+        if pts.empty or q0 <= 0:
+            continue
+        X = max(float(pts["decode_speedup"].max()), 1.0)
+        if X <= 1.0:
+            continue
+        grid = np.linspace(1.0, X, 401)
+        for fam, f in pts.groupby("family"):
+            s, v = np.r_[1.0, f["decode_speedup"].to_numpy(float)], np.r_[q0, f[q].to_numpy(float)]
+            env = np.array([v[s >= x].max() if (s >= x).any() else 0.0 for x in grid])
+            area = float(np.trapezoid(env, grid)) if hasattr(np, "trapezoid") else float(np.trapz(env, grid))
+            rows.append({"model": model, "dataset": dataset, "method": fam, "points": len(f), "metric": q,
+                         "speedup_range": X, "auc": area / (q0 * (X - 1.0))})
+    return pd.DataFrame(rows)
+
+
 def write_report(paths: list[str], out: Optional[str] = None) -> tuple[pd.DataFrame, list[Path]]:
     """Build the table and every plot; returns the table and the files written."""
     runs = load_runs(paths)
@@ -489,6 +530,10 @@ def write_report(paths: list[str], out: Optional[str] = None) -> tuple[pd.DataFr
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "report.csv", out_dir / "report.md"]
     df.to_csv(files[0], index=False)
+    auc = speed_quality_auc(df)
+    if not auc.empty:
+        files.append(out_dir / "speed_quality_auc.csv")
+        auc.to_csv(files[-1], index=False)
     if df["dataset"].nunique() > 1:
         files.append(out_dir / "summary_by_task.csv")
         across_tasks(df).to_csv(files[-1], index=False)

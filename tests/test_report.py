@@ -121,3 +121,25 @@ def test_pareto_and_bootstrap_helpers():
     assert _pareto([(1.0, 0.5), (2.0, 0.4), (1.5, 0.3), (0.5, 0.6)]) == [3, 0, 1]
     lo, hi = _bootstrap_median(np.array([1.0, 1.1, 0.9, 1.2, 1.05]))
     assert 0.9 <= lo <= 1.05 <= hi <= 1.2
+
+
+def test_speed_quality_auc_puts_methods_on_one_scale():
+    from harness.report import speed_quality_auc
+
+    def row(strategy, knobs, speedup, q, control=False):
+        return {"model": "m", "dataset": "d", "strategy": strategy, "knobs": json.dumps(knobs), "control": control,
+                "decode_speedup": speedup, "rougeL": q, "exact_match": float("nan"), "pass_at_1": float("nan")}
+
+    df = pd.DataFrame([
+        row("autoregressive", {"exit_layer": None}, 1.0, 0.4),
+        row("autoregressive", {"exit_layer": None}, 1.01, 0.4, control=True),
+        row("autoregressive", {"exit_layer": 15}, 2.0, 0.1),  # static exit: fast and poor
+        row("free", {"threshold": 0.9}, 1.5, 0.4),  # a sweep: keeps quality up to 1.5x, then drops
+        row("free", {"threshold": 0.5}, 2.0, 0.3),
+    ])
+    auc = speed_quality_auc(df).set_index("method")["auc"]
+    assert set(auc.index) == {"static exit", "free"}
+    # free: full quality to 1.5x then 0.3/0.4 of it to 2x -> (0.5 * 1 + 0.5 * 0.75) / 1 = 0.875 (grid-exact here)
+    assert abs(auc["free"] - 0.875) < 0.01
+    assert abs(auc["static exit"] - 0.25) < 0.01  # best quality 0.1/0.4 over the whole range
+    assert auc["free"] > auc["static exit"]
