@@ -38,7 +38,7 @@ class TinyModel:
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gamma
 
-    def exit_logits(self, h: torch.Tensor, rows=None) -> torch.Tensor:
+    def exit_logits(self, h: torch.Tensor, rows=None, layer=None) -> torch.Tensor:
         return F.linear(self.norm(h), self.W if rows is None else self.W[rows])
 
     def head_flops(self, rows: int) -> int:
@@ -252,7 +252,7 @@ def test_jsd_amateur_is_computed_once_per_layer():
     model = TinyModel(1)
     calls = []
     real = model.exit_logits
-    model.exit_logits = lambda h, rows=None: calls.append(1) or real(h, rows)
+    model.exit_logits = lambda h, rows=None, layer=None: calls.append(1) or real(h, rows, layer)
     probe = ExitProbe(model, GenerationConfig(generation_strategy="calm", confidence="jsd_contrastive"), 3,
                       "jsd_contrastive")
     for d, h in enumerate(stack(1)):

@@ -68,7 +68,7 @@ def test_gsm8k_exact_match_matches_lm_evals_hf_model(pair):
 
 def test_generation_knobs_reach_the_generator_and_loglikelihood_depth():
     lm = EarlyExitLM(generation_strategy="self_speculative", exit_layer="8", num_speculations="3",
-                     loglikelihood_exit_layer="12", device="cpu", dtype="float32")
+                     loglikelihood_exit_layer="12", device="cpu", dtype="float32", exits="none")
     knobs = lm.generator.knobs()
     assert lm.generator.name == "self_speculative" and (knobs["exit_layer"], knobs["num_speculations"]) == (8, 3)
     full = EarlyExitLM(device="cpu", dtype="float32")
@@ -86,7 +86,7 @@ def _eval(*args):
 
 
 def test_eval_cli_bundled_task_offline(tmp_path):
-    proc = _eval("--tasks", "xsum", "--limit", "2", "--model_args", "max_steps=8,criteria=max_probability",
+    proc = _eval("--tasks", "xsum", "--limit", "2", "--model_args", "max_steps=8,criteria=max_probability,exits=none",
                  "--baseline", "--output_path", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     (out,) = tmp_path.iterdir()
