@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # or install your own torch into .venv first (any torch>=2.4 is kept as it is).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench check exits clean-cache
+.PHONY: setup demo test bench check exits results clean-cache
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,27 @@ exits: setup
 		--calibrate_max_prompt_tokens 400 --calibrate_delta 0.25
 	$(PY) -m harness.train --recipe consistentee --exits $(EXITS) --output $(EXITS) --seed 0 --exit_layers 6,8,10,12 \
 		--work_dir $(EXITS_WORK)/consistentee --steps 150 --seq_len 128 --batch_size 2 --lr 3e-3 --log_every 50 --consistentee_alpha 2
+
+# Reference results on the embedded model (README "Reference results"; hours on a 2-core CPU): every method and
+# transformers peer on the four tasks, 20 examples each, with the shipped trained exits and without them (the
+# methods that read exits), then the report (regenerable byte for byte from the logs: tests/test_reference.py)
+# and exit diagnostics. Logs are gzipped (deterministically) to keep the committed folder small.
+RESULTS := results/reference
+REF_RUN := --dataset all --num_samples 20 --max_steps 24 --max_prompt_tokens 384 --seed 0
+REF_EXTRA := autoregressive:exit_layer=12,calm:confidence=contrastive:vocab_reduction=decaying:threshold=0.9
+REF_UNTRAINED := self_speculative,hybrid_speculative,calm,free,dynamic:criteria=cosine_similarity,\
+	dynamic:criteria=token_repeat,dynamic:criteria=entropy_based,dynamic:criteria=max_probability,\
+	dynamic:criteria=convergence,$(REF_EXTRA)
+results: setup
+	rm -rf $(RESULTS)/runs $(RESULTS)/report $(RESULTS)/diagnostics
+	$(PY) benchmark.py $(REF_RUN) --exits auto --strategies all,$(REF_EXTRA) --output_dir $(RESULTS)/runs/trained_exits
+	$(PY) benchmark.py $(REF_RUN) --exits none --strategies $(REF_UNTRAINED) --output_dir $(RESULTS)/runs/untrained_exits
+	find $(RESULTS)/runs -name report -type d -prune -exec rm -rf {} +
+	find $(RESULTS)/runs -name examples.jsonl -exec gzip -9 -n {} +
+	$(PY) -m harness.report $(RESULTS)/runs --out $(RESULTS)/report
+	for task in cnn_dm_summarization xsum_summarization; do for ex in auto none; do \
+		$(PY) -m harness.diagnose --dataset $$task --exits $$ex --num_samples 6 --max_tokens 96 --static_max_steps 24 \
+			--out $(RESULTS)/diagnostics/$${task}_exits_$$ex || exit 1; done; done
 
 clean-cache:
 	rm -rf $${EE_HARNESS_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/early_exit_harness}

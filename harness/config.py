@@ -259,6 +259,11 @@ class RunConfig:
         "auto", "trained exits (adapters, candidate vocabulary, recommended and calibrated knobs from "
         "`python -m harness.train`): auto = the artifact shipped for this model if there is one, none = untrained "
         "exits, or the path of an exit artifact (refused if made for another model)")
+    breakdown: bool = _f(
+        True, "time each method's components (draft / verify / accept, shallow / deep / parallel, layers / confidence "
+        "/ head / state_copy) with device-synchronized timers; the cost of one timed section is measured and reported "
+        "beside them (on a GPU the synchronizations can slow a method slightly: --breakdown false for the cleanest "
+        "speed figures)")
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple = ()) -> None:

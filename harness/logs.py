@@ -10,6 +10,7 @@ any incompatible change).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -59,6 +60,7 @@ class ExampleRecord:
     acceptance_rate: Optional[float]  # accepted / drafted; null when not speculative
     repeats: list  # every timed repeat: {repeat, slot (0 = ran first on this example), prefill_seconds, decode_seconds, new_tokens}
     method_log: Optional[dict]  # method state after this example, e.g. FREE's adaptive threshold trajectory entry
+    breakdown: Optional[dict] = None  # first repeat's decode seconds per component, section calls, timer cost (--breakdown)
 
 
 @dataclass
@@ -262,10 +264,14 @@ def read_run(path: str | Path) -> dict:
     """Load a run directory: {"run": run.json, "examples": [records], "summary": summary.json or None}."""
     path = Path(path)
     run = json.loads((path / "run.json").read_text(encoding="utf-8"))
-    examples = []
-    ex_path = path / "examples.jsonl"
+    examples, text = [], None
+    ex_path, gz_path = path / "examples.jsonl", path / "examples.jsonl.gz"  # .gz: compacted (committed results)
     if ex_path.exists():
-        examples = [json.loads(line) for line in ex_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = ex_path.read_text(encoding="utf-8")
+    elif gz_path.exists():
+        text = gzip.decompress(gz_path.read_bytes()).decode("utf-8")
+    if text is not None:
+        examples = [json.loads(line) for line in text.splitlines() if line.strip()]
     summary_path = path / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
     return {"run": run, "examples": examples, "summary": summary}

@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from . import time_breakdown
 from .config import UsageError
 from .logs import read_run
 from .metrics import SCORE_KEYS
@@ -56,10 +57,21 @@ def find_run_dirs(paths: list[str]) -> list[Path]:
     return unique
 
 
-def _knobs_label(strategy: str, knobs: dict) -> str:
+def uses_trained_exits(info: dict) -> bool:
+    """Whether a run's method went through trained exits: an artifact was attached and the method reads early
+    exits (not transformers' own decoding, not the full-depth baseline)."""
+    s = info["strategy"]
+    full_depth = s == "autoregressive" and info["knobs"].get("exit_layer") is None
+    return bool(_get(info, "model", "exits") or info["knobs"].get("trained_defaults")) and \
+        not s.startswith("hf_") and not full_depth
+
+
+def method_label(info: dict) -> str:
+    """Strategy + its knobs (trained defaults left out), marked `[trained exits]` when it used them."""
+    knobs = info["knobs"]
     shown = {k: v for k, v in sorted(knobs.items()) if v is not None and v != "none" and k != "trained_defaults"}
-    trained = " [trained exits]" if knobs.get("trained_defaults") else ""  # knobs taken from the exit artifact
-    return strategy + ("" if not shown else " " + " ".join(f"{k}={v}" for k, v in shown.items())) + trained
+    trained = " [trained exits]" if uses_trained_exits(info) else ""
+    return info["strategy"] + ("" if not shown else " " + " ".join(f"{k}={v}" for k, v in shown.items())) + trained
 
 
 def _is_baseline(run: dict) -> bool:
@@ -187,7 +199,8 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
         ex = _per_example(run)
         row = {
             "model": info["model"]["name"], "dataset": info["task"]["name"], "strategy": info["strategy"],
-            "method": _knobs_label(info["strategy"], info["knobs"]) + (" (A/A control)" if info.get("control") else ""),
+            "method": method_label(info) + (" (A/A control)" if info.get("control") else ""),
+            "invocation": _get(info, "schedule", "invocation") or info["run_id"],
             "knobs": json.dumps(info["knobs"], sort_keys=True), "control": bool(info.get("control", False)),
             "run_id": info["run_id"], "status": summ.get("status", "no summary"), "n": len(ex),
             "decode_ms_per_token_median": 1e3 * _median(ex["decode_time_per_token"]),
@@ -284,7 +297,10 @@ def across_tasks(df: pd.DataFrame) -> pd.DataFrame:
             if pd.isna(r["decode_speedup"]) or baseline:
                 continue
             delta = f", {_fmt(r[f'delta_{q}'], '+.3f')} {q}" if q else ""
-            cells.setdefault((model, r["method"]), {})[dataset] = f"{r['decode_speedup']:.2f}x{delta}"
+            key = (model, r["method"])
+            if dataset in cells.get(key, {}):  # the same label from another invocation (e.g. its A/A control)
+                key = (model, f"{r['method']} ({r['invocation']})")
+            cells.setdefault(key, {})[dataset] = f"{r['decode_speedup']:.2f}x{delta}"
     rows = [{"model": m, "method": meth, **v} for (m, meth), v in cells.items()]
     return pd.DataFrame(rows).fillna("-") if rows else pd.DataFrame()
 
@@ -378,6 +394,10 @@ def short_label(strategy: str, knobs: dict) -> str:
         parts.append(f"t{k['threshold']:g}")
     if k.get("shallow_exit_layer") is not None:
         parts.append(f"S{k['shallow_exit_layer']}")
+    if k.get("confidence") not in (None, "softmax"):
+        parts.append(k["confidence"])
+    if k.get("vocab_reduction") not in (None, "none"):
+        parts.append(f"vocab-{k['vocab_reduction']}")
     return " ".join(parts)
 
 
@@ -407,8 +427,9 @@ def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.6", lw=0.8, zorder=2)
         colours = [FAMILIES.get(s, ("other", "tab:purple"))[1] for s in g["strategy"]]
         ax.scatter(xs, ys, c=colours, zorder=3, s=28)
-        for x, y, s, kn in zip(xs, ys, g["strategy"], g["knobs"]):
-            ax.annotate(short_label(s, json.loads(kn or "{}")), (x, y), fontsize=7.5, xytext=(4, 3),
+        for x, y, s, kn, meth in zip(xs, ys, g["strategy"], g["knobs"], g["method"]):
+            trained = " (tr)" if "[trained exits]" in meth else ""  # same mark as the breakdown plot
+            ax.annotate(short_label(s, json.loads(kn or "{}")) + trained, (x, y), fontsize=7.5, xytext=(4, 3),
                         textcoords="offset points")
         for fam, colour in dict(FAMILIES.get(s, ("other", "tab:purple")) for s in g["strategy"]).items():
             ax.scatter([], [], c=colour, s=28, label=fam)
@@ -417,7 +438,8 @@ def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_xlabel("decode speedup over autoregressive (median of per-example ratios, IQR bars)" if use_speedup
                       else "decoded tokens/s (median)")
         ax.set_ylabel(q)
-        ax.set_title(f"{dataset} ({model})")
+        tr = " — (tr) = with trained exits" if g["method"].str.contains("[trained exits]", regex=False).any() else ""
+        ax.set_title(f"{dataset} ({model}){tr}")
         ax.legend(fontsize=7, loc="best", framealpha=0.7)
         ax.grid(alpha=0.25)
         files.append(_save(fig, out / f"speed_quality_{dataset}.png"))
@@ -435,7 +457,7 @@ def plot_exit_layers(runs: list[dict], out: Path) -> Optional[Path]:
         if layers:
             data.append(layers)
             labels.append(textwrap.fill(f"{r['run']['task']['name']}: "
-                                        f"{_knobs_label(r['run']['strategy'], r['run']['knobs'])}", 55))
+                                        f"{method_label(r['run'])}", 55))
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(11, 1.5 + 0.55 * len(data)))
@@ -537,7 +559,14 @@ def write_report(paths: list[str], out: Optional[str] = None) -> tuple[pd.DataFr
     if df["dataset"].nunique() > 1:
         files.append(out_dir / "summary_by_task.csv")
         across_tasks(df).to_csv(files[-1], index=False)
-    files[1].write_text(markdown(df), encoding="utf-8")
+    def labels(r: dict) -> tuple[str, str]:
+        trained = " (tr)" if uses_trained_exits(r["run"]) else ""
+        return method_label(r["run"]), short_label(r["run"]["strategy"], r["run"]["knobs"]) + trained
+
+    bt, bfiles = time_breakdown.write(runs, df, out_dir, labels)
+    extra = "\n" + time_breakdown.markdown(bt, time_breakdown.baseline_ms(df)) + "\n" if bt is not None else ""
+    files[1].write_text(markdown(df) + extra, encoding="utf-8")
+    files += bfiles
     files += plot_speed_quality(df, out_dir)
     ex = plot_exit_layers(runs, out_dir)
     files += [ex] if ex else []

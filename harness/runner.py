@@ -126,7 +126,7 @@ def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, runs
         acceptance_rate=res.accepted / res.drafted if res.drafted else None,
         repeats=[{"repeat": i, "slot": slot, "prefill_seconds": r.prefill_seconds,
                   "decode_seconds": r.decode_seconds, "new_tokens": len(r.tokens)} for i, (r, slot) in enumerate(runs)],
-        method_log=None)
+        method_log=None, breakdown=res.breakdown)
 
 
 LAYERSKIP_MAX_STEPS, LAYERSKIP_TEMPERATURE, LAYERSKIP_TOP_P = 512, 0.6, 0.9  # LayerSkip's GenerationConfig
@@ -154,6 +154,7 @@ class Benchmark:
         self.model = model or load_model(run.model, run.device, run.dtype, run.device_map, run.exits)
         self.max_steps = gen.max_steps or (LAYERSKIP_MAX_STEPS if layerskip else self.task.max_steps)
         self.generator: Generator = build_generator(self.model, dataclasses.replace(gen, max_steps=self.max_steps))
+        self.generator.timer.enabled = run.breakdown and not control  # the baseline has no components anyway
         self.max_prompt = run.max_prompt_tokens or max(self.model.max_context - self.max_steps, 1)
         self._prompts: dict[int, tuple[list[int], bool]] = {}
 

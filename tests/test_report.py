@@ -78,6 +78,14 @@ def test_report_files_and_plots(sweep_dir, tmp_path):
     assert len(back) == 6 and "decode_speedup_ci95_high" in back.columns and back["control"].dtype == bool
     md = (tmp_path / "report.md").read_text()
     assert "### gsm8k" in md and "n=2" in md
+    # per-component breakdown (on by default): self-speculation's draft / verify / accept, none for the baseline
+    assert {"time_breakdown.csv", "time_breakdown_gsm8k.png"} <= names and "Where the decode time goes" in md
+    bt = pd.read_csv(tmp_path / "time_breakdown.csv")
+    assert set(bt["method"].str.split().str[0]) == {"self_speculative"} and bt["method"].nunique() == 4
+    assert set(bt["component"]) == {"draft", "verify", "accept", "other", "timer overhead"}
+    verify = bt[bt["component"] == "verify"]
+    assert (verify["share_median"] > 0.2).all() and (verify["share_median"] <= 1).all()
+    assert (bt[bt["component"] == "timer overhead"]["share_median"] < 0.05).all()  # measured, and small on CPU
 
 
 def test_rows_without_a_baseline_say_so(sweep_dir, tmp_path):

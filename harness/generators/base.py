@@ -14,6 +14,7 @@ from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 
+from ..components import ComponentTimer
 from ..config import GenerationConfig, UsageError
 from ..model import LayeredModel, synchronize
 from ..sampling import Sampler
@@ -38,6 +39,7 @@ class GenerationResult:
     kv_fill_flops: float = 0.0  # FLOPs of state-copying K/V projections for skipped layers (CALM), decode only
     drafted: Optional[int] = None  # speculative methods: tokens drafted
     accepted: Optional[int] = None  # speculative methods: drafted tokens accepted by verification
+    breakdown: Optional[dict] = None  # with the component timer on: decode seconds per component (ComponentTimer.report)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +133,8 @@ class Generator(ABC):
         config.check_knobs(self.name)
         self.trained_knobs = self.apply_trained_defaults()
         self.sampler = Sampler(config, model.head_device)  # logits come from the head's device
+        # per-component decode time; off unless the benchmark turns it on (--breakdown)
+        self.timer = ComponentTimer(getattr(model, "synchronize", lambda: None))
         self.validate()
 
     def artifact_key(self) -> str:
@@ -191,6 +195,7 @@ class Generator(ABC):
         m = self.model
         cache = m.new_cache()
         self.last_cache = cache  # kept for inspection (tests)
+        self.timer.reset()  # before t0: its one-time cost measurement is not part of the generation
         t0 = self.clock()
         h = m.run_layers(m.embed(self.ids(prompt_ids)), 0, depth or m.num_layers, cache, 0)
         token = self.sampler.pick(m.exit_logits(h[:, -1:], layer=depth or m.num_layers))
@@ -201,6 +206,10 @@ class Generator(ABC):
     def result(self, out: "Output", t_start: float, t_prefill: float, t_end: float, **extra) -> GenerationResult:
         c = self.model.counters
         keep, reason = out.done
+        breakdown = self.timer.report()
+        if breakdown is not None:
+            breakdown["decode_seconds"] = t_end - t_prefill
+        extra.setdefault("breakdown", breakdown)
         return GenerationResult(
             tokens=out.tokens[:keep], exit_layers=out.exit_layers[:keep], prefill_seconds=t_prefill - t_start,
             decode_seconds=t_end - t_prefill, stop_reason=reason, layer_forwards=c.layer_tokens,

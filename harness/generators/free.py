@@ -126,28 +126,36 @@ class Free(Generator):
         out, pos, conf_flops = Output(stop, on_tokens), len(prompt_ids), 0.0
         queue: list[tuple[torch.Tensor, float, int]] = []  # (layer-S state, confidence, shallow argmax)
         depth = L
+        # components: shallow (layers 0..S-1 + the shallow exit's confidence and pick) / deep (a deep pass of the
+        # current token alone) / parallel (a deep pass that also carries queued shallow-exited positions)
+        timer = self.timer
         while not out.add([token], [depth]):
             probe = ExitProbe(m, self.config, S, self.measure)
-            h = probe.hidden[0] = m.embed(self.ids([token]))
-            h = probe.hidden[S] = self.shallow(probe, h, cache, pos)
-            conf = probe.confidence(S, self.measure)
-            shallow_top = probe.top_token(S)
-            if exits.exit_fires(conf, threshold):
-                token = probe.pick(S, self.sampler)
+            with timer("shallow"):
+                h = probe.hidden[0] = m.embed(self.ids([token]))
+                h = probe.hidden[S] = self.shallow(probe, h, cache, pos)
+                conf = probe.confidence(S, self.measure)
+                shallow_top = probe.top_token(S)
+                fire = exits.exit_fires(conf, threshold)
+                if fire:
+                    token = probe.pick(S, self.sampler)
+            if fire:
                 queue.append((h, conf, shallow_top))
                 depth = S
             else:  # deep token: carry every queued position through the deep layers in the same pass
-                start = pos - len(queue)
-                states = torch.cat([q[0] for q in queue] + [h], dim=1)
-                deep = m.run_layers(states, S, L, cache, start, rope=m.rope(states, start))
-                if self.adaptive:  # pairs from every deep-processed token, the current one included
-                    logits = m.exit_logits(deep)[0]
-                    for (_, c, shallow), deep_top in zip(queue + [(h, conf, shallow_top)], logits.argmax(-1).tolist()):
-                        self.adaptive.add(c, shallow == deep_top)
-                    conf_flops += m.head_flops(m.vocab_size) * len(queue)  # queued heads only feed the estimator
-                    token = self.sampler.pick(logits[-1])
-                else:
-                    token = self.sampler.pick(m.exit_logits(deep[:, -1:]))
+                with timer("parallel" if queue else "deep"):
+                    start = pos - len(queue)
+                    states = torch.cat([q[0] for q in queue] + [h], dim=1)
+                    deep = m.run_layers(states, S, L, cache, start, rope=m.rope(states, start))
+                    if self.adaptive:  # pairs from every deep-processed token, the current one included
+                        logits = m.exit_logits(deep)[0]
+                        for (_, c, shallow), deep_top in zip(queue + [(h, conf, shallow_top)],
+                                                             logits.argmax(-1).tolist()):
+                            self.adaptive.add(c, shallow == deep_top)
+                        conf_flops += m.head_flops(m.vocab_size) * len(queue)  # queued heads only feed the estimator
+                        token = self.sampler.pick(logits[-1])
+                    else:
+                        token = self.sampler.pick(m.exit_logits(deep[:, -1:]))
                 queue.clear()
                 depth = L
             conf_flops += probe.confidence_flops

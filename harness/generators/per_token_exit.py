@@ -55,23 +55,31 @@ class PerTokenExit(Generator):
         cache, token, t0, t1 = self.prefill(prompt_ids)
         out, pos, conf_flops = Output(stop, on_tokens), len(prompt_ids), 0.0
         depth = L
+        timer = self.timer  # components: layers / confidence (exit rule) / head (the chosen token) / state_copy
         while not out.add([token], [depth]):
             probe = ExitProbe(m, self.config, self.first_exit, self.measure)
-            h = probe.hidden[0] = m.embed(self.ids([token]))
-            rope = m.rope(h, pos)  # once per position, shared by every layer and the state copying below
+            with timer("layers"):
+                h = probe.hidden[0] = m.embed(self.ids([token]))
+                rope = m.rope(h, pos)  # once per position, shared by every layer and the state copying below
             depth = self.cap
             for layer in range(self.cap):
-                h = probe.hidden[layer + 1] = m.run_layers(h, layer, layer + 1, cache, pos, rope=rope)
+                with timer("layers"):
+                    h = probe.hidden[layer + 1] = m.run_layers(h, layer, layer + 1, cache, pos, rope=rope)
                 d = layer + 1
-                if self.first_exit <= d < self.cap and self.should_exit(d, probe, len(out.tokens), stop.max_steps):
-                    depth = d
-                    break
-            if depth < self.cap:
-                token = probe.pick(depth, self.sampler)
-            else:  # no rule fired: the full head at the cap (the last layer unless --exit_layer caps it)
-                token = self.sampler.pick(m.exit_logits(h, layer=self.cap))
+                if self.first_exit <= d < self.cap:
+                    with timer("confidence"):
+                        fire = self.should_exit(d, probe, len(out.tokens), stop.max_steps)
+                    if fire:
+                        depth = d
+                        break
+            with timer("head"):
+                if depth < self.cap:
+                    token = probe.pick(depth, self.sampler)
+                else:  # no rule fired: the full head at the cap (the last layer unless --exit_layer caps it)
+                    token = self.sampler.pick(m.exit_logits(h, layer=self.cap))
             if depth < L:
-                m.fill_kv(h, depth, L, cache, pos, rope=rope)
+                with timer("state_copy"):
+                    m.fill_kv(h, depth, L, cache, pos, rope=rope)
             conf_flops += probe.confidence_flops
             pos += 1
         return self.result(out, t0, t1, self.clock(), confidence_flops=conf_flops)

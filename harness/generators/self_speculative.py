@@ -177,6 +177,9 @@ class SelfSpeculative(Generator):
         stats = {"drafted": 0, "accepted": 0, "lookup_steps": 0, "lookup_drafted": 0, "lookup_accepted": 0,
                  "steps": 0}
         finished = out.add([token], [L])
+        # components: lookup (hybrid: n-gram search) / draft (layers 0..E-1 + exit head, per draft) / verify (layers
+        # E..L-1, or all L for lookup drafts, over the drafts + 1, and the full head) / accept (verifier + cache crop)
+        timer = self.timer
         while not finished:
             # a+1 tokens come out of a step (accepted drafts + the verifier's token): draft at most one
             # fewer than may still be emitted, so no token past max_steps is ever produced or counted
@@ -184,27 +187,32 @@ class SelfSpeculative(Generator):
             eos = set() if stop.fixed_length else stop.eos_ids
             found = []
             if self.use_lookup and room > 0:
-                found = lookup(list(prompt_ids) + out.tokens, self.config.lookup_ngram,
-                               min(self.config.lookup_tokens, room))
-                cut = next((i + 1 for i, t in enumerate(found) if t in eos), len(found))
-                found = found[:cut]
+                with timer("lookup"):
+                    found = lookup(list(prompt_ids) + out.tokens, self.config.lookup_ngram,
+                                   min(self.config.lookup_tokens, room))
+                    cut = next((i + 1 for i, t in enumerate(found) if t in eos), len(found))
+                    found = found[:cut]
             if found:
                 drafted, depth = found, L
-                logits = self.score_full(drafted, token, pos, cache)
+                with timer("verify"):
+                    logits = self.score_full(drafted, token, pos, cache)
                 q = [torch.nn.functional.one_hot(torch.tensor(t, device=logits.device), m.vocab_size).to(logits.dtype)
                      for t in drafted] if not self.sampler.greedy else []
             else:
                 k = min(self.k, room)
-                states, drafted, q = self.draft(token, pos, k, cache, eos) if k > 0 else ([], [], [])
-                logits = self.score(states, drafted, token, pos, cache)
+                with timer("draft"):
+                    states, drafted, q = self.draft(token, pos, k, cache, eos) if k > 0 else ([], [], [])
+                with timer("verify"):
+                    logits = self.score(states, drafted, token, pos, cache)
                 depth = E
-            if not drafted:
-                a, nxt = 0, self.sampler.pick(logits[-1:])
-            elif self.sampler.greedy:
-                a, nxt = verify_greedy(drafted, logits)
-            else:
-                a, nxt = verify_sampling(drafted, torch.stack(q), self.sampler.probs(logits), self.sampler.rng)
-            m.crop(cache, pos + a + 1)  # keep x, y1..ya; their K/V are now the full model's at every layer
+            with timer("accept"):
+                if not drafted:
+                    a, nxt = 0, self.sampler.pick(logits[-1:])
+                elif self.sampler.greedy:
+                    a, nxt = verify_greedy(drafted, logits)
+                else:
+                    a, nxt = verify_sampling(drafted, torch.stack(q), self.sampler.probs(logits), self.sampler.rng)
+                m.crop(cache, pos + a + 1)  # keep x, y1..ya; their K/V are now the full model's at every layer
             pos += a + 1
             token = nxt
             before = len(out.tokens)
