@@ -56,9 +56,9 @@ exits: setup
 RESULTS := results/reference
 REF_RUN := --dataset all --num_samples 20 --max_steps 24 --max_prompt_tokens 384 --seed 0
 REF_EXTRA := autoregressive:exit_layer=12,calm:confidence=contrastive:vocab_reduction=decaying:threshold=0.9
-REF_UNTRAINED := self_speculative,hybrid_speculative,calm,free,dynamic:criteria=cosine_similarity,\
-	dynamic:criteria=token_repeat,dynamic:criteria=entropy_based,dynamic:criteria=max_probability,\
-	dynamic:criteria=convergence,$(REF_EXTRA)
+REF_DYNAMIC := dynamic:criteria=cosine_similarity,dynamic:criteria=token_repeat,dynamic:criteria=entropy_based
+REF_DYNAMIC := $(REF_DYNAMIC),dynamic:criteria=max_probability,dynamic:criteria=convergence
+REF_UNTRAINED := self_speculative,hybrid_speculative,calm,free,$(REF_DYNAMIC),$(REF_EXTRA)
 results: setup
 	rm -rf $(RESULTS)/runs $(RESULTS)/report $(RESULTS)/diagnostics
 	$(PY) benchmark.py $(REF_RUN) --exits auto --strategies all,$(REF_EXTRA) --output_dir $(RESULTS)/runs/trained_exits

@@ -27,30 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.config import GenerationConfig  # noqa: E402
 from harness.generators import StopCondition, build_generator  # noqa: E402
+from harness.generators.hf_peers import StreamClock  # noqa: E402
 from harness.model import load_model, synchronize  # noqa: E402
 from harness.runner import WARMUP_STEPS  # noqa: E402
 from harness.tasks import load_examples  # noqa: E402
 
 
-class FirstTokenClock:
-    """A transformers streamer that timestamps the first new token (end of prefill)."""
-
-    def __init__(self):
-        self.calls, self.first = 0, None
-
-    def put(self, value):  # called with the prompt, then once per new token (already on the host)
-        self.calls += 1
-        if self.calls == 2:
-            self.first = time.perf_counter()
-
-    def end(self):
-        pass
-
-
 def hf_generate(model, ids: list[int], n: int) -> tuple[list[int], float, float]:
     """(tokens, prefill seconds, decode seconds) of transformers' greedy generate."""
     x = torch.tensor([ids], device=model.device)
-    clock = FirstTokenClock()
+    clock = StreamClock(lambda: synchronize(model.device))
     synchronize(model.device)
     t = time.perf_counter()
     out = model.hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,

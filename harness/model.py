@@ -497,31 +497,28 @@ class LayeredModel:
         artifact's candidate rows only, so its head scores those rows and every other token gets -inf (the
         logits keep the full vocabulary's shape; the head costs the candidate rows only).
         """
+        n = self._norm(self.adapt(h, layer))
         trained = layer is not None and layer < self.num_layers and layer in self.adapters \
             and self.exit_vocab is not None
-        n = self._norm(self.adapt(h, layer))
-        if trained:
-            positions = h.shape[0] * h.shape[1]
-            self.counters.head_calls += positions
-            if rows is None:
-                self.counters.head_rows += positions * self.exit_vocab.numel()
-                part = F.linear(n.to(self.head_device), self._exit_weight)
-                out = torch.full((*part.shape[:-1], self.vocab_size), float("-inf"), dtype=part.dtype,
-                                 device=part.device)
-                return out.index_copy_(-1, self.exit_vocab, part)
-            self.counters.head_rows += positions * rows.numel()
-            if rows is self.exit_vocab:  # a draft head on exactly the candidate rows
-                return F.linear(n.to(self.head_device), self._exit_weight)
-            rows = rows.to(self.head_device)
-            part = F.linear(n.to(self.head_device), self.lm_head.weight[rows])
-            return part.masked_fill(~self._in_exit_vocab[rows], float("-inf"))
-        positions = h.shape[0] * h.shape[1]
+        if not trained:
+            return self._head(n, rows)
+        if rows is None:  # the candidate rows, scattered into a full-vocabulary row of -inf
+            part = self._head(n, self.exit_vocab)
+            out = torch.full((*part.shape[:-1], self.vocab_size), float("-inf"), dtype=part.dtype, device=part.device)
+            return out.index_copy_(-1, self.exit_vocab, part)
+        part = self._head(n, rows)
+        if rows is self.exit_vocab:  # a draft head on exactly the candidate rows
+            return part
+        return part.masked_fill(~self._in_exit_vocab[rows.to(self.head_device)], float("-inf"))
+
+    def _head(self, n: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """lm_head on normed states, all rows or a subset (the cached candidate rows when given exactly), counted."""
+        positions = n.shape[0] * n.shape[1]
+        self.counters.head_calls += positions
         if rows is None:
             self.counters.head_rows += positions * self.vocab_size
-            self.counters.head_calls += positions
             return self.lm_head(n)
         self.counters.head_rows += positions * rows.numel()
-        self.counters.head_calls += positions
         weight = self._exit_weight if rows is self.exit_vocab else self.lm_head.weight[rows.to(self.head_device)]
         return F.linear(n.to(self.head_device), weight)
 

@@ -446,28 +446,30 @@ def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
     return files
 
 
-def plot_exit_layers(runs: list[dict], out: Path) -> Optional[Path]:
+def plot_exit_layers(runs: list[dict], out: Path) -> list[Path]:
+    """Per dataset: the distribution of per-token exit layers of every method (decoded tokens only)."""
     plt = _pyplot()
 
-    data, labels = [], []
+    by_task: dict[str, tuple[list, list]] = {}
     for r in runs:
         if r["run"].get("control"):
             continue
         layers = [x for e in r["examples"] for x in e["exit_layers"][1:]]  # decoded tokens only
         if layers:
+            data, labels = by_task.setdefault(r["run"]["task"]["name"], ([], []))
             data.append(layers)
-            labels.append(textwrap.fill(f"{r['run']['task']['name']}: "
-                                        f"{method_label(r['run'])}", 55))
-    if not data:
-        return None
-    fig, ax = plt.subplots(figsize=(11, 1.5 + 0.55 * len(data)))
-    ax.boxplot(data, orientation="horizontal", showmeans=True)
-    ax.set_yticks(range(1, len(labels) + 1), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("exit layer (layers run before the exit head), decoded tokens")
-    ax.set_title("distribution of per-token exit layers")
-    fig.tight_layout()
-    return _save(fig, out / "exit_layers.png")
+            labels.append(textwrap.fill(method_label(r["run"]), 70))
+    files = []
+    for task, (data, labels) in by_task.items():
+        fig, ax = plt.subplots(figsize=(11, 1.5 + 0.45 * len(data)))
+        ax.boxplot(data, orientation="horizontal", showmeans=True)
+        ax.set_yticks(range(1, len(labels) + 1), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("exit layer (layers run before the exit head), decoded tokens")
+        ax.set_title(f"distribution of per-token exit layers: {task}")
+        fig.tight_layout()
+        files.append(_save(fig, out / f"exit_layers_{task}.png"))
+    return files
 
 
 def plot_sweep(df: pd.DataFrame, out: Path) -> list[Path]:
@@ -568,8 +570,7 @@ def write_report(paths: list[str], out: Optional[str] = None) -> tuple[pd.DataFr
     files[1].write_text(markdown(df) + extra, encoding="utf-8")
     files += bfiles
     files += plot_speed_quality(df, out_dir)
-    ex = plot_exit_layers(runs, out_dir)
-    files += [ex] if ex else []
+    files += plot_exit_layers(runs, out_dir)
     files += plot_sweep(df, out_dir)
     return df, files
 

@@ -71,7 +71,7 @@ def test_report_table_speedups_and_deltas(sweep_dir):
 def test_report_files_and_plots(sweep_dir, tmp_path):
     df, files = write_report([str(sweep_dir / "*")], str(tmp_path))
     names = {f.name for f in files}
-    assert {"report.csv", "report.md", "exit_layers.png", "speed_quality_gsm8k.png", "sweep_gsm8k.png"} <= names
+    assert {"report.csv", "report.md", "exit_layers_gsm8k.png", "speed_quality_gsm8k.png", "sweep_gsm8k.png"} <= names
     for f in files:
         assert f.stat().st_size > 0
     back = pd.read_csv(tmp_path / "report.csv")

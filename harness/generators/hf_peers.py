@@ -25,8 +25,9 @@ from .base import GenerationResult, Generator, StopCondition, TokenCallback, reg
 DEFAULT_LOOKUP_TOKENS = 10  # transformers' documented example value for prompt_lookup_num_tokens
 
 
-class _Clock:
-    """Streamer: the time of the first new token and the size of every later chunk of tokens."""
+class StreamClock:
+    """A transformers streamer: the (synchronized) time of the first new token, i.e. the end of prefill, and the
+    size of every later chunk of tokens (also used by bench/autoregressive_vs_hf.py)."""
 
     def __init__(self, sync):
         self.sync, self.calls, self.first, self.chunks = sync, 0, None, []
@@ -107,7 +108,7 @@ class HFPeer(Generator):
             torch.manual_seed(c.seed)
         for k, v in self.peer_kwargs().items():
             setattr(gc, k, v)
-        clock, criteria = _Clock(m.synchronize), _Stop(stop, len(prompt_ids))
+        clock, criteria = StreamClock(m.synchronize), _Stop(stop, len(prompt_ids))
         with _Work(m) as work:
             t0 = self.clock()
             out = m.hf.generate(x, attention_mask=torch.ones_like(x), generation_config=gc,
@@ -131,7 +132,7 @@ class HFPeer(Generator):
     speculative = False
 
     @staticmethod
-    def accepted(clock: _Clock) -> int:
+    def accepted(clock: StreamClock) -> int:
         return sum(k - 1 for k in clock.chunks)
 
 

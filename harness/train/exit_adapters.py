@@ -130,15 +130,8 @@ def run(cfg: TrainConfig, opts: AdapterOptions, model):
 
     @torch.no_grad()
     def evaluate() -> dict:
-        out = {}
-        for d in layers:
-            z = final_norm(adapters[str(d)](held["layers"][d]))
-            full = torch.cat([(z[i:i + 4096] @ W.T).argmax(-1) for i in range(0, len(z), 4096)])
-            out[f"agree_{d}"] = float((full == held_target).float().mean())
-            draft = vocab[torch.cat([(z[i:i + 4096] @ Wv.T).argmax(-1) for i in range(0, len(z), 4096)])]
-            out[f"agree_vocab_{d}"] = float((draft == held_target).float().mean())
-        out["vocab_coverage"] = float(in_vocab.float().mean())
-        return out
+        out = held_out_agreement(lambda d, x: final_norm(adapters[str(d)](x)), held, held_target, W, vocab, layers)
+        return {**out, "vocab_coverage": float(in_vocab.float().mean())}
 
     untrained = evaluate()
     tokens = torch.arange(len(train["final"]))  # Loop samples positions on the CPU; loss() moves them
@@ -161,7 +154,9 @@ def run(cfg: TrainConfig, opts: AdapterOptions, model):
         art.adapters[d] = {k: v.detach().cpu().to(torch.float16) for k, v in adapters[str(d)].state_dict().items()}
     art.vocab = vocab.cpu()
     model.set_exits(art)
-    metrics.update({f"stored_{k}": v for k, v in stored_agreement(model, held, held_target, layers).items()})
+    stored = held_out_agreement(lambda d, x: model.norm(model.adapt(x.to(model.dtype), d)).float(), held, held_target,
+                                W, vocab, layers)  # the attached, fp16-rounded adapters: what the file holds
+    metrics.update({f"stored_{k}": v for k, v in stored.items()})
     rec, table = recommend(model, held, held_target, layers, vocab)
     art.recommended["self_speculative"] = {k: rec[k] for k in ("exit_layer", "num_speculations", "draft_threshold")}
     art.recommended["self_speculative"]["draft_vocab"] = int(len(vocab))
@@ -193,14 +188,18 @@ def per_token_defaults(metrics: dict, layers: list[int], L: int) -> dict:
 
 
 @torch.no_grad()
-def stored_agreement(model, held: dict, target: torch.Tensor, layers: list[int]) -> dict:
-    """Full-head agreement of the attached (stored, fp16-rounded) adapters on the held-out states."""
-    W = model.lm_head.weight.detach().float()
+def held_out_agreement(exit_state, held: dict, target: torch.Tensor, W: torch.Tensor, vocab: torch.Tensor,
+                       layers: list[int]) -> dict:
+    """Top-1 agreement with the last layer on the held-out states, per exit d: through the full head (agree_d)
+    and through the candidate-vocabulary exit the artifact ships (agree_vocab_d). exit_state(d, x) -> normed."""
+    def top(z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        return torch.cat([(z[i:i + 4096] @ M.T).argmax(-1) for i in range(0, len(z), 4096)])
+
     out = {}
     for d in layers:
-        z = model.norm(model.adapt(held["layers"][d].to(model.dtype), d)).float()
-        top = torch.cat([(z[i:i + 4096] @ W.T).argmax(-1) for i in range(0, len(z), 4096)])
-        out[f"agree_{d}"] = float((top == target).float().mean())
+        z = exit_state(d, held["layers"][d])
+        out[f"agree_{d}"] = float((top(z, W) == target).float().mean())
+        out[f"agree_vocab_{d}"] = float((vocab[top(z, W[vocab])] == target).float().mean())
     return out
 
 
