@@ -82,6 +82,9 @@ def main() -> int:
                 report(results[0][0].parent)
         return 0 if all(s.status == "complete" for _, s in results) else 1
     run_cfg, gen_cfg = from_args(RunConfig, args), from_args(GenerationConfig, args)
+    from harness.runner import git_commit
+
+    git_commit()  # the commit of the code loaded now, before any edit to the tree during a long run
     dist = distributed.init()  # torchrun with N processes: each takes every N-th example
     run_cfg = dataclasses.replace(run_cfg, device=distributed.device_for(run_cfg.device, dist))
     try:

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from .config import GenerationConfig, RunConfig, UsageError
+from .train.common import hidden_states
 
 
 def teacher_forced(model, examples, max_tokens: int) -> dict:
@@ -41,9 +42,7 @@ def teacher_forced(model, examples, max_tokens: int) -> dict:
         ids = (prompt + ref)[-(max_tokens * 4):]
         start = len(ids) - len(ref)
         with torch.no_grad():
-            out = model.hf.model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True,
-                                 use_cache=False)
-            hs = out.hidden_states
+            hs = hidden_states(model, torch.tensor([ids]))
             final = model.lm_head(hs[L][:, start - 1:-1]).float()[0]
             target = final.argmax(-1)
             prev = hs[0][:, start - 1:-1]

@@ -1,6 +1,6 @@
 """Run logs -> speedup/quality tables (CSV, Markdown) and plots (PNG).
 
-    python -m harness.report RUN_DIR_OR_GLOB [...] [--out DIR]
+    python -m harness.report RUN_DIR_OR_GLOB [...] [--out DIR] [--no_plots]
 
 A path may be a run directory (holding run.json) or any folder above run directories (searched
 recursively), or a glob. One row per run = (model, dataset, strategy, knobs).
@@ -201,6 +201,8 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
             "model": info["model"]["name"], "dataset": info["task"]["name"], "strategy": info["strategy"],
             "method": method_label(info) + (" (A/A control)" if info.get("control") else ""),
             "invocation": _get(info, "schedule", "invocation") or info["run_id"],
+            "exits": "trained" if _get(info, "model", "exits") else "none",  # an exit artifact was attached
+            "label": short_label(info["strategy"], info["knobs"]) + (" (A/A control)" if info.get("control") else ""),
             "knobs": json.dumps(info["knobs"], sort_keys=True), "control": bool(info.get("control", False)),
             "run_id": info["run_id"], "status": summ.get("status", "no summary"), "n": len(ex),
             "decode_ms_per_token_median": 1e3 * _median(ex["decode_time_per_token"]),
@@ -287,7 +289,8 @@ def _spread_cell(r) -> str:
 
 
 def across_tasks(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method (rows) and task (columns): decode speedup and the delta of the task's main quality metric."""
+    """Per method (rows: short label, exit artifact attached or not) and task (columns): decode speedup and the
+    delta of the task's main quality metric. A short label shared by two configurations falls back to the full one."""
     cells: dict = {}
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         q = primary_quality(g)
@@ -297,11 +300,13 @@ def across_tasks(df: pd.DataFrame) -> pd.DataFrame:
             if pd.isna(r["decode_speedup"]) or baseline:
                 continue
             delta = f", {_fmt(r[f'delta_{q}'], '+.3f')} {q}" if q else ""
-            key = (model, r["method"])
-            if dataset in cells.get(key, {}):  # the same label from another invocation (e.g. its A/A control)
-                key = (model, f"{r['method']} ({r['invocation']})")
+            key = (model, r["exits"], r["label"])
+            if dataset in cells.get(key, {}):
+                key = (model, r["exits"], r["method"])
+            if dataset in cells.get(key, {}):  # the same configuration from another invocation
+                key = (model, r["exits"], f"{r['method']} ({r['invocation']})")
             cells.setdefault(key, {})[dataset] = f"{r['decode_speedup']:.2f}x{delta}"
-    rows = [{"model": m, "method": meth, **v} for (m, meth), v in cells.items()]
+    rows = [{"model": m, "exits": e, "method": meth, **v} for (m, e, meth), v in cells.items()]
     return pd.DataFrame(rows).fillna("-") if rows else pd.DataFrame()
 
 
@@ -391,7 +396,7 @@ def short_label(strategy: str, knobs: dict) -> str:
         parts.append({"cosine_similarity": "cos", "token_repeat": "repeat", "entropy_based": "entropy",
                       "max_probability": "maxprob", "convergence": "conv"}.get(k["criteria"], k["criteria"]))
     if strategy in ("calm", "free") and k.get("threshold") is not None:
-        parts.append(f"t{k['threshold']:g}")
+        parts.append(f"t{k['threshold']:.3g}")
     if k.get("shallow_exit_layer") is not None:
         parts.append(f"S{k['shallow_exit_layer']}")
     if k.get("confidence") not in (None, "softmax"):
@@ -546,8 +551,8 @@ def speed_quality_auc(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_report(paths: list[str], out: Optional[str] = None) -> tuple[pd.DataFrame, list[Path]]:
-    """Build the table and every plot; returns the table and the files written."""
+def write_report(paths: list[str], out: Optional[str] = None, plots: bool = True) -> tuple[pd.DataFrame, list[Path]]:
+    """Build the tables and (unless `plots` is off) every plot; returns the table and the files written."""
     runs = load_runs(paths)
     df = build_table(runs)
     out_dir = Path(out) if out else (find_run_dirs(paths)[0].parent / "report")
@@ -565,13 +570,14 @@ def write_report(paths: list[str], out: Optional[str] = None) -> tuple[pd.DataFr
         trained = " (tr)" if uses_trained_exits(r["run"]) else ""
         return method_label(r["run"]), short_label(r["run"]["strategy"], r["run"]["knobs"]) + trained
 
-    bt, bfiles = time_breakdown.write(runs, df, out_dir, labels)
+    bt, bfiles = time_breakdown.write(runs, df, out_dir, labels, plots)
     extra = "\n" + time_breakdown.markdown(bt, time_breakdown.baseline_ms(df)) + "\n" if bt is not None else ""
     files[1].write_text(markdown(df) + extra, encoding="utf-8")
     files += bfiles
-    files += plot_speed_quality(df, out_dir)
-    files += plot_exit_layers(runs, out_dir)
-    files += plot_sweep(df, out_dir)
+    if plots:
+        files += plot_speed_quality(df, out_dir)
+        files += plot_exit_layers(runs, out_dir)
+        files += plot_sweep(df, out_dir)
     return df, files
 
 
@@ -583,8 +589,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("paths", nargs="+", help="run directories, folders above them, or globs")
     p.add_argument("--out", default=None,
                    help="output folder for report.csv, report.md and PNGs (default: report/ beside the first run)")
+    p.add_argument("--no_plots", action="store_true", help="tables only (CSV, Markdown): no PNGs")
     a = p.parse_args(argv)
-    df, files = write_report(a.paths, a.out)
+    df, files = write_report(a.paths, a.out, plots=not a.no_plots)
     print(markdown(df))
     print("wrote: " + ", ".join(str(f) for f in files))
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +30,10 @@ SINGLE = Dist(0, 1, 0)
 PACKAGES = ("torch", "transformers", "tokenizers", "lm-eval", "datasets", "rouge-score", "pandas", "gguf")
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> Optional[str]:
+    """HEAD (+ "-dirty" if tracked files differ), read once per process: the code this process loaded at its
+    start, even if the working tree is edited while a long run goes on (benchmark.py calls it first thing)."""
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)

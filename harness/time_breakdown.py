@@ -81,7 +81,7 @@ def markdown(bt: pd.DataFrame, baseline_ms: dict) -> str:
         comps = sorted(set(g["component"]), key=_rank)
         table = []
         for method, m in g.groupby("method", sort=False):
-            row = {"method": method}
+            row = {"method": m["short"].iloc[0]}  # the short label ((tr) = trained exits); full one in the CSV
             for _, r in m.iterrows():
                 row[r["component"]] = f"{r['ms_per_token_median']:.2f} ({100 * r['share_median']:.0f}%)"
             table.append(row)
@@ -132,11 +132,12 @@ def baseline_ms(df: pd.DataFrame) -> dict:
     return {(r["model"], r["dataset"]): float(r["decode_ms_per_token_median"]) for _, r in base.iterrows()}
 
 
-def write(runs: list[dict], df: pd.DataFrame, out: Path, label) -> tuple[Optional[pd.DataFrame], list[Path]]:
+def write(runs: list[dict], df: pd.DataFrame, out: Path, label, plots: bool = True
+          ) -> tuple[Optional[pd.DataFrame], list[Path]]:
     """time_breakdown.csv + per-dataset PNGs; returns the table (None without breakdowns) and the files."""
     bt = breakdown_table(runs, label)
     if bt.empty:
         return None, []
     path = out / "time_breakdown.csv"
     bt.to_csv(path, index=False)
-    return bt, [path, *plot(bt, out, baseline_ms(df))]
+    return bt, [path, *(plot(bt, out, baseline_ms(df)) if plots else [])]

@@ -43,7 +43,7 @@ def test_multi_task_invocation_and_summary(tmp_path):
     assert gsm["task"]["metric"] == "gsm8k_exact_match" and "Question:" in gsm["task"]["stop"]
     summary = pd.read_csv(parent / "report" / "summary_by_task.csv")
     assert set(summary.columns) >= {"method", "cnn_dm_lm", "gsm8k"}
-    assert any("exit_layer=20" in m for m in summary["method"])
+    assert "AR E20" in set(summary["method"]) and set(summary["exits"]) == {"none"}  # short labels
     report = pd.read_csv(parent / "report" / "report.csv")
     base = report[(report["strategy"] == "autoregressive") & ~report["control"] & report["knobs"].str.contains('"exit_layer": null')]
     assert (base["latency_ratio"].round(6) == 1.0).all()
