@@ -406,6 +406,22 @@ def short_label(strategy: str, knobs: dict) -> str:
     return " ".join(parts)
 
 
+def _label_offsets(xs: list, ys: list, step: float = 9.0) -> list[float]:
+    """Vertical offsets (points) that stack labels of points lying close together (lossless methods share one
+    quality), so their labels do not print over each other."""
+    xr = (max(xs) - min(xs)) or 1.0
+    yr = (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float, int]] = []
+    out = []
+    for i in sorted(range(len(xs)), key=lambda i: (xs[i], ys[i])):
+        k = 0
+        while any(abs(xs[i] - x) < 0.12 * xr and abs(ys[i] - y) < 0.03 * yr and j == k for x, y, j in placed):
+            k += 1
+        placed.append((xs[i], ys[i], k))
+        out.append((i, step * k))
+    return [dy for _, dy in sorted(out)]
+
+
 def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
     """Quality vs decode speedup per (model, dataset): IQR bars on both axes, the A/A control's noise band,
     short labels beside the points, colour by method family (a small family key, not a key per method)."""
@@ -432,10 +448,11 @@ def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.6", lw=0.8, zorder=2)
         colours = [FAMILIES.get(s, ("other", "tab:purple"))[1] for s in g["strategy"]]
         ax.scatter(xs, ys, c=colours, zorder=3, s=28)
-        for x, y, s, kn, meth in zip(xs, ys, g["strategy"], g["knobs"], g["method"]):
-            trained = " (tr)" if "[trained exits]" in meth else ""  # same mark as the breakdown plot
-            ax.annotate(short_label(s, json.loads(kn or "{}")) + trained, (x, y), fontsize=7.5, xytext=(4, 3),
-                        textcoords="offset points")
+        labels = [short_label(s, json.loads(kn or "{}")) + (" (tr)" if "[trained exits]" in meth else "")
+                  for s, kn, meth in zip(g["strategy"], g["knobs"], g["method"])]  # (tr): as the breakdown plot
+        for (x, y, text), dy in zip(zip(xs, ys, labels), _label_offsets(xs, ys)):
+            ax.annotate(text, (x, y), fontsize=7.5, xytext=(4, 3 + dy), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "color": "0.7", "lw": 0.5} if dy else None)
         for fam, colour in dict(FAMILIES.get(s, ("other", "tab:purple")) for s in g["strategy"]).items():
             ax.scatter([], [], c=colour, s=28, label=fam)
         front = _pareto(list(zip(xs, ys)))
