@@ -79,6 +79,12 @@ def _is_baseline(run: dict) -> bool:
     return run["strategy"] == "autoregressive" and not run["knobs"].get("exit_layer") and not run.get("control")
 
 
+def is_baseline_row(r) -> bool:
+    """`_is_baseline` for a row of the report table (knobs as JSON)."""
+    return _is_baseline({"strategy": r["strategy"], "knobs": json.loads(r["knobs"] or "{}"),
+                         "control": bool(r["control"])})
+
+
 def load_runs(paths: list[str]) -> list[dict]:
     runs = []
     for d in find_run_dirs(paths):
@@ -295,9 +301,7 @@ def across_tasks(df: pd.DataFrame) -> pd.DataFrame:
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         q = primary_quality(g)
         for _, r in g.iterrows():
-            baseline = r["strategy"] == "autoregressive" and not bool(r["control"]) and \
-                json.loads(r["knobs"] or "{}").get("exit_layer") is None
-            if pd.isna(r["decode_speedup"]) or baseline:
+            if pd.isna(r["decode_speedup"]) or is_baseline_row(r):
                 continue
             delta = f", {_fmt(r[f'delta_{q}'], '+.3f')} {q}" if q else ""
             key = (model, r["exits"], r["label"])

@@ -8,7 +8,6 @@ section), part of the method's measured decode time. Medians over examples, with
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -127,9 +126,10 @@ def plot(bt: pd.DataFrame, out: Path, baseline_ms: dict) -> list[Path]:
 
 def baseline_ms(df: pd.DataFrame) -> dict:
     """(model, dataset) -> the baseline's median decode ms/token from the main report table."""
-    full = df["knobs"].map(lambda k: json.loads(k or "{}").get("exit_layer") is None)
-    base = df[(df["strategy"] == "autoregressive") & ~df["control"] & full]
-    return {(r["model"], r["dataset"]): float(r["decode_ms_per_token_median"]) for _, r in base.iterrows()}
+    from .report import is_baseline_row
+
+    return {(r["model"], r["dataset"]): float(r["decode_ms_per_token_median"]) for _, r in df.iterrows()
+            if is_baseline_row(r)}
 
 
 def write(runs: list[dict], df: pd.DataFrame, out: Path, label, plots: bool = True

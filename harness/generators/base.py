@@ -209,13 +209,12 @@ class Generator(ABC):
         breakdown = self.timer.report()
         if breakdown is not None:
             breakdown["decode_seconds"] = t_end - t_prefill
-        extra.setdefault("breakdown", breakdown)
         return GenerationResult(
             tokens=out.tokens[:keep], exit_layers=out.exit_layers[:keep], prefill_seconds=t_prefill - t_start,
             decode_seconds=t_end - t_prefill, stop_reason=reason, layer_forwards=c.layer_tokens,
             head_calls=c.head_calls, head_rows=c.head_rows,
             exit_head_flops=float(self.model.head_flops(1) * c.head_rows + c.adapter_flops),
-            kv_fill_flops=float(self.model.kv_fill_flops(c.kv_fill_tokens)), **extra)
+            kv_fill_flops=float(self.model.kv_fill_flops(c.kv_fill_tokens)), breakdown=breakdown, **extra)
 
 
 class Output:
