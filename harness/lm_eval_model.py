@@ -53,7 +53,7 @@ class EarlyExitLM(TemplateLM):
             device = "cpu"
         self.lm = load_model(model or pretrained, device, dtype, device_map, exits)
         typed = {k: parse_value(k, str(v)) if isinstance(v, str) else v for k, v in knobs.items()}
-        self.gen_config = GenerationConfig(**typed)
+        self.gen_config = GenerationConfig(**typed, explicit=tuple(typed))  # model_args are all the user's
         self.generator = build_generator(self.lm, self.gen_config)  # validates the knobs now
         self.baseline = parse_value("baseline", str(baseline)) if isinstance(baseline, str) else bool(baseline)
         self.baseline_outputs: dict[str, str] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -162,24 +163,20 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-FINGERPRINT_SAMPLE = 1 << 20  # bytes read from the start and the end of each weight file
-
-
 def checkpoint_fingerprint(where: str, local: bool) -> str:
-    """What identifies the weights, independent of where they sit: hub id, or config + weight-file sizes and
-    content samples (the first and last MiB of each file: a fine-tune of the same architecture differs there)."""
-    if not local:
-        return where
+    """Content fingerprint of the weights (harness.identity): a local directory is hashed tensor by tensor, once
+    (cached); a hub model is hashed from the snapshot transformers downloaded, else named by its id."""
+    from .identity import checkpoint_fingerprint as content
+
     root = Path(where)
-    h = hashlib.sha256((root / "config.json").read_bytes())
-    for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(FINGERPRINT_SAMPLE))
-            fh.seek(max(0, size - FINGERPRINT_SAMPLE))
-            h.update(fh.read(FINGERPRINT_SAMPLE))
-    return h.hexdigest()[:16]
+    if not local:
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(where, local_files_only=True))
+        except Exception:  # noqa: BLE001 - no local snapshot: the hub id is all we know
+            return f"hub:{where}"
+    return content(root, cache_root() / "fingerprints")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -284,6 +281,18 @@ def sliding_window(cfg) -> Optional[int]:
     return int(w)
 
 
+def cache_argument(layer) -> str:
+    """The keyword a decoder layer takes its KV cache by: `cache` from transformers 5.24 on (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    params = inspect.signature(layer.forward).parameters  # follows the deprecation decorator's __wrapped__
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise UsageError(f"{type(layer).__name__}.forward takes neither `cache` nor `past_key_values`: this transformers "
+                     "version is not supported by the layer core")
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Rotary helper shared by Llama, Mistral and Qwen2/3 (split-half convention)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -351,6 +360,7 @@ class LayeredModel:
                              "load the model with attn_implementation='sdpa'")
         self.window = sliding_window(cfg)  # sequences are capped at it, so full attention == windowed attention
         self.max_context = min(getattr(cfg, "max_position_embeddings", None) or 4096, self.window or 1 << 62)
+        self._cache_kw = cache_argument(self.layers[0])
         self.exits = None  # trained exits (harness.trained_exits.ExitArtifact), attached by set_exits
         self.adapters: dict = {}  # exit layer -> ExitAdapter module applied before the shared head
 
@@ -441,8 +451,8 @@ class LayeredModel:
             have = self.cache_length(cache, i)
             if have != pos:
                 raise KVHoleError(f"layer {i} holds {have} positions but the input starts at position {pos}")
-            h = self.layers[i](h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                               position_embeddings=pe, use_cache=True)
+            h = self.layers[i](h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe,
+                               use_cache=True, **{self._cache_kw: cache})
         self.counters.layer_tokens += (stop - start) * q
         return h
 

@@ -11,7 +11,6 @@ import statistics
 import subprocess
 import sys
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .config import GenerationConfig, RunConfig, UsageError, for_strategy, parse_value
+from .identity import library_versions
 from .generators import Generator, GenerationResult, StopCondition, build_generator
 from .distributed import Dist, barrier, broadcast, gather
 from .logs import SCHEMA_VERSION, ExampleRecord, RunInfo, RunWriter, Summary, new_run_dir, summarize
@@ -27,7 +27,6 @@ from .model import LayeredModel, load_model
 from .tasks import DATA_DIR, Example, Task, get_task, load_examples
 
 SINGLE = Dist(0, 1, 0)
-PACKAGES = ("torch", "transformers", "tokenizers", "lm-eval", "datasets", "rouge-score", "pandas", "gguf")
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,12 +46,7 @@ def git_commit() -> Optional[str]:
 
 
 def environment(device: torch.device) -> dict:
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    versions = library_versions()
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "packages": versions, "git_commit": git_commit(),
            "device": str(device), "device_name": platform.processor() or platform.machine(),
@@ -62,6 +56,16 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     return env
+
+
+def trained_note(generator: Generator) -> str:
+    """One line: which knobs a configuration took from the exit artifact, and whether its calibration never exits."""
+    art = generator.model.exits
+    taken = ", ".join(f"{k}={v}" for k, v in sorted(generator.trained_knobs.items()))
+    cal = art.thresholds.get(generator.artifact_key(), {}) if art is not None else {}
+    never = " (calibrated to never exit early: its certificate found no faster setting)" \
+        if cal.get("exits_early") is False and set(cal.get("knobs", {})) <= set(generator.trained_knobs) else ""
+    return f"{taken} from the exit artifact{never}; a flag you type wins (--exits none: untrained defaults)"
 
 
 def load_run_examples(run: RunConfig, seed: int) -> list[Example]:
@@ -159,6 +163,8 @@ class Benchmark:
         self.max_steps = gen.max_steps or (LAYERSKIP_MAX_STEPS if layerskip else self.task.max_steps)
         self.generator: Generator = build_generator(self.model, dataclasses.replace(gen, max_steps=self.max_steps))
         self.generator.timer.enabled = run.breakdown and not control  # the baseline has no components anyway
+        if self.generator.trained_knobs and not control:
+            print(f"{self.generator.name}: {trained_note(self.generator)}", file=sys.stderr)
         self.max_prompt = run.max_prompt_tokens or max(self.model.max_context - self.max_steps, 1)
         self._prompts: dict[int, tuple[list[int], bool]] = {}
 

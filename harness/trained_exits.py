@@ -16,6 +16,7 @@ The file records which model it was trained for; attaching it to another model i
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import UsageError
+from .identity import file_sha256
 
 FORMAT = "early-exit-harness/exits/1"
 SHIPPED_DIR = Path(__file__).parent / "data" / "exits"
@@ -60,6 +62,7 @@ class ExitArtifact:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # other learned tensors, "<recipe>.<name>"
     provenance: dict = field(default_factory=dict)  # per recipe: command, seed, data, steps, seconds, hardware, metrics
     path: Optional[str] = None  # where it was loaded from (not saved)
+    sha256: Optional[str] = None  # content hash of the file it was loaded from (not saved)
 
     # -- identity ----------------------------------------------------------------------------------
     @staticmethod
@@ -122,7 +125,7 @@ class ExitArtifact:
         return cls(model=meta["model"], adapters=adapters, adapter_width=meta.get("adapter_width", 0),
                    vocab=flat.get("vocab"), recommended=meta.get("recommended", {}),
                    thresholds=meta.get("thresholds", {}), tensors=tensors, provenance=meta.get("provenance", {}),
-                   path=str(path))
+                   path=str(path), sha256=file_sha256(path))
 
     def modules(self, model) -> dict[int, ExitAdapter]:
         """The adapters as modules on each exit layer's device and the model's dtype."""
@@ -136,10 +139,20 @@ class ExitArtifact:
 
     def describe(self) -> dict:
         """For run logs: where it came from and what it holds."""
-        return {"path": self.path, "adapter_layers": sorted(self.adapters), "adapter_width": self.adapter_width,
+        return {"path": display_path(self.path), "sha256": self.sha256, "adapter_layers": sorted(self.adapters), "adapter_width": self.adapter_width,
                 "vocab": None if self.vocab is None else int(self.vocab.numel()),
                 "recommended": self.recommended, "thresholds": self.thresholds,
                 "recipes": sorted(self.provenance)}
+
+
+def display_path(path: Optional[str]) -> Optional[str]:
+    """A shipped artifact is named relative to the package (logs stay the same on every machine); others as given."""
+    if path is None:
+        return None
+    try:
+        return str(Path("harness") / Path(path).resolve().relative_to(SHIPPED_DIR.parent.parent))
+    except ValueError:
+        return path
 
 
 def shipped_artifacts() -> list[Path]:
@@ -147,14 +160,20 @@ def shipped_artifacts() -> list[Path]:
 
 
 def find_shipped(model) -> Optional[ExitArtifact]:
-    """The artifact shipped in the package for this model, if any."""
+    """The artifact shipped in the package for this model, if any. When one is shipped for a model of the same
+    name but does not match this one, says why on stderr (one line) instead of silently running untrained."""
     for path in shipped_artifacts():
         try:
             art = ExitArtifact.load(path)
-        except UsageError:
+        except UsageError as e:
+            print(f"--exits auto: skipping {path.name}: {e}", file=sys.stderr)
             continue
-        if art.matches(model) is None:
+        why = art.matches(model)
+        if why is None:
             return art
+        if art.model.get("name") == model.name:
+            print(f"--exits auto: the shipped {path.name} was trained for {art.model.get('name')} with other weights "
+                  f"({why}); running with untrained exits", file=sys.stderr)
     return None
 
 

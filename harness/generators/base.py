@@ -142,20 +142,22 @@ class Generator(ABC):
         return self.name
 
     def apply_trained_defaults(self) -> dict:
-        """Knobs left at their defaults take the attached exit artifact's recommended / calibrated values.
+        """Knobs the user did not set take the attached exit artifact's recommended / calibrated values.
 
-        Returns what was taken (logged with the run's knobs). A knob given explicitly on the command line with a
-        value different from its default always wins; `--exits none` turns all of this off.
+        Returns what was taken (logged with the run's knobs and shown in its label). A knob the user set (typed on
+        the command line, named in a strategy spec or model_args, even at its default value; or set in code away
+        from its default) always wins; `--exits none` turns all of this off.
         """
         art = getattr(self.model, "exits", None)  # test doubles of the model core may not have trained exits
         if art is None:
             return {}
         key = self.artifact_key()
         wanted = {**art.recommended.get(key, {}), **art.thresholds.get(key, {}).get("knobs", {})}
-        defaults = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
+        known = {f.name for f in dataclasses.fields(GenerationConfig) if not f.metadata.get("internal")}
+        user = self.config.set_by_user()
         taken = {}
         for k, v in wanted.items():
-            if k in defaults and getattr(self.config, k) == defaults[k]:
+            if k in known and k not in user:
                 setattr(self.config, k, v)
                 taken[k] = v
         return taken
