@@ -1,4 +1,4 @@
-"""--recipe layerskip: the paper's schedules, the training forward, and a few real training steps (CPU)."""
+"""--recipe layerskip: torchtune's and the paper's schedules, the training forward, a few real training steps (CPU)."""
 from __future__ import annotations
 
 import math
@@ -62,19 +62,58 @@ def test_sampled_skips_follow_the_configured_probabilities():
 def test_curricula_and_loss_scales():
     L = 12
     for t in range(8):  # rotational: every R-th exit, rotating; the last layer always on
-        on = exits_on(L, t, 8, "rotational", rotation=4)
+        on = exits_on(L, t, 8, "rotational", every=4)
         assert on[-1] and [l for l in range(L - 1) if on[l]] == [l for l in range(L - 1) if l % 4 == t % 4]
-    g = [exits_on(L, t, 100, "gradual") for t in (0, 25, 50, 99)]
+    g = [exits_on(L, t, 100, "gradual", every=1) for t in (0, 25, 50, 51, 99)]
     assert sum(g[0]) == 1 and g[0][-1]  # only the last layer at the start
-    assert sum(g[0]) < sum(g[1]) < sum(g[2]) == L == sum(g[3])  # all on from T/2
+    assert sum(g[0]) < sum(g[1]) < sum(g[2]) < sum(g[3]) == L == sum(g[4])  # all on from T/2 + 1
     assert g[1] == sorted(g[1])  # switched on from the last layer toward the first
-    w = loss_scales([True] * L, e_scale=1.0)
+    w = loss_scales([True] * L, e_scale=1.0, kind="paper")
     assert sum(w) == pytest.approx(1.0)
     e = [l * (l + 1) / 2 for l in range(L - 1)] + [(L - 1) + (L - 2) * (L - 1) / 2]  # e(l), e_scale = 1
     assert w == pytest.approx([x / sum(e) for x in e])
-    only_last = loss_scales([False] * (L - 1) + [True], e_scale=0.5)
-    assert only_last[-1] == pytest.approx(1.0)
-    assert loss_scales([True] * L, e_scale=0.0) == pytest.approx([0.0] * (L - 1) + [1.0])
+    for kind in ("paper", "linear_l", "sum_l"):
+        only_last = loss_scales([False] * (L - 1) + [True], e_scale=0.5, kind=kind)
+        assert only_last[-1] == pytest.approx(1.0)
+        assert loss_scales([True] * L, e_scale=0.0, kind=kind) == pytest.approx([0.0] * (L - 1) + [1.0])
+
+
+def test_torchtune_schedules_on_hand_computed_cases():
+    """torchtune's curricula and loss scales (recipes/dev/7B_full_early_exit.yaml, modules/early_exit_loss.py),
+    worked out by hand for L = 10 layers, T = 20 steps, early_exit_loss.layers "0::4" = layers 0, 4, 8 (+ 9)."""
+    L, T = 10, 20
+
+    def on(t, kind):
+        return [l for l, c in enumerate(exits_on(L, t, T, kind, every=4)) if c]
+
+    assert on(0, "none") == on(7, "none") == [0, 4, 8, 9]
+    # rotational: np.roll of [0, 4, 8] over 10 layers, one step at a time: 8 + 2 wraps to 0
+    assert on(0, "rotational") == [0, 4, 8, 9]
+    assert on(1, "rotational") == [1, 5, 9]
+    assert on(2, "rotational") == [0, 2, 6, 9]
+    assert on(3, "rotational") == [1, 3, 7, 9]
+    # gradual: layer l on at step t once (t-1)/20 >= 0.5 (10-l)/10: layer 8 from t = 3, 4 from t = 7, 0 from t = 11
+    assert on(0, "gradual") == on(2, "gradual") == [9]
+    assert on(3, "gradual") == on(6, "gradual") == [8, 9]
+    assert on(7, "gradual") == on(10, "gradual") == [4, 8, 9]
+    assert on(11, "gradual") == on(19, "gradual") == [0, 4, 8, 9]
+    mask = [l in (0, 4, 8, 9) for l in range(L)]
+    # linear_l: l + 1 = 1, 5, 9 and 10 for the last (not scaled by e_scale): sum 25; with e_scale 0.5: 7.5 + 10
+    assert loss_scales(mask, 1.0, "linear_l") == pytest.approx(
+        [1 / 25, 0, 0, 0, 5 / 25, 0, 0, 0, 9 / 25, 10 / 25])
+    assert loss_scales(mask, 0.5, "linear_l") == pytest.approx(
+        [0.5 / 17.5, 0, 0, 0, 2.5 / 17.5, 0, 0, 0, 4.5 / 17.5, 10 / 17.5])
+    # sum_l: running sums 1, 6, 15, 25: total 47
+    assert loss_scales(mask, 1.0, "sum_l") == pytest.approx(
+        [1 / 47, 0, 0, 0, 6 / 47, 0, 0, 0, 15 / 47, 25 / 47])
+
+
+def test_defaults_are_torchtunes_layerskip_settings():
+    o = LayerSkipOptions()
+    assert (o.layerskip_curriculum, o.layerskip_loss_scale, o.layerskip_loss_every) == ("gradual", "linear_l", 4)
+    assert (o.layerskip_dropout_max, o.layerskip_dropout_layer_scale, o.layerskip_early_exit_scale) == (0.2, "exp",
+                                                                                                        1.0)
+    assert o.layerskip_dropout_time_scale == "constant"
 
 
 def test_speedup_estimate():
@@ -107,8 +146,8 @@ def lora_run(model, tmp_path_factory):
     w = {n: p.detach().clone() for n, p in model.hf.named_parameters()
          if n.endswith(("layers.3.self_attn.q_proj.weight", "layers.20.mlp.down_proj.weight", "norm.weight"))}
     cfg = small_cfg(tmp)
-    art = train_layerskip(cfg, LayerSkipOptions(layerskip_lora_rank=4, layerskip_rotation=15,
-                                                layerskip_dropout_max=0.2), model)
+    art = train_layerskip(cfg, LayerSkipOptions(layerskip_lora_rank=4, layerskip_curriculum="rotational",
+                                                layerskip_loss_every=15, layerskip_dropout_max=0.2), model)
     yield cfg, art, w
     shutil.rmtree(tmp, ignore_errors=True)  # a 540 MB model: not left behind in pytest's kept tmp dirs
 
@@ -155,7 +194,7 @@ def test_saved_model_loads_and_the_artifact_is_for_it(model, lora_run):
 
     _, rows = train_eval_split(cfg, model.tokenizer)
     _, original = measure(model.hf, rows, [8, 20], 1.0)
-    again, _ = measure(new.hf, rows, [8, 20], 1.0, reference=original)
+    again, _ = measure(new.hf, rows, [8, 20], 1.0, reference=original)  # the recipe's default scale, linear_l
     tol = 2 / original.numel()  # at most a near-tie token or two may flip
     for key in ("final_layer_agreement_with_original", "agreement@8", "agreement@20"):
         assert abs(again[key] - m[key]) <= tol, key
@@ -182,8 +221,8 @@ def test_checkpoint_holds_only_the_trainable_parameters():
 
 def test_restart_resumes_from_the_checkpoint(model, lora_run):
     cfg, art, _ = lora_run  # the run is finished: a restart loads the LoRA state and trains no further
-    again = train_layerskip(cfg, LayerSkipOptions(layerskip_lora_rank=4, layerskip_rotation=15,
-                                                  layerskip_dropout_max=0.2), model)
+    again = train_layerskip(cfg, LayerSkipOptions(layerskip_lora_rank=4, layerskip_curriculum="rotational",
+                                                  layerskip_loss_every=15, layerskip_dropout_max=0.2), model)
     assert again.provenance["layerskip"]["metrics"] == art.provenance["layerskip"]["metrics"]
     assert again.model["fingerprint"] == art.model["fingerprint"]
     with pytest.raises(UsageError):  # a checkpoint of another LoRA rank is refused, not half-loaded
@@ -193,7 +232,7 @@ def test_restart_resumes_from_the_checkpoint(model, lora_run):
 def test_full_fine_tuning(model, tmp_path):
     cfg = small_cfg(tmp_path, steps=1, lr=1e-5, seq_len=32, exit_layers="10")
     w = model.hf.model.layers[0].mlp.up_proj.weight.detach().clone()
-    opts = LayerSkipOptions(layerskip_lora_rank=0, layerskip_rotation=30, layerskip_curriculum="gradual")
+    opts = LayerSkipOptions(layerskip_lora_rank=0, layerskip_loss_every=30, layerskip_curriculum="gradual")
     art = train_layerskip(cfg, opts, model)
     assert torch.equal(model.hf.model.layers[0].mlp.up_proj.weight, w)
     prov = art.provenance["layerskip"]

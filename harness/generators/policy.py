@@ -1,17 +1,23 @@
 """ConsistentEE's learned exit policy (Zeng et al., AAAI 2024, arXiv 2312.11882), as a per-token exit generator.
 
-Every exit layer l the policy was trained for has a small policy network pi_l: the shared final norm of the layer's
-hidden state -> Linear(hidden, width) -> ReLU -> Linear(width, 1) -> sigmoid = the probability of exiting after l
-(the reference applies its `Policy_networks_{idx}` to the normed hidden state and exits when the sigmoid > 0.5:
-ConsistentEE_LLM/llama/modeling_llama.py, mode 6). At inference the policy is greedy: a token leaves at the first
-depth d that has a policy network and pi_d(h_d) > --policy_threshold (0.5 by default, as the reference); layers
-without one are never exit points; a token no policy lets go runs every layer and is chosen by the full head, so
-policies that never fire reproduce autoregressive decoding exactly. Skipped layers get state-copied K/V (see
-per_token_exit.py), as the reference's `calculate_k_v_state` does for its exited tokens.
+Every exit layer l the policy was trained for has a policy network pi_l on the shared final norm of the layer's
+hidden state, giving the probability of exiting after l. Two shapes, told apart by the artifact's tensor names:
+- linear (`consistentee.<l>.linear.{weight,bias}`): sigmoid(Linear(hidden, 1)), the reference's
+  `Policy_networks_{idx} = nn.Linear(config.hidden_size, 1)` (ZeroNLP/ConsistentEE
+  ConsistentEE_LLM/llama/modeling_llama.py:526-557);
+- mlp (`consistentee.<l>.fc1.*`, `.fc2.*`): sigmoid(Linear(width, 1)(relu(Linear(hidden, width)))), ours (the
+  shipped harness/data/exits artifact holds these, width 64).
+The reference applies its policy to the normed hidden state and exits when the sigmoid > 0.5
+(modeling_llama.py:1088-1105, mode 6). At inference the policy is greedy: a token leaves at the first depth d that
+has a policy network and pi_d(h_d) > --policy_threshold (0.5 by default, as the reference); layers without one are
+never exit points; a token no policy lets go runs every layer and is chosen by the full head, so policies that
+never fire reproduce autoregressive decoding exactly. Skipped layers get state-copied K/V (see per_token_exit.py),
+as the reference's `calculate_k_v_state` does for its exited tokens.
 
-The networks are trained by `python -m harness.train --recipe consistentee` (harness/train/consistentee.py) and
-live in the exit artifact as tensors `consistentee.<layer>.<param>`. Their FLOPs (2 x weights per evaluation) are
-counted as confidence FLOPs, and also into exit_head_flops, of which confidence FLOPs are a part.
+The networks are trained by `python -m harness.train --recipe consistentee` (harness/train/consistentee.py,
+`--consistentee_policy linear|mlp`) and live in the exit artifact as tensors `consistentee.<layer>.<param>`. Their
+FLOPs (2 x weights per evaluation) are counted as confidence FLOPs, and also into exit_head_flops, of which
+confidence FLOPs are a part.
 """
 from __future__ import annotations
 
@@ -30,24 +36,44 @@ TRAIN_COMMAND = "python -m harness.train --recipe consistentee"
 
 
 class ExitPolicy(nn.Module):
-    """pi_l(x) = sigmoid(fc2(relu(fc1(x)))), x = the final norm of layer l's hidden state; forward returns the logit."""
+    """pi_l(x) = sigmoid(f(x)), x = the final norm of layer l's hidden state; forward returns the logit f(x).
 
-    def __init__(self, hidden_size: int, width: int):
+    width 0: f = Linear(hidden, 1) (the reference's shape); width > 0: f = fc2(relu(fc1(x))), fc1 of that width
+    (ours). The output layer starts at zero, so pi = 0.5 everywhere at start: REINFORCE explores both actions
+    evenly.
+    """
+
+    def __init__(self, hidden_size: int, width: int = 0):
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, width)
-        self.fc2 = nn.Linear(width, 1)
-        nn.init.zeros_(self.fc2.weight)  # pi = 0.5 everywhere at start: REINFORCE explores both actions evenly
-        nn.init.zeros_(self.fc2.bias)
+        self.width = width
+        if width:
+            self.fc1 = nn.Linear(hidden_size, width)
+            self.fc2 = nn.Linear(width, 1)
+            out = self.fc2
+        else:
+            self.linear = nn.Linear(hidden_size, 1)
+            out = self.linear
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+
+    @property
+    def shape(self) -> str:
+        return "mlp" if self.width else "linear"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x))).squeeze(-1)
+        z = self.fc2(torch.relu(self.fc1(x))) if self.width else self.linear(x)
+        return z.squeeze(-1)
 
     def prob(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self(x))
 
     def flops(self) -> int:
         """Multiply-adds x2 of one evaluation (one position)."""
-        return 2 * (self.fc1.weight.numel() + self.fc2.weight.numel())
+        return 2 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
 
 def policy_tensors(policies: dict[int, ExitPolicy]) -> dict[str, torch.Tensor]:
@@ -66,10 +92,14 @@ def policies_from_tensors(tensors: dict[str, torch.Tensor], hidden_size: int,
             states.setdefault(int(layer), {})[name] = value
     out = {}
     for layer, sd in sorted(states.items()):
-        if "fc1.weight" not in sd:
-            raise UsageError(f"exit artifact: policy tensors of layer {layer} are incomplete ({sorted(sd)}); retrain "
-                             f"them with `{TRAIN_COMMAND}`")
-        width, hid = sd["fc1.weight"].shape
+        # the shape is read off the tensor names and shapes: linear.* = the reference's Linear, fc1/fc2 = our MLP
+        if set(sd) == {"linear.weight", "linear.bias"}:
+            width, hid = 0, sd["linear.weight"].shape[1]
+        elif set(sd) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}:
+            width, hid = sd["fc1.weight"].shape
+        else:
+            raise UsageError(f"exit artifact: policy tensors of layer {layer} are incomplete or unknown "
+                             f"({sorted(sd)}); retrain them with `{TRAIN_COMMAND}`")
         if hid != hidden_size:
             raise UsageError(f"exit artifact: policy of layer {layer} reads hidden size {hid}, the model has "
                              f"{hidden_size}")
@@ -108,7 +138,7 @@ class Policy(PerTokenExit):
         return max(self.min_exit, min(self.policies))
 
     def knobs(self) -> dict:
-        width = next(iter(self.policies.values())).fc1.out_features
+        width = next(iter(self.policies.values())).width  # 0: the reference's single Linear
         return {"policy_threshold": self.threshold, "policy_layers": sorted(self.policies), "policy_hidden": width}
 
     def should_exit(self, depth: int, probe: ExitProbe, step: int, max_steps: int) -> bool:
@@ -116,7 +146,7 @@ class Policy(PerTokenExit):
         if pol is None:
             return False
         self.policy_flops += pol.flops()
-        x = self.model.norm(probe.hidden[depth]).to(pol.fc1.weight.device, torch.float32)
+        x = self.model.norm(probe.hidden[depth]).to(pol.device, torch.float32)
         return float(pol.prob(x).reshape(())) > self.threshold
 
     def generate(self, prompt_ids: Sequence[int], stop: StopCondition,

@@ -5,7 +5,8 @@ Split as in vLLM's speculative decoding:
             adapter when an exit artifact is attached; optionally on its candidate rows only, and stopping at the
             first unsure draft: Kangaroo's adaptive draft length, arXiv 2404.18911). `hybrid_speculative` first
             looks the last n-gram up in the prompt and the text so far (prompt lookup decoding) and proposes the
-            tokens that followed it; only without a match does it draft with the early exit;
+            tokens that followed its earliest occurrence (--lookup_match, as transformers' prompt lookup), cut
+            before an end of sequence; only without a match does it draft with the early exit;
   scorer    run layers E..L-1 once over the drafted positions + 1, starting from the layer-E hidden states kept
             while drafting, so layers 1..E are never recomputed (LayerSkip's KV + exit-query reuse); lookup drafts
             have no layer-E states and go through all L layers in one pass;
@@ -19,7 +20,7 @@ model's.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import torch
 
@@ -56,17 +57,30 @@ def verify_sampling(draft: list[int], draft_probs: torch.Tensor, target_probs: t
     return len(draft), int(torch.multinomial(target_probs[len(draft)], 1, generator=rng))
 
 
-def lookup(tokens: Sequence[int], max_ngram: int, count: int) -> list[int]:
-    """Prompt lookup decoding: the tokens after the latest earlier occurrence of the longest suffix n-gram.
+LOOKUP_MATCHES = ("earliest", "latest")
 
-    Tries n = max_ngram .. 1; returns at most `count` tokens, or [] without a match.
+
+def lookup(tokens: Sequence[int], max_ngram: int, count: int, match: str = "latest",
+           eos: Collection[int] = ()) -> list[int]:
+    """Prompt lookup decoding: the tokens after an earlier occurrence of the longest suffix n-gram.
+
+    Tries n = max_ngram .. 1 and takes, for the first n with a match, the `match` one: earliest = the first
+    occurrence, as transformers' PromptLookupCandidateGenerator.get_candidates (transformers/generation/
+    candidate_generator.py:1080-1102, v5.24) does; latest = the most recent. Returns at most `count` tokens, cut
+    before the first token of `eos` (as transformers' :1133-1141; nothing left = no draft), or [] without a match.
+    The hybrid generator passes --lookup_match (default earliest).
     """
+    if match not in LOOKUP_MATCHES:
+        raise ValueError(f"unknown lookup match {match!r}")
     seq = list(tokens)
     for n in range(min(max_ngram, len(seq) - 1), 0, -1):
         tail = seq[-n:]
-        for start in range(len(seq) - n - 1, -1, -1):  # latest match first, excluding the suffix itself
+        starts = range(len(seq) - n)  # every occurrence but the suffix itself; the next token always exists
+        for start in (starts if match == "earliest" else reversed(starts)):
             if seq[start:start + n] == tail:
-                return seq[start + n:start + n + count]
+                found = seq[start + n:start + n + count]
+                cut = next((i for i, t in enumerate(found) if t in eos), len(found))
+                return found[:cut]
     return []
 
 
@@ -106,13 +120,16 @@ class SelfSpeculative(Generator):
             raise UsageError(f"--draft_threshold must be in [0, 1], got {self.threshold}")
         if self.use_lookup and (c.lookup_ngram < 1 or c.lookup_tokens < 1):
             raise UsageError("--lookup_ngram and --lookup_tokens must be >= 1")
+        if self.use_lookup and c.lookup_match not in LOOKUP_MATCHES:
+            raise UsageError(f"--lookup_match must be one of {', '.join(LOOKUP_MATCHES)}, got {c.lookup_match!r}")
         self.stats = {}
 
     def knobs(self) -> dict:
         out = {"exit_layer": self.config.exit_layer, "num_speculations": self.k,
                "draft_vocab": 0 if self.rows is None else len(self.rows), "draft_threshold": self.threshold}
         if self.use_lookup:
-            out.update(lookup_ngram=self.config.lookup_ngram, lookup_tokens=self.config.lookup_tokens)
+            out.update(lookup_ngram=self.config.lookup_ngram, lookup_tokens=self.config.lookup_tokens,
+                       lookup_match=self.config.lookup_match)
         return out
 
     def log_state(self) -> Optional[dict]:
@@ -189,9 +206,7 @@ class SelfSpeculative(Generator):
             if self.use_lookup and room > 0:
                 with timer("lookup"):
                     found = lookup(list(prompt_ids) + out.tokens, self.config.lookup_ngram,
-                                   min(self.config.lookup_tokens, room))
-                    cut = next((i + 1 for i, t in enumerate(found) if t in eos), len(found))
-                    found = found[:cut]
+                                   min(self.config.lookup_tokens, room), self.config.lookup_match, eos)
             if found:
                 drafted, depth = found, L
                 with timer("verify"):

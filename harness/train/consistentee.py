@@ -1,50 +1,63 @@
 """ConsistentEE (Zeng et al., AAAI 2024, arXiv 2312.11882): learn a per-token exit policy with REINFORCE.
 
+Reference: ZeroNLP/ConsistentEE at cd810c7 (HEAD), its decoder code ConsistentEE_LLM/llama/modeling_llama.py (the
+encoder code ConsistentEE/run_glue.py differs where noted). Defaults follow the decoder code; what is ours is a
+named option.
+
 The trunk (and any exit adapters of the --exits artifact, which `model.exit_logits(h, layer=l)` applies) stays
-frozen. Each exit layer l of --exit_layers gets a policy network pi_l (harness/generators/policy.py: final norm of
-h_l -> Linear(hidden, --consistentee_hidden) -> ReLU -> Linear(., 1) -> sigmoid = P(exit after l)). Teacher-forced
-on training rows, every token walks the exits in order and samples exit/continue from pi_l; the episode ends at
-the first exit taken, or at the last layer L. Its reward, following the paper (and the hardness-guided reward left
-in the reference code, ConsistentEE/run_glue.py train_rl: `-loss - layers * alpha * (1 - memorized / L)`):
+frozen. Each exit layer l of --exit_layers gets a policy network pi_l on the final norm of h_l, giving P(exit after
+l) (harness/generators/policy.py). `--consistentee_policy linear` (default): sigmoid(Linear(hidden, 1)), the
+reference's `Policy_networks_{idx} = nn.Linear(config.hidden_size, 1)` (modeling_llama.py:526-557); `mlp`: ours,
+Linear(hidden, --consistentee_hidden) -> ReLU -> Linear(., 1). Teacher-forced on training rows, every token walks
+the exits in order and samples exit/continue from pi_l; the episode ends at the first exit taken, or at the last
+layer L. Its reward is
 
-    R = acc(d) - alpha * (d / L) * (1 - m / L)
+    R = acc(d) - alpha * cost(d) * h(m)
 
-  d      the depth the token left at (exit layer or L);
-  acc(d) how right the exit at d is, where right = consistent with the full model: its target is the last
-         layer's top-1 (the paper scores against the gold label; a decoder without gold tokens at inference is
-         judged by agreement with the full model). `correct` (default): 1 if the exit's top-1 equals the last
-         layer's, else 0; `log_prob`: log p_d(top-1 of layer L), the paper's -CE against that target;
-  m      the token's memorized layer: the earliest depth from which its prediction stays correct at every deeper
-         exit (the last layer is always correct). Hard tokens (deep m) pay less for depth and so learn accuracy;
-         easy ones (shallow m) pay more and learn to leave early. --no-consistentee_hardness drops the factor.
+  d        the depth the token left at (exit layer or L);
+  acc(d)   --consistentee_reward: gold_log_prob (default) = log p_d(the text's next token), i.e. -CE against the
+           label, the reference's `-loss` (modeling_llama.py:1356-1368, 1383); correct = 1 if the exit's top-1
+           equals the last layer's, else 0; log_prob = log p_d(last layer's top-1);
+  cost(d)  --consistentee_depth_cost: layers (default) = d, the reference's `layers[i] * alpha`
+           (modeling_llama.py:1383); fraction = d / L;
+  h(m)     1 by default, as the reference's active reward (modeling_llama.py:1383, and run_glue.py:445, where it is
+           `-loss` alone; the hardness factor survives there only in comments); --consistentee_hardness: the
+           paper's hardness-guided 1 - m / L, m = the token's memorized layer: the earliest depth from which its
+           prediction stays consistent with the last layer's at every deeper exit (the last layer always is).
 
 REINFORCE: loss = -mean[(R - b) * log pi(trajectory)], log pi = sum of the log-probabilities of the decisions
 taken (continue at each exit before the one taken, exit at it); K = --consistentee_samples trajectories are
-sampled per token and the baseline b is their mean reward (the reference's sample_K copies with the same mean
-baseline; it is unbiased up to a factor (K-1)/K). Logged every step on the sampled trajectories: reward, exit rate,
-mean exit layer, accuracy of taken exits; every --log_every steps on the held-out rows, with the greedy policy
-(pi > 0.5): the same plus consistency with the full model, and the exact expected reward of the stochastic policy.
+sampled per token (default 4, the reference decoder's `sample_K = 4`, modeling_llama.py:1377; the encoder's
+run_glue.py:390 uses 8) and the baseline b is their mean reward, as the reference's (modeling_llama.py:1392-1402).
+Logged every step on the sampled trajectories: reward, exit rate, mean exit layer, accuracy (consistency with the
+last layer) of taken exits; every --log_every steps on the held-out rows, with the greedy policy (pi > 0.5): the
+same plus consistency with the full model, and the exact expected reward of the stochastic policy.
 
-Deviations (named):
-- correctness is consistency with the last layer's top-1, not the gold label (see acc above), and the default
-  accuracy term is that indicator, not the paper's -CE (`--consistentee_reward log_prob`): under greedy decoding
-  only the top-1 matters, and with the indicator the trade-off does not depend on the vocabulary's log-prob scale:
-  leaving at d instead of L pays off iff P(consistent at d) > 1 - alpha * (1 - d/L) * (1 - m/L);
-- the depth penalty uses d / L instead of the layer count d (`consistentee_alpha` = the reference's alpha x L), so
-  one alpha means the same on models of any depth;
-- --consistentee_memorized exits (default): m is taken over the layers the policy may exit at plus L, the depths
-  that matter to it and free to compute; `all` is the paper's definition over every layer (one extra exit head per
-  layer and token);
+Our options, and why one would take them (the shipped harness/data/exits artifact was trained with
+`--consistentee_policy mlp --consistentee_reward correct --consistentee_depth_cost fraction --consistentee_hardness
+true --consistentee_samples 8 --consistentee_alpha 2`: Makefile `exits`):
+- correct: a decoder is judged at inference by agreement with the full model, not by the gold token, and under
+  greedy decoding only the top-1 matters; with the 0/1 indicator the trade-off does not depend on the
+  vocabulary's log-prob scale: leaving at d instead of L pays off iff P(consistent at d) > 1 - alpha * (cost(L) -
+  cost(d)) * h(m);
+- fraction: one alpha means the same on models of any depth (alpha = the reference's alpha x L);
+- hardness (the paper's Eq.; --consistentee_memorized exits = m over the exit layers and L, free to compute;
+  all = the paper's definition over every layer, one extra exit head per layer and token);
+- mlp: a non-linear policy can separate tokens a single Linear cannot.
+
+Deviations without an option:
 - actions are sampled from pi (on-policy REINFORCE); the reference takes the greedy action with epsilon-random
-  exploration while weighting log pi as if sampled, and divides log pi by the number of layers run: we do neither;
-- the policy's architecture (2-layer MLP, width --consistentee_hidden) is ours; its last layer starts at zero so
-  every exit starts at pi = 0.5.
+  exploration while weighting log pi as if sampled (modeling_llama.py:796-832), keeps the first of its K copies
+  from ever exiting (:820), and divides log pi by the number of layers run (:1339): each biases the gradient;
+- the policy's last layer starts at zero (pi = 0.5 at every exit); the reference's Linear starts from the HF init
+  normal(0, initializer_range) (modeling_llama.py:407-412) and is trained through LoRA adapters
+  (ConsistentEE_LLM/finetune.py:106-115);
+- policies only at the --exit_layers (the reference has one at every layer), over a frozen trunk and exits.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,26 +69,44 @@ from ..trained_exits import ExitArtifact
 from . import recipe
 from .common import Loop, TrainConfig, autocast, hidden_states, provenance, start_artifact, train_eval_split
 
-REWARDS = ("correct", "log_prob")
+REWARDS = ("gold_log_prob", "correct", "log_prob")
+DEPTH_COSTS = ("layers", "fraction")
+POLICIES = ("linear", "mlp")
+REF = "ZeroNLP/ConsistentEE ConsistentEE_LLM/llama/modeling_llama.py"
 
 
 @dataclass
 class ConsistentEEOptions:
     """--recipe consistentee."""
 
-    consistentee_hidden: int = _f(64, "width of each exit layer's policy MLP (norm(h_l) -> width -> 1)")
-    consistentee_alpha: float = _f(1.0, "weight of the depth penalty alpha * (d/L) * (1 - m/L) in the reward "
-                                        "(the reference's alpha times L)")
-    consistentee_reward: str = _f("correct", "accuracy term of the reward: correct = 1 if the exit's top-1 equals "
-                                  "the last layer's, else 0; log_prob = log-probability the exit gives the last "
-                                  "layer's top-1 (the paper's -CE)", choices=REWARDS)
-    consistentee_hardness: bool = _f(True, "scale the depth penalty by (1 - memorized layer / L) (the paper's "
-                                           "hardness-guided reward); false: a plain alpha * d/L")
-    consistentee_memorized: str = _f("exits", "memorized layer over: exits = the exit layers and L (free), all = "
-                                     "every layer (the paper's definition; one exit head per layer and token)",
-                                     choices=("exits", "all"))
-    consistentee_samples: int = _f(8, "trajectories sampled per token; the REINFORCE baseline is their mean reward "
-                                      "(the reference's sample_K = 8)")
+    consistentee_policy: str = _f(
+        "linear", f"policy network per exit: linear = sigmoid(Linear(hidden, 1)), the reference's ({REF}:526-557); "
+        "mlp = ours, Linear(hidden, --consistentee_hidden) -> ReLU -> Linear(., 1), which can separate tokens a "
+        "linear policy cannot (the shipped artifact's)", choices=POLICIES)
+    consistentee_hidden: int = _f(64, "width of the mlp policy's hidden layer (with --consistentee_policy mlp)")
+    consistentee_reward: str = _f(
+        "gold_log_prob", f"accuracy term of the reward: gold_log_prob = log-probability the exit gives the text's "
+        f"next token, the reference's -loss ({REF}:1368,1383); correct = 1 if the exit's top-1 equals the last "
+        "layer's, else 0 (ours: a decoder is judged by agreement with the full model and greedy decoding reads only "
+        "the top-1); log_prob = log-probability the exit gives the last layer's top-1", choices=REWARDS)
+    consistentee_depth_cost: str = _f(
+        "layers", f"depth term of the reward, times alpha: layers = the exit depth d, the reference's "
+        f"layers[i] * alpha ({REF}:1383); fraction = d / L (ours: one alpha means the same at any depth)",
+        choices=DEPTH_COSTS)
+    consistentee_alpha: float = _f(
+        1e-5, "alpha, the weight of the depth term (default: the reference's, ConsistentEE_LLM/finetune.py:102; its "
+        "finetune.sh:9 passes 0). Larger = earlier exits; the shipped policies used 2 with --consistentee_depth_cost "
+        "fraction")
+    consistentee_hardness: bool = _f(
+        False, f"scale the depth term by (1 - memorized layer / L), the paper's hardness-guided reward (hard tokens "
+        f"pay less for depth, easy ones more); false = the reference code's active reward, which has no such "
+        f"factor ({REF}:1383; ConsistentEE/run_glue.py:445)")
+    consistentee_memorized: str = _f("exits", "memorized layer (with --consistentee_hardness) over: exits = the exit "
+                                     "layers and L (free), all = every layer (the paper's definition; one exit head "
+                                     "per layer and token)", choices=("exits", "all"))
+    consistentee_samples: int = _f(
+        4, f"trajectories sampled per token; the REINFORCE baseline is their mean reward (the reference decoder's "
+        f"sample_K = 4, {REF}:1377; its encoder's run_glue.py:390 uses 8). More = a less noisy gradient per step")
 
 
 @dataclass
@@ -98,24 +129,43 @@ def memorized_layer(correct: torch.Tensor, depths: torch.Tensor) -> torch.Tensor
 
 
 def reward_table(acc: torch.Tensor, memorized: torch.Tensor, depths: torch.Tensor, num_layers: int, alpha: float,
-                 hardness: bool = True) -> torch.Tensor:
-    """R[n, j] = acc[n, j] - alpha * (depths[j] / L) * (1 - memorized[n] / L) (without hardness: the factor is 1)."""
+                 hardness: bool = False, depth_cost: str = "layers") -> torch.Tensor:
+    """R[n, j] = acc[n, j] - alpha * cost(depths[j]) * h(memorized[n]); cost(d) = d (`layers`) or d / L
+    (`fraction`); h(m) = 1 - m / L with hardness, else 1."""
     weight = 1 - memorized.float() / num_layers if hardness else torch.ones_like(memorized, dtype=torch.float32)
-    return acc.float() - alpha * (depths.float() / num_layers)[None, :] * weight[:, None]
+    cost = depths.float() if depth_cost == "layers" else depths.float() / num_layers
+    return acc.float() - alpha * cost[None, :] * weight[:, None]
+
+
+def reward_formula(opts: ConsistentEEOptions) -> str:
+    """The reward the options select, in words (recorded in the artifact's provenance)."""
+    acc = {"gold_log_prob": "log p_d(next token)", "correct": "1[top1_d == top1_L]",
+           "log_prob": "log p_d(top1_L)"}[opts.consistentee_reward]
+    cost = "d" if opts.consistentee_depth_cost == "layers" else "(d/L)"
+    return f"{acc} - alpha * {cost}" + (" * (1 - m/L)" if opts.consistentee_hardness else "")
 
 
 @torch.no_grad()
 def features(model, rows: torch.Tensor, layers: list[int], opts: ConsistentEEOptions) -> Features:
-    """Teacher-forced pass over `rows`: each exit's correctness and reward, and the policies' inputs."""
+    """Teacher-forced pass over `rows`: each exit's correctness and reward, and the policies' inputs.
+
+    With the gold_log_prob reward a position needs the token after it, so the last position of each row is left
+    out (the reference's shift_logits / shift_labels, modeling_llama.py:1356-1357)."""
     dev, L = model.device, model.num_layers
+    gold_reward = opts.consistentee_reward == "gold_log_prob"
     with autocast(dev):
         hs = hidden_states(model, rows)
+        if gold_reward:
+            hs = [h[:, :-1] for h in hs]
         final = model.lm_head(hs[-1]).float()  # hs[L] is already final-normed
     target = final.argmax(-1)
+    gold = rows[:, 1:].to(target.device) if gold_reward else None
 
     def score(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probability of the reward's target, consistency with the last layer's top-1), flattened."""
         logits = logits.float().to(target.device)
-        logp = logits.gather(-1, target[..., None])[..., 0] - logits.logsumexp(-1)
+        want = gold if gold is not None else target
+        logp = logits.gather(-1, want[..., None])[..., 0] - logits.logsumexp(-1)
         return logp.reshape(-1).to(dev), (logits.argmax(-1) == target).reshape(-1).to(dev)
 
     logp_L, _ = score(final)
@@ -130,7 +180,7 @@ def features(model, rows: torch.Tensor, layers: list[int], opts: ConsistentEEOpt
     ones = torch.ones_like(corrects[0]) if corrects else torch.ones_like(logp_L, dtype=torch.bool)
     correct = torch.stack(corrects + [ones], -1)
     depths = torch.tensor(layers + [L], device=dev)
-    if opts.consistentee_memorized == "all":
+    if opts.consistentee_hardness and opts.consistentee_memorized == "all":
         every = []
         for d in range(1, L):
             with autocast(dev):
@@ -138,8 +188,9 @@ def features(model, rows: torch.Tensor, layers: list[int], opts: ConsistentEEOpt
         memorized = memorized_layer(torch.stack(every + [ones], -1), torch.arange(1, L + 1, device=dev))
     else:
         memorized = memorized_layer(correct, depths)
-    acc = torch.stack(logps + [logp_L], -1) if opts.consistentee_reward == "log_prob" else correct.float()
-    reward = reward_table(acc, memorized, depths, L, opts.consistentee_alpha, opts.consistentee_hardness)
+    acc = correct.float() if opts.consistentee_reward == "correct" else torch.stack(logps + [logp_L], -1)
+    reward = reward_table(acc, memorized, depths, L, opts.consistentee_alpha, opts.consistentee_hardness,
+                          opts.consistentee_depth_cost)
     return Features(torch.stack(xs), correct, reward, memorized, depths)
 
 
@@ -208,10 +259,16 @@ def evaluate_policies(policies: nn.ModuleDict, layers: list[int], f: Features, t
 # -- the recipe --------------------------------------------------------------------------------------------------------
 @recipe("consistentee", ConsistentEEOptions)
 def consistentee(cfg: TrainConfig, opts: ConsistentEEOptions, model) -> ExitArtifact:
-    """ConsistentEE (arXiv 2312.11882): per-exit policy networks trained with REINFORCE, hardness-guided reward."""
+    """ConsistentEE (arXiv 2312.11882): per-exit policy networks trained with REINFORCE (reference decoder code)."""
     t0 = time.perf_counter()
     L = model.num_layers
     layers = cfg.layers(L)
+    if opts.consistentee_policy not in POLICIES:
+        raise UsageError(f"--consistentee_policy must be one of {', '.join(POLICIES)}, got "
+                         f"{opts.consistentee_policy!r}")
+    if opts.consistentee_reward not in REWARDS or opts.consistentee_depth_cost not in DEPTH_COSTS:
+        raise UsageError(f"--consistentee_reward must be one of {', '.join(REWARDS)} and --consistentee_depth_cost "
+                         f"one of {', '.join(DEPTH_COSTS)}")
     if opts.consistentee_hidden < 1:
         raise UsageError(f"--consistentee_hidden must be >= 1, got {opts.consistentee_hidden}")
     if opts.consistentee_samples < 2:
@@ -220,8 +277,8 @@ def consistentee(cfg: TrainConfig, opts: ConsistentEEOptions, model) -> ExitArti
     art = start_artifact(cfg, model)
     dev = model.device
     torch.manual_seed(cfg.seed)
-    policies = nn.ModuleDict({str(layer): ExitPolicy(model.hidden_size, opts.consistentee_hidden)
-                              for layer in layers}).to(dev)
+    width = opts.consistentee_hidden if opts.consistentee_policy == "mlp" else 0  # 0: the reference's Linear
+    policies = nn.ModuleDict({str(layer): ExitPolicy(model.hidden_size, width) for layer in layers}).to(dev)
     train_rows, eval_rows = train_eval_split(cfg, model.tokenizer)
     held = [features(model, eval_rows[i:i + cfg.batch_size], layers, opts)
             for i in range(0, len(eval_rows), cfg.batch_size)]
@@ -245,9 +302,8 @@ def consistentee(cfg: TrainConfig, opts: ConsistentEEOptions, model) -> ExitArti
     art.tensors.update(policy_tensors({int(k): p for k, p in policies.items()}))
     art.recommended["policy"] = {"policy_threshold": 0.5}
     art.provenance["consistentee"] = provenance(
-        cfg, time.perf_counter() - t0, metrics, hidden=opts.consistentee_hidden, layers=layers,
-        options=asdict(opts), before_training=before, reward="acc(d) - alpha * (d/L) * (1 - m/L)" if
-        opts.consistentee_hardness else "acc(d) - alpha * d/L", adapters=sorted(art.adapters))
+        cfg, time.perf_counter() - t0, metrics, policy=opts.consistentee_policy, hidden=width, layers=layers,
+        options=asdict(opts), before_training=before, reward=reward_formula(opts), adapters=sorted(art.adapters))
     _, out = cfg.paths()
     art.save(out)
     return art

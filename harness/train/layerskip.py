@@ -1,38 +1,51 @@
 """LayerSkip training (Elhoushi et al. 2024, arXiv 2404.16710, Sec. 4.1): layer dropout + early-exit loss.
 
+Reference code: LayerSkip's training recipe lives in torchtune (facebookresearch/LayerSkip README.md:166-167 points
+there): pytorch/torchtune at bd2a0fc, recipes/dev/7B_full_early_exit.yaml with its LayerSkip override line (:19:
+`early_exit_loss.scale=1.0 early_exit_loss.curriculum=...GradualEarlyExitCurriculum early_exit_loss.scale_fn=
+...linear_l_loss_scale layer_dropout.prob=0.2 layer_dropout.scale=exp`) on the file's own settings (:127-138:
+early_exit_loss.layers "0::4", layer_dropout.layers ":", layers_scale exp), implemented in
+torchtune/modules/early_exit_loss.py and torchtune/modules/layer_dropout.py. Our defaults are those settings; what
+is ours is a named option.
+
 The trunk itself is trained, so the result is a NEW model (saved as a transformers directory at
 `<work_dir>/model`, loadable with `--model <work_dir>/model`) plus an exit artifact made for that new model that
 records what training did and recommends a self-speculative draft depth.
 
-What it does, with the paper's notation (layer l = 0..L-1, 0-based; the exit "after layer l" reads x_{l+1}):
+What it does (layer l = 0..L-1, 0-based; the exit "after layer l" reads x_{l+1}):
 - every exit is the model's own final norm + lm_head applied to a layer's hidden state (no new modules);
-- early-exit loss  J = sum_l  e~(t,l) CE(g(x_{l+1}), Y),  e~(t,l) = C(t,l) e(l) / sum_i C(t,i) e(i),
-  e(l) = e_scale * sum_{i=0..l} i for l < L-1 and e(L-1) = L-1 + e_scale * sum_{i=0..L-2} i
-  (`--layerskip_early_exit_scale` = e_scale). Note e(0) = 0: the paper's scale never trains the first exit;
-- curriculum C(t,l) (`--layerskip_curriculum`): rotational = exits with l mod R == t mod R
-  (`--layerskip_rotation` = R); gradual = exits switched on from the last layer toward the first, layer l from
-  step T_C (L-1-l)/(L-1) on, with T_C = T/2 (every exit on for the second half of training; the same 0.5 as
-  torchtune's LayerSkip curriculum); none = every exit at every step. The last layer's loss is always on
-  (like torchtune's `train_last_layer`), which keeps the final layer anchored;
+- early-exit loss  J = sum_l  e~(t,l) CE(g(x_{l+1}), Y) over the layers whose loss is on at step t (C(t,l)), the
+  last layer's always (torchtune's `train_last_layer`), e~ = e normalised over them; e (`--layerskip_loss_scale`):
+  linear_l (default) = l + 1 (early_exit_loss.py:27-32), sum_l = the running sum of l + 1 over the layers on
+  (:35-40, the yaml's own default at :130), times e_scale (`--layerskip_early_exit_scale`) for all but the last
+  layer; paper = the paper's e(l) = e_scale * sum_{i=0..l} i, e(L-1) = L-1 + e_scale * sum_{i=0..L-2} i
+  (e(0) = 0: it never trains the first exit);
+- curriculum C(t,l) over the layers l = 0, R, 2R, ... (`--layerskip_loss_every` R, the yaml's "0::4") and the last
+  (`--layerskip_curriculum`): gradual (default; GradualEarlyExitCurriculum, early_exit_loss.py:267-286) = layer l
+  on at step t once (t-1)/T >= 0.5 (L-l)/L, from the last layer toward the first (torchtune computes step t's mask
+  at the end of step t-1, so only the last layer trains at step 0); rotational (RotationalEarlyExitCurriculum,
+  :211-217) = that set rolled forward by one layer per step, cyclically over the L layers; none = the set at every
+  step;
 - layer dropout: layer l is skipped for a whole sequence with probability p_{l,t} = S(t) D(l) p_max
-  (`--layerskip_dropout_max` = p_max), drawn per sequence of the batch; D(l) = e^{l ln2/(L-1)} - 1 (exp, the
-  paper's) or l/(L-1) (linear): 0 for the first layer, p_max for the last (`--layerskip_dropout_layer_scale`);
-  S(t) = 1 (constant: the paper's choice for continual pretraining and fine-tuning, our case) or
-  e^{t ln2/(T-1)} - 1 (exp: the paper's pretraining-from-scratch curriculum; `--layerskip_dropout_time_scale`).
-  No dropout at evaluation.
+  (`--layerskip_dropout_max` = p_max, 0.2 as the reference), drawn per sequence of the batch (layer_dropout.py:80-98);
+  D(l) = 2^{l/(L-1)} - 1 (exp, the reference's and the paper's, layer_dropout.py:214) or l/(L-1) (linear): 0 for
+  the first layer, p_max for the last (`--layerskip_dropout_layer_scale`); S(t) = 1 (constant, as torchtune, which
+  has no time schedule) or 2^{t/(T-1)} - 1 (exp: the paper's pretraining-from-scratch curriculum;
+  `--layerskip_dropout_time_scale`). No dropout at evaluation (the yaml's disable_on_eval).
 
 The training forward is our own (embeddings -> layers, each skippable per sequence -> exits): rotary from the
 HF model's rotary_emb, no cache, attention_mask=None (plain causal SDPA, as LayeredModel's prefill).
 
 Trainable: LoRA adapters (peft) on every nn.Linear inside the decoder layers (`--layerskip_lora_rank` r, alpha
-2r, merged into the weights at the end), or the whole model with `--layerskip_lora_rank 0`. Always on a deep
-copy of the caller's model: the model passed in is never modified.
+2r, merged into the weights at the end), or the whole model with `--layerskip_lora_rank 0`, as the reference (a
+full fine-tune, AdamW lr 2e-5: 7B_full_early_exit.yaml:70-75). Always on a deep copy of the caller's model: the
+model passed in is never modified.
 
-Our choices where the paper gives none, and deviations on purpose:
-- `--lr` left at its default (1e-3, sized for fresh adapters) means 2e-4 with LoRA and 2e-5 for full
-  fine-tuning: a pretrained trunk needs far smaller steps; any other --lr is used as given;
-- defaults e_scale 1.0 (torchtune's LayerSkip default), R 4 and p_max 0.1 are ours: the paper's per-model
-  settings (its hyperparameter table) could not be checked here; tune them for a real run;
+Our choices, and deviations on purpose:
+- LoRA by default (`--layerskip_lora_rank 0` = the reference's full fine-tuning): one device holds an adapter's
+  optimizer state for models whose full optimizer state it cannot;
+- `--lr` left at its default (1e-3, sized for fresh adapters) means 2e-4 with LoRA and 2e-5 (the yaml's, :75) for
+  full fine-tuning; any other --lr is used as given;
 - the recommended self-speculative exit is the exit of `--exit_layers` with the largest *estimated* speedup,
   (1 - a^(k+1)) / (1 - a) tokens per ((k+1) E + L - E) / L full-model passes (a = the exit's held-out top-1
   agreement with the trained last layer, k = the self_speculative default draft length, verification reusing
@@ -66,32 +79,47 @@ from ..trained_exits import ExitArtifact
 from . import recipe
 from .common import Loop, TrainConfig, autocast, provenance, train_eval_split
 
-CURRICULA = ("rotational", "gradual", "none")
+CURRICULA = ("gradual", "rotational", "none")
+LOSS_SCALES = ("linear_l", "sum_l", "paper")
 LAYER_SCALES = ("exp", "linear")
 TIME_SCALES = ("constant", "exp")
 LORA_LR, FULL_LR = 2e-4, 2e-5
+YAML = "torchtune recipes/dev/7B_full_early_exit.yaml"
+EEL = "torchtune/modules/early_exit_loss.py"
 
 
 @dataclass
 class LayerSkipOptions:
     """Flags of --recipe layerskip."""
 
-    layerskip_lora_rank: int = _f(16, "LoRA rank on every linear of the decoder layers; 0 = full fine-tuning")
+    layerskip_lora_rank: int = _f(
+        16, f"LoRA rank on every linear of the decoder layers; 0 = full fine-tuning, the reference's ({YAML} is a "
+        "full-finetune recipe, lr 2e-5 at :75). LoRA is ours: its optimizer state fits one device for large models")
     layerskip_early_exit_scale: float = _f(
-        1.0, "e_scale of LayerSkip's early-exit loss: e(l) = e_scale * sum_{i<=l} i (last layer: L-1 + e_scale * "
-             "sum_{i<=L-2} i), normalised over the exits on at that step")
+        1.0, f"e_scale: multiplies every early exit's loss scale but the last layer's ({YAML}:131, :19)")
+    layerskip_loss_scale: str = _f(
+        "linear_l", f"per-layer loss scale before normalising over the layers on: linear_l = l+1 (the reference's "
+        f"LayerSkip setting, {YAML}:19; {EEL}:27-32); sum_l = running sum of l+1 over the layers on (the yaml's own "
+        f"default, :130; {EEL}:35-40); paper = the paper's e(l) = sum_(i<=l) i (arXiv 2404.16710 Sec. 4.1; "
+        "never trains the first exit)", choices=LOSS_SCALES)
     layerskip_curriculum: str = _f(
-        "rotational", "early-exit curriculum: rotational = every R-th exit, rotating each step; gradual = exits "
-                      "switched on from the last layer toward the first over the first half of training; none = "
-                      "all exits (the last layer's loss is always on)", choices=CURRICULA)
-    layerskip_rotation: int = _f(4, "R of the rotational curriculum")
-    layerskip_dropout_max: float = _f(0.1, "p_max: layer dropout rate of the last layer (0 = no layer dropout)")
+        "gradual", f"early-exit curriculum over the layers with a loss: gradual = switched on from the last layer "
+        f"toward the first over the first half of training (the reference's LayerSkip setting, {YAML}:19; "
+        f"{EEL}:267-286); rotational = that set shifted by one layer each step ({EEL}:211-217, the yaml's own "
+        "default at :129); none = all of them every step. The last layer's loss is always on", choices=CURRICULA)
+    layerskip_loss_every: int = _f(
+        4, f"R: early-exit losses on layers 0, R, 2R, ... (0-based) and the last, as the reference's "
+        f"early_exit_loss.layers \"0::4\" ({YAML}:128); 1 = every layer")
+    layerskip_dropout_max: float = _f(0.2, f"p_max: layer dropout rate of the last layer, 0 = none (the "
+                                           f"reference's layer_dropout.prob, {YAML}:135, :19)")
     layerskip_dropout_layer_scale: str = _f(
-        "exp", "D(l): how the dropout rate rises with depth, from 0 (first layer) to p_max (last): exp = "
-               "e^(l ln2/(L-1)) - 1 (the paper's), linear = l/(L-1)", choices=LAYER_SCALES)
+        "exp", f"D(l): how the dropout rate rises with depth, from 0 (first layer) to p_max (last): exp = "
+               f"2^(l/(L-1)) - 1 (the reference's, {YAML}:137, and the paper's), linear = l/(L-1)",
+        choices=LAYER_SCALES)
     layerskip_dropout_time_scale: str = _f(
-        "constant", "S(t): constant = 1 (the paper's choice for continual pretraining / fine-tuning), exp = "
-                    "e^(t ln2/(T-1)) - 1 (its pretraining-from-scratch curriculum)", choices=TIME_SCALES)
+        "constant", "S(t): constant = 1 (the reference's: torchtune has no dropout schedule over time; the paper's "
+                    "choice for continual pretraining / fine-tuning), exp = 2^(t/(T-1)) - 1 (the paper's "
+                    "pretraining-from-scratch curriculum)", choices=TIME_SCALES)
 
 
 # -- the paper's schedules (pure functions: unit-tested) ----------------------------------------------------
@@ -119,28 +147,43 @@ def sample_skips(probs: list[float], batch: int, generator: torch.Generator) -> 
     return torch.rand((len(probs), batch), generator=generator, dtype=torch.float64) < p[:, None]
 
 
-def exits_on(num_layers: int, step: int, steps: int, curriculum: str = "rotational", rotation: int = 4) -> list[bool]:
-    """C(t,l) for l = 0..L-1: which exits' losses count at `step`; the last layer's is always on."""
-    L = num_layers
+def exits_on(num_layers: int, step: int, steps: int, curriculum: str = "gradual", every: int = 4) -> list[bool]:
+    """C(t,l) for l = 0..L-1: which layers' losses count at `step` (torchtune's curricula over the layers
+    0::every); the last layer's is always on."""
+    L, r = num_layers, max(1, every)
+    base = [l % r == 0 for l in range(L)]  # torchtune's early_exit_loss.layers "0::R"
     if curriculum == "none":
-        on = [True] * L
-    elif curriculum == "rotational":
-        r = max(1, rotation)
-        on = [l % r == step % r for l in range(L)]
-    elif curriculum == "gradual":
-        tc = steps / 2
-        on = [step >= tc * (L - 1 - l) / max(L - 1, 1) for l in range(L)]
+        on = base
+    elif curriculum == "rotational":  # np.roll(mask, 1) once per step: layer l shows layer (l - t) mod L's entry
+        on = [base[(l - step) % L] for l in range(L)]
+    elif curriculum == "gradual":  # the mask of step t is computed at the end of step t-1, from (t-1)/T
+        frac = (step - 1) / max(steps, 1)
+        on = [base[l] and frac >= 0.5 * (L - l) / L for l in range(L)]
     else:
         raise ValueError(f"unknown curriculum {curriculum!r}")
     on[-1] = True
     return on
 
 
-def loss_scales(on: list[bool], e_scale: float) -> list[float]:
-    """e~(t,l): LayerSkip's per-layer loss scale e(l), masked by the curriculum and normalised to sum 1."""
+def loss_scales(on: list[bool], e_scale: float, kind: str = "linear_l") -> list[float]:
+    """e~(t,l): the per-layer loss scale of `kind`, over the layers that are `on`, normalised to sum 1.
+
+    linear_l / sum_l: torchtune's linear_l_loss_scale / sum_l_loss_scale (l + 1, or its running sum over the
+    layers on, times e_scale for all but the last layer); paper: LayerSkip's e(l) = e_scale * sum_{i<=l} i,
+    e(L-1) = L-1 + e_scale * sum_{i<=L-2} i.
+    """
     L = len(on)
-    e = [e_scale * l * (l + 1) / 2 for l in range(L - 1)] + [(L - 1) + e_scale * (L - 2) * (L - 1) / 2]
-    w = [ei if c else 0.0 for ei, c in zip(e, on)]
+    if kind == "paper":
+        e = [e_scale * l * (l + 1) / 2 for l in range(L - 1)] + [(L - 1) + e_scale * (L - 2) * (L - 1) / 2]
+        w = [ei if c else 0.0 for ei, c in zip(e, on)]
+    elif kind in ("linear_l", "sum_l"):
+        w, run = [], 0.0
+        for l, c in enumerate(on):
+            run += (l + 1) if c else 0
+            v = (run if kind == "sum_l" else l + 1) if c else 0.0
+            w.append(v * (e_scale if l < L - 1 else 1.0))
+    else:
+        raise ValueError(f"unknown loss scale {kind!r}")
     total = sum(w)
     return [x / total for x in w] if total > 0 else w
 
@@ -186,18 +229,19 @@ def exit_ce(net, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(net, rows: torch.Tensor, layers: list[int], e_scale: float,
-            reference: Optional[torch.Tensor] = None, batch: int = 4) -> tuple[dict, torch.Tensor]:
+            reference: Optional[torch.Tensor] = None, batch: int = 4,
+            scale: str = "linear_l") -> tuple[dict, torch.Tensor]:
     """Held-out metrics of `net` (no layer dropout) and its last layer's argmax (on the CPU).
 
     final_layer_agreement_with_original: top-1 agreement of the last layer with `reference` (the original model's
     argmax; the net's own when None, i.e. 1.0); agreement@d: exit d vs the net's last layer; ce@d: exit d's
-    next-token cross-entropy; exit_loss: the early-exit objective (e~ with every evaluated exit on, no curriculum)
-    over the exits of `layers` and the last layer.
+    next-token cross-entropy; exit_loss: the early-exit objective (e~ of kind `scale` with every evaluated exit on,
+    no curriculum) over the exits of `layers` and the last layer.
     """
     L = len(net.model.layers)
     dev = net.lm_head.weight.device
     depths = sorted(set(layers) | {L})
-    w = loss_scales([l + 1 in depths for l in range(L)], e_scale)
+    w = loss_scales([l + 1 in depths for l in range(L)], e_scale, scale)
     hits = {d: 0 for d in layers}
     ce = {d: 0.0 for d in depths}
     final_hits = total = 0
@@ -288,8 +332,14 @@ def train_layerskip(cfg: TrainConfig, opts: LayerSkipOptions, model) -> ExitArti
         raise UsageError("layerskip trains a copy of the whole model on one device; a device map is not supported")
     if model.window is not None and cfg.seq_len > model.window:
         raise UsageError(f"--seq_len {cfg.seq_len} exceeds this model's sliding window ({model.window})")
-    if opts.layerskip_lora_rank < 0 or opts.layerskip_rotation < 1:
-        raise UsageError("--layerskip_lora_rank must be >= 0 and --layerskip_rotation >= 1")
+    if opts.layerskip_lora_rank < 0 or opts.layerskip_loss_every < 1:
+        raise UsageError("--layerskip_lora_rank must be >= 0 and --layerskip_loss_every >= 1")
+    for name, value, allowed in (("curriculum", opts.layerskip_curriculum, CURRICULA),
+                                 ("loss_scale", opts.layerskip_loss_scale, LOSS_SCALES),
+                                 ("dropout_layer_scale", opts.layerskip_dropout_layer_scale, LAYER_SCALES),
+                                 ("dropout_time_scale", opts.layerskip_dropout_time_scale, TIME_SCALES)):
+        if value not in allowed:
+            raise UsageError(f"--layerskip_{name} must be one of {', '.join(allowed)}, got {value!r}")
     if not 0.0 <= opts.layerskip_dropout_max <= 1.0:
         raise UsageError(f"--layerskip_dropout_max {opts.layerskip_dropout_max}: must be in [0, 1]")
     if opts.layerskip_early_exit_scale < 0:
@@ -301,7 +351,8 @@ def train_layerskip(cfg: TrainConfig, opts: LayerSkipOptions, model) -> ExitArti
 
     # The original model's last-layer argmax on the held-out rows, once, before anything is trained (and the
     # original's own exits, for comparison).
-    before, original = measure(model.hf, eval_rows, layers, opts.layerskip_early_exit_scale)
+    scale = opts.layerskip_loss_scale
+    before, original = measure(model.hf, eval_rows, layers, opts.layerskip_early_exit_scale, scale=scale)
 
     # A deep copy is trained; the caller's model is never touched.
     net = copy.deepcopy(model.hf)
@@ -330,8 +381,8 @@ def train_layerskip(cfg: TrainConfig, opts: LayerSkipOptions, model) -> ExitArti
             skip = sample_skips(dropout_probs(L, opts.layerskip_dropout_max, step, cfg.steps,
                                               opts.layerskip_dropout_layer_scale, opts.layerskip_dropout_time_scale),
                                 len(ids), gen)
-        w = loss_scales(exits_on(L, step, cfg.steps, opts.layerskip_curriculum, opts.layerskip_rotation),
-                        opts.layerskip_early_exit_scale)
+        w = loss_scales(exits_on(L, step, cfg.steps, opts.layerskip_curriculum, opts.layerskip_loss_every),
+                        opts.layerskip_early_exit_scale, scale)
         with autocast(dev):
             hs = run_trunk(net, ids, skip)
             last = exit_ce(net, hs[-1], ids)  # the last layer's loss is always on (w[-1] > 0)
@@ -344,7 +395,7 @@ def train_layerskip(cfg: TrainConfig, opts: LayerSkipOptions, model) -> ExitArti
         return loss, metrics
 
     def evaluate() -> dict:
-        return measure(net, eval_rows, layers, opts.layerskip_early_exit_scale, original)[0]
+        return measure(net, eval_rows, layers, opts.layerskip_early_exit_scale, original, scale=scale)[0]
 
     loop = Loop(cfg, {"trunk": trainable}, loss_fn, evaluate, lr=lr)
     after = loop.run(train_rows)
