@@ -60,14 +60,17 @@ def main() -> int:
                             "rotation, whose speedup is the noise floor); on by default")
     multi.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="finish an interrupted run directory, or a multi-configuration folder: recorded "
-                            "examples are kept and skipped, configurations come from the run.json files (other "
-                            "flags are ignored) (default: %(default)s)")
+                            "examples are kept and skipped, configurations come from the run.json files; a flag "
+                            "given with it that differs from the run's is refused (default: %(default)s)")
     args = parser.parse_args()
     from harness import distributed
 
     if args.resume:
         from harness.runner import resume
 
+        from harness.runner import refuse_flags_with_resume
+
+        refuse_flags_with_resume(args.resume, args, args._explicit - {"resume"})
         dist = distributed.init()  # torchrun: each rank resumes from its own shard file
         try:
             results = resume(args.resume, dist=dist, device=distributed.device_for(args.device, dist)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Callable, NoReturn
 
@@ -58,16 +59,28 @@ def make_parser(description: str, run_fields: bool = True) -> Parser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, Slurm, Kubernetes) handled like Ctrl-C: records flushed, summary.json written."""
+
+
+def _on_sigterm(signum, frame) -> NoReturn:
+    raise Terminated("terminated by SIGTERM")
+
+
 def run_main(main: Callable[[], int]) -> None:
-    """Run a CLI entry point: usage errors become one stderr line and exit code 2, never a traceback."""
+    """Run a CLI entry point: usage errors become one stderr line and exit code 2, never a traceback; SIGINT and
+    SIGTERM stop it cleanly (exit 130 / 143) with every finished record and a summary on disk."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = main()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
-        print("interrupted; records written so far are kept", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        print(f"{'terminated (SIGTERM)' if term else 'interrupted'}; records written so far are kept, with a summary "
+              "(benchmark.py --resume RUN_DIR finishes the run)", file=sys.stderr)
+        sys.exit(143 if term else 130)
     sys.exit(code or 0)
 
 

@@ -186,6 +186,7 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         self.explicit = tuple(sorted(set(self.explicit)))
+        check_values(self, GENERATION_RANGES)
         if self.generation_strategy is None:
             self.generation_strategy = "dynamic" if self.criteria else "autoregressive"
         elif self.criteria and self.generation_strategy != "dynamic":
@@ -280,6 +281,43 @@ class RunConfig:
         "/ head / state_copy) with device-synchronized timers; the cost of one timed section is measured and reported "
         "beside them (on a GPU the synchronizations can slow a method slightly: --breakdown false for the cleanest "
         "speed figures)")
+
+    def __post_init__(self) -> None:
+        check_values(self, RUN_RANGES)
+
+
+# Where each number may lie: (field, lowest, highest, lowest included). A None value means "omitted" and is not
+# checked here; every float must also be finite (NaN compares false with everything and would pass any range).
+GENERATION_RANGES = (
+    ("max_steps", 1, None, True), ("exit_layer", 1, None, True), ("num_speculations", 1, None, True),
+    ("draft_vocab", 0, None, True), ("draft_threshold", 0.0, 1.0, True), ("lookup_ngram", 1, None, True),
+    ("lookup_tokens", 1, None, True), ("temperature", 0.0, None, False), ("top_p", 0.0, 1.0, False),
+    ("top_k", 0, None, True), ("threshold", 0.0, None, True), ("threshold_decay", 0.0, None, True),
+    ("policy_threshold", 0.0, 1.0, True), ("min_exit_layer", 1, None, True), ("shallow_exit_layer", 1, None, True),
+    ("adaptive_tolerance", 0.0, 1.0, True), ("cosine_threshold", -1.0, 1.0, True), ("token_repeats", 1, None, True),
+    ("convergence_delta", 0.0, 1.0, True), ("max_prob_start", 0.0, 1.0, True), ("max_prob_end", 0.0, 1.0, True),
+    ("max_prob_scale", 0.0, None, True), ("entropy_temperature", 0.0, None, False), ("entropy_start", 0.0, None, True),
+    ("entropy_end", 0.0, None, True), ("vocab_k", 1, None, True), ("vocab_k_min", 1, None, True),
+    ("contrastive_alpha", 0.0, 1.0, True),
+)
+RUN_RANGES = (("num_samples", 0, None, True), ("n_shot", 0, None, True), ("warmup", 0, None, True),
+              ("repeats", 1, None, True), ("max_prompt_tokens", 1, None, True))
+
+
+def check_values(obj: Any, ranges: tuple) -> None:
+    """Refuse a non-finite or out-of-range number with one line naming its flag."""
+    import math
+
+    for name, lo, hi, closed in ranges:
+        v = getattr(obj, name, None)
+        if v is None or isinstance(v, bool):
+            continue
+        if not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+            raise UsageError(f"--{name} must be a finite number, got {v!r}")
+        if (lo is not None and (v < lo or (v == lo and not closed))) or (hi is not None and v > hi):
+            low = "" if lo is None else f"{'>=' if closed else '>'} {lo}"
+            high = "" if hi is None else f"<= {hi}"
+            raise UsageError(f"--{name} must be {' and '.join(x for x in (low, high) if x)}, got {v}")
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple = ()) -> None:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,6 +62,7 @@ class ExampleRecord:
     repeats: list  # every timed repeat: {repeat, slot (0 = ran first on this example), prefill_seconds, decode_seconds, new_tokens}
     method_log: Optional[dict]  # method state after this example, e.g. FREE's adaptive threshold trajectory entry
     breakdown: Optional[dict] = None  # first repeat's decode seconds per component, section calls, timer cost (--breakdown)
+    config_sha256: Optional[str] = None  # the configuration that made this record (RunInfo.config_sha256); resume checks it
 
 
 @dataclass
@@ -80,6 +82,7 @@ class RunInfo:
     environment: dict  # python, torch, transformers and other package versions, platform, cpu/gpu, git commit
     control: bool  # the A/A control: a second copy of the baseline, timed in the same rotation
     schedule: dict  # configuration index and count, repeats, warm-up, rotation, invocation folder
+    config_sha256: Optional[str] = None  # hash of config_identity(): what must match for records to be pooled or resumed
 
 
 @dataclass
@@ -109,6 +112,77 @@ class Summary:
     acceptance_rate: Optional[float]  # total accepted / total drafted (speculative methods), else null
     drafted: Optional[int]  # total drafted tokens (speculative methods), else null
     accepted: Optional[int]  # total accepted tokens (speculative methods), else null
+
+
+def config_identity(info: RunInfo) -> dict:
+    """What makes two sets of records the same measurement: the method and its knobs, the run settings (not where
+    files go or which device index), the model's content fingerprint, dtype and exit artifact, the data, and the
+    library versions. `--resume` refuses to continue a run when any of these differs."""
+    run = {k: v for k, v in info.run.items() if k not in ("device", "shard_dir", "output_dir")}
+    model, task = info.model or {}, info.task or {}
+    return json.loads(dumps({
+        "strategy": info.strategy, "knobs": info.knobs, "generation": info.generation, "run": run,
+        "control": info.control, "model checkpoint": model.get("checkpoint"), "model dtype": model.get("dtype"),
+        "device type": str(model.get("device", "")).split(":")[0],
+        "exit artifact": (model.get("exits") or {}).get("sha256"), "data file": task.get("data_sha256"),
+        "examples": task.get("examples_sha256"), "task max_steps": task.get("max_steps"),
+        "task metric": task.get("metric"), "task stops": task.get("stop"),
+        "library versions": (info.environment or {}).get("packages")}))
+
+
+def config_sha256(info: RunInfo) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config_identity(info), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity_mismatch(stored: RunInfo, fresh: RunInfo) -> Optional[str]:
+    """The first field of config_identity that differs, as 'field: stored vs fresh' (None: same)."""
+    a, b = config_identity(stored), config_identity(fresh)
+    for key in a:
+        if a[key] != b.get(key):
+            if isinstance(a[key], dict) and isinstance(b.get(key), dict):
+                sub = sorted(k for k in set(a[key]) | set(b[key]) if a[key].get(k) != b[key].get(k))
+                return f"{key} ({', '.join(sub[:4])}): the run has {[a[key].get(k) for k in sub[:4]]}, now " \
+                       f"{[b[key].get(k) for k in sub[:4]]}"
+            return f"{key}: the run has {a[key]!r}, now {b.get(key)!r}"
+    return None
+
+
+# -- one writer per run directory ------------------------------------------------------------------------
+_HELD: dict[str, Any] = {}  # resolved lock path -> open file holding an flock for this process
+
+
+def lock_run(path: Path, name: str = ".lock") -> None:
+    """Hold an exclusive OS lock (flock) on a run directory until release_run or process exit; a second process gets
+    one line. The kernel drops the lock when its holder dies, so a crash never leaves a stale lock behind."""
+    import fcntl
+
+    from .config import UsageError
+
+    lock = (Path(path) / name).resolve()
+    if str(lock) in _HELD:
+        return
+    f = open(lock, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        who = f.read().strip()
+        f.close()
+        raise UsageError(f"{path} is being written by another process{f' ({who})' if who else ''}: wait for it to "
+                         "end, or stop it, before resuming") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    _HELD[str(lock)] = f
+
+
+def release_run(path: Path, name: str = ".lock") -> None:
+    f = _HELD.pop(str((Path(path) / name).resolve()), None)
+    if f is not None:
+        f.close()  # closing the descriptor releases the flock
 
 
 def _clean(obj: Any) -> Any:
@@ -179,17 +253,43 @@ class RunWriter:
             if shard > 0:  # what this rank ran, kept beside its records (run.json lives on rank 0's storage)
                 _write_json(shard_dir / f"run.rank{shard}.json", info)
         self.file = file
-        if resume:  # keep every complete record; drop a line cut short by a crash
-            lines = file.read_text(encoding="utf-8").splitlines() if file.exists() else []
-            for line in lines:
-                try:
-                    self.records.append(ExampleRecord(**json.loads(line)))
-                except (json.JSONDecodeError, TypeError):
-                    break
+        self.lock_name = ".lock" if not shard else f".lock.rank{shard}"
+        lock_run(file.parent, self.lock_name)
+        if resume:
+            self.records = self._read_for_resume(file)
             file.write_text("".join(dumps(r) + "\n" for r in self.records), encoding="utf-8")
         elif not shard:
             _write_json(path / "run.json", info)
         self._examples = open(file, "a", encoding="utf-8")
+
+    @staticmethod
+    def _read_for_resume(file: Path) -> list[ExampleRecord]:
+        """Every complete, valid record; an unreadable or duplicate line (a crash mid-write, a damaged file) is moved
+        aside into a file beside it and named in one line, never dropped silently. Its example runs again."""
+        good: list[ExampleRecord] = []
+        bad: list[tuple[int, str]] = []
+        seen: set[int] = set()
+        raw = file.read_bytes() if file.exists() else b""
+        for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = ExampleRecord(**json.loads(line))
+            except (json.JSONDecodeError, TypeError, ValueError):
+                bad.append((n, line))
+                continue
+            if rec.index in seen:
+                bad.append((n, line))
+                continue
+            seen.add(rec.index)
+            good.append(rec)
+        if bad:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            aside = file.with_name(f"{file.name}.set-aside-{stamp}")
+            aside.write_text("".join(f"{line}\n" for _, line in bad), encoding="utf-8")
+            print(f"resume: {len(bad)} unreadable or duplicate line(s) of {file} (line {', '.join(str(n) for n, _ in bad)})"
+                  f" moved aside to {aside.name}; {len(good)} complete record(s) kept", file=sys.stderr)
+        return good
 
     def append(self, record: ExampleRecord) -> None:
         self._examples.write(dumps(record) + "\n")
@@ -199,6 +299,7 @@ class RunWriter:
 
     def close(self) -> None:
         self._examples.close()
+        release_run(self.file.parent, self.lock_name)
 
     def finish(self, info: RunInfo, status: str = "complete", error: Optional[str] = None) -> Summary:
         self.close()
@@ -210,6 +311,7 @@ class RunWriter:
         """Rank 0: the summary of the merged records (its own file is already closed)."""
         summary = summarize(info, self.records, status, error)
         _write_json(self.path / "summary.json", summary)
+        release_run(self.path)
         return summary
 
     def write_merged(self, records: list[ExampleRecord]) -> None:

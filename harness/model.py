@@ -217,6 +217,25 @@ def parse_device_map(spec: Optional[str]):
     return mapping
 
 
+def check_device_map_names(mapping: dict, where: str, local: bool, spec) -> None:
+    """Every module a --device_map names must exist in the model (transformers ignores unknown names silently)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(where, local_files_only=local)
+        with init_empty_weights():  # the module tree only: no weights are read or allocated
+            names = {n for n, _ in AutoModelForCausalLM.from_config(cfg).named_modules()}
+    except Exception as e:  # noqa: BLE001 - the real load below reports a broken checkpoint in its own words
+        _ = e
+        return
+    unknown = [k for k in mapping if k and k not in names]
+    if unknown:
+        layers = sorted(n for n in names if n.count(".") == 2 and ".layers." in n)
+        raise UsageError(f"--device_map names {', '.join(map(repr, unknown[:3]))}, not a module of {spec or where} "
+                         f"(its modules look like 'model.embed_tokens', {layers[0]!r}, 'model.norm', 'lm_head')")
+
+
 def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "auto",
                device_map: Optional[str] = None, exits: Optional[str] = "none") -> "LayeredModel":
     """Load any supported --model value onto a device/dtype (or spread by --device_map) as a LayeredModel.
@@ -239,6 +258,8 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
     tok = _load_part("tokenizer", lambda: AutoTokenizer.from_pretrained(where, local_files_only=local),
                      spec, where, local, hub_error)
     placement = parse_device_map(device_map)
+    if isinstance(placement, dict):
+        check_device_map_names(placement, where, local, name)
     extra = {}
     if placement is not None:
         extra["device_map"] = placement

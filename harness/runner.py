@@ -21,7 +21,8 @@ from .config import GenerationConfig, RunConfig, UsageError, for_strategy, parse
 from .identity import library_versions
 from .generators import Generator, GenerationResult, StopCondition, build_generator
 from .distributed import Dist, barrier, broadcast, gather
-from .logs import SCHEMA_VERSION, ExampleRecord, RunInfo, RunWriter, Summary, new_run_dir, summarize
+from .logs import (SCHEMA_VERSION, ExampleRecord, RunInfo, RunWriter, Summary, config_sha256, identity_mismatch,
+                   lock_run, new_run_dir, summarize)
 from .metrics import METRICS
 from .model import LayeredModel, load_model
 from .tasks import DATA_DIR, Example, Task, get_task, load_examples
@@ -165,8 +166,16 @@ class Benchmark:
         self.generator.timer.enabled = run.breakdown and not control  # the baseline has no components anyway
         if self.generator.trained_knobs and not control:
             print(f"{self.generator.name}: {trained_note(self.generator)}", file=sys.stderr)
-        self.max_prompt = run.max_prompt_tokens or max(self.model.max_context - self.max_steps, 1)
+        room = self.model.max_context - self.max_steps  # the prompt and the generation must fit the context
+        if room < 1:
+            raise UsageError(f"--max_steps {self.max_steps} leaves no room for a prompt in this model's "
+                             f"{self.model.max_context}-token context")
+        if run.max_prompt_tokens is not None and run.max_prompt_tokens > room:
+            raise UsageError(f"--max_prompt_tokens {run.max_prompt_tokens} + max_steps {self.max_steps} exceeds this "
+                             f"model's {self.model.max_context}-token context: use at most {room}")
+        self.max_prompt = run.max_prompt_tokens or room
         self._prompts: dict[int, tuple[list[int], bool]] = {}
+        self.config_sha256: Optional[str] = None  # set by execute_schedule from this configuration's run.json
 
     @property
     def label(self) -> str:
@@ -196,11 +205,16 @@ class Benchmark:
                 "examples_sha256": sha256_of([[ex.id, sha256_of(self.prompt_ids(i)[0])]
                                               for i, ex in enumerate(self.examples)])}
         model = dict(self.model.describe(), load_seconds=self.model.load_seconds, source=self.run.model)
-        return RunInfo(schema_version=SCHEMA_VERSION, run_id=run_id, created=datetime.now(timezone.utc).isoformat(),
-                       command=list(sys.argv), strategy=self.generator.name, knobs=self.generator.knobs() | ({"trained_defaults": self.generator.trained_knobs} if self.generator.trained_knobs else {}),
+        knobs = self.generator.knobs()
+        if self.generator.trained_knobs:
+            knobs["trained_defaults"] = self.generator.trained_knobs
+        info = RunInfo(schema_version=SCHEMA_VERSION, run_id=run_id, created=datetime.now(timezone.utc).isoformat(),
+                       command=list(sys.argv), strategy=self.generator.name, knobs=knobs,
                        generation=dataclasses.asdict(self.gen), run=dataclasses.asdict(self.run), task=task,
                        model=model, environment=environment(self.model.device), control=self.control,
                        schedule=schedule)
+        info.config_sha256 = config_sha256(info)
+        return info
 
     def generate(self, index: int) -> GenerationResult:
         """One timed generation of example `index`."""
@@ -215,6 +229,7 @@ class Benchmark:
         metrics = METRICS[self.metric](prediction, ex)
         record = make_record(index, ex, ids, truncated, runs, prediction, kept, metrics)
         record.method_log = self.generator.log_state()
+        record.config_sha256 = self.config_sha256
         return record
 
     def warm_up(self, index: int) -> None:
@@ -272,11 +287,18 @@ def execute_schedule(benches: list[Benchmark], parent: Optional[Path] = None, pr
             if dist.active and info.environment.get("world_size") != dist.world:
                 raise UsageError(f"--resume {path}: it ran with {info.environment.get('world_size')} processes; "
                                  f"resume it with the same number (now {dist.world}): examples are sharded by rank")
+            why = identity_mismatch(info, b.info(info.run_id, info.schedule))
+            if why is not None:
+                raise UsageError(f"--resume {path}: this run cannot be continued as it was made: {why}"[:400])
+        b.config_sha256 = info.config_sha256
         writer = RunWriter(path, info, resume=resume is not None, shard=dist.rank if dist.active else None,
                            shard_dir=shard_dir(run, path, dist))
         for r in writer.records:
             if r.index >= len(b.examples) or b.examples[r.index].id != r.id:
                 raise UsageError(f"--resume {path}: its example {r.index} ({r.id}) is not this run's; data changed?")
+            if r.config_sha256 != info.config_sha256:
+                raise UsageError(f"--resume {path}: the record of example {r.id} was made by another configuration "
+                                 f"({r.config_sha256} != this run's {info.config_sha256}); it cannot be pooled")
         paths.append(path), infos.append(info), writers.append(writer)
     done = [{r.index for r in w.records} for w in writers]
     n = len(benches[0].examples)
@@ -300,8 +322,8 @@ def execute_schedule(benches: list[Benchmark], parent: Optional[Path] = None, pr
                     timed[c].append((benches[c].generate(i), slot))
             for c in pending:
                 writers[c].append(benches[c].score(i, timed[c]))
-    except KeyboardInterrupt:
-        status, error = "interrupted", "interrupted by the user"
+    except KeyboardInterrupt as e:
+        status, error = "interrupted", str(e) or "interrupted by the user (SIGINT)"
         for w, info in zip(writers, infos):  # every finished record is already on disk
             w.finish(info, status, error) if not dist.active else w.close()
         raise
@@ -392,11 +414,34 @@ def resume_configs(path: str, dist: Dist = SINGLE) -> tuple[list[Path], RunConfi
         raise UsageError(f"--resume {path}: not a readable run directory ({e})") from None
 
 
+def refuse_flags_with_resume(path: str, args, typed: set) -> None:
+    """--resume continues a run exactly as it was configured: a typed flag that differs from the run's is refused."""
+    if not typed:
+        return
+    _, run, gens, _ = resume_configs(path)
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    gen_fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+    for name in sorted(typed):
+        value = getattr(args, name)
+        if name in run_fields:
+            recorded = [getattr(run, name)]
+        elif name in gen_fields:
+            recorded = [getattr(g, name) for g in gens]
+        else:
+            raise UsageError(f"--{name} cannot be given with --resume: the configurations come from the run directory")
+        if any(value != r for r in recorded):
+            raise UsageError(f"--{name} {value} differs from the run's {recorded[0] if len(set(map(str, recorded))) == 1 else recorded}: "
+                             "--resume continues a run as it was made; start a new run to change it")
+
+
 def resume(path: str, progress: bool = True, dist: Dist = SINGLE, device: Optional[str] = None
            ) -> list[tuple[Path, Summary]]:
     """Finish an interrupted run (or multi-configuration folder) in place; under torchrun each rank
     resumes from its own shard file."""
     dirs, run, gens, controls = resume_configs(path, dist)
+    if not dist.active:  # one writer per run directory, taken before any model time is spent
+        for d in dirs:
+            lock_run(d)
     if device is not None:
         run = dataclasses.replace(run, device=device)
     model = load_model(run.model, run.device, run.dtype, run.device_map, run.exits)
@@ -466,7 +511,9 @@ def expand_sweep(items: list[str], base: GenerationConfig) -> list[GenerationCon
         if "=" not in item:
             raise UsageError(f"--sweep expects knob=v1,v2,..., got {item!r}")
         k, vals = item.split("=", 1)
-        axes.append([(k, parse_value(k, v)) for v in vals.split(",") if v])
+        if not vals.strip() or any(not v.strip() for v in vals.split(",")):
+            raise UsageError(f"--sweep {item!r}: every value must be non-empty, e.g. {k}=0.8,0.9")
+        axes.append([(k, parse_value(k, v.strip())) for v in vals.split(",")])
     strategy = base.generation_strategy
     configs = [for_strategy(base, "autoregressive")]
     for combo in itertools.product(*axes):
