@@ -203,8 +203,7 @@ def run_trunk(net, ids: torch.Tensor, skip: Optional[torch.Tensor] = None) -> li
     h = inner.embed_tokens(ids)
     position_ids = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
     pe = inner.rotary_emb(h, position_ids)
-    kw = {"attention_mask": None, "position_ids": position_ids, "position_embeddings": pe, "past_key_values": None,
-          "use_cache": False}
+    kw = {"attention_mask": None, "position_ids": position_ids, "position_embeddings": pe, "use_cache": False}
     out = []
     for i, layer in enumerate(inner.layers):
         if skip is None or not bool(skip[i].any()):
@@ -406,8 +405,8 @@ def train_layerskip(cfg: TrainConfig, opts: LayerSkipOptions, model) -> ExitArti
     # Merge LoRA and save the new model; identity = the saved directory's fingerprint, as load_model computes it.
     final = peft_model.merge_and_unload() if peft_model is not None else net
     final.requires_grad_(False).eval()
-    # checkpoint_fingerprint hashes config.json and the weight files' sizes, which fine-tuning leaves as they were:
-    # the config records where the model came from and a digest of its weights, so the fingerprint is its own.
+    # The config records where the model came from and a digest of its weights (provenance); the fingerprint that
+    # identifies it is the content of the saved tensors (harness.identity).
     final.config.layerskip = {"base_model": model.checkpoint, "weights_digest": weights_digest(final),
                               "steps": cfg.steps, "seed": cfg.seed}
     _save_model(final, model.tokenizer, model_dir)
