@@ -5,6 +5,8 @@ synchronized seconds of each component of the first timed repeat, divided by tha
 `other` is decode time no component covers (stop checks, bookkeeping, Python between sections);
 `timer overhead` is the measured cost of the timed sections themselves (calls x the cost of one empty
 section), part of the method's measured decode time. Medians over examples, with the IQR of each share.
+A configuration whose output is degenerate (see harness/report.py: empty or whitespace-only predictions on at
+least half its examples) carries its flag in the CSV's `flag` column, the Markdown and the plot.
 """
 from __future__ import annotations
 
@@ -17,8 +19,12 @@ import pandas as pd
 
 ORDER = ("lookup", "draft", "verify", "accept", "shallow", "deep", "parallel", "layers", "confidence", "head",
          "state_copy")  # components in reading order; any other name follows
-COLUMNS = ["model", "dataset", "method", "short", "component", "ms_per_token_median", "share_median", "share_q25",
-           "share_q75", "calls_per_token_median", "n"]
+COLUMNS = ["model", "dataset", "method", "short", "flag", "run_id", "component", "ms_per_token_median",
+           "share_median", "share_q25", "share_q75", "calls_per_token_median", "n"]
+
+
+def _is_flag(flag) -> bool:
+    return isinstance(flag, str) and bool(flag)  # "" is read back from a CSV as NaN
 
 
 def _rank(component: str) -> tuple:
@@ -26,7 +32,7 @@ def _rank(component: str) -> tuple:
     return (order.index(component) if component in order else len(ORDER) - 0.5, component)
 
 
-def _rows(run: dict, method: str, short: str) -> list[dict]:
+def _rows(run: dict, method: str, short: str, flag: str = "") -> list[dict]:
     """One row per component of one run (medians over its examples)."""
     per: dict[str, dict[str, list]] = {}
     for e in run["examples"]:
@@ -51,7 +57,8 @@ def _rows(run: dict, method: str, short: str) -> list[dict]:
         share = np.array(d["share"])
         calls = np.array(d["calls"], dtype=float)
         rows.append({"model": info["model"]["name"], "dataset": info["task"]["name"], "method": method,
-                     "short": short, "component": name, "ms_per_token_median": float(np.median(d["ms"])),
+                     "short": short, "flag": flag, "run_id": info["run_id"], "component": name,
+                     "ms_per_token_median": float(np.median(d["ms"])),
                      "share_median": float(np.median(share)), "share_q25": float(np.percentile(share, 25)),
                      "share_q75": float(np.percentile(share, 75)),
                      "calls_per_token_median": float(np.median(calls)) if not np.isnan(calls).all() else math.nan,
@@ -60,7 +67,8 @@ def _rows(run: dict, method: str, short: str) -> list[dict]:
 
 
 def breakdown_table(runs: list[dict], label) -> pd.DataFrame:
-    """Long table: one row per (run, component); `label(run)` -> (method as the main table names it, short label)."""
+    """Long table: one row per (run, component); `label(run)` -> (method as the main table names it, short label,
+    degenerate flag or "")."""
     rows = [r for run in runs if not run["run"].get("control") for r in _rows(run, *label(run))]
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -79,8 +87,10 @@ def markdown(bt: pd.DataFrame, baseline_ms: dict) -> str:
     for (model, dataset), g in bt.groupby(["model", "dataset"], sort=False):
         comps = sorted(set(g["component"]), key=_rank)
         table = []
-        for method, m in g.groupby("method", sort=False):
-            row = {"method": m["short"].iloc[0]}  # the short label ((tr) = trained exits); full one in the CSV
+        for _, m in g.groupby("run_id", sort=False):
+            flag = m["flag"].iloc[0]
+            # the short label ((tr) = trained exits, * = knob from the artifact); the full one is in the CSV
+            row = {"method": m["short"].iloc[0] + (f" — {flag}" if _is_flag(flag) else "")}
             for _, r in m.iterrows():
                 row[r["component"]] = f"{r['ms_per_token_median']:.2f} ({100 * r['share_median']:.0f}%)"
             table.append(row)
@@ -98,15 +108,16 @@ def plot(bt: pd.DataFrame, out: Path, baseline_ms: dict) -> list[Path]:
     plt = _pyplot()
     files = []
     for (model, dataset), g in bt.groupby(["model", "dataset"], sort=False):
-        methods = list(dict.fromkeys(g["method"]))
-        shorts = [g[g["method"] == m]["short"].iloc[0] for m in methods]
+        methods = list(dict.fromkeys(g["run_id"]))
+        first = {m: g[g["run_id"] == m].iloc[0] for m in methods}
+        shorts = [first[m]["short"] + (f" [{first[m]['flag']}]" if _is_flag(first[m]["flag"]) else "") for m in methods]
         comps = sorted(set(g["component"]), key=_rank)
         fig, ax = plt.subplots(figsize=(9, 1.6 + 0.4 * len(methods)))
         left = np.zeros(len(methods))
         cmap = plt.get_cmap("tab20")
         fixed = {"other": "0.8", "timer overhead": "k"}
         for i, c in enumerate(comps):
-            vals = np.array([float(g[(g["method"] == m) & (g["component"] == c)]["ms_per_token_median"].sum())
+            vals = np.array([float(g[(g["run_id"] == m) & (g["component"] == c)]["ms_per_token_median"].sum())
                              for m in methods])
             vals = np.clip(vals, 0, None)  # a negative `other` (timer granularity) is drawn as nothing
             ax.barh(range(len(methods)), vals, left=left, color=fixed.get(c, cmap(i % 20)), label=c)

@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from harness.report import load_runs
+from test_report import assert_labels_unique
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT / "results" / "reference"
@@ -33,16 +35,35 @@ def test_every_task_method_and_peer_with_and_without_trained_exits(runs):
             assert sum(bool(r["run"]["control"]) for r in mine) == 1  # each invocation has its A/A control
             attached = {bool(r["run"]["model"]["exits"]) for r in mine}
             assert attached == {exits == "trained_exits"}
-    commits = {}
     for r in runs:
         assert len(r["examples"]) >= 20 and r["summary"]["status"] == "complete"
+
+
+def _commits(runs) -> dict:
+    """Invocation (trained_exits / untrained_exits) -> the git_commit values its logs recorded."""
+    commits: dict = {}
+    for r in runs:
         commits.setdefault(Path(r["path"]).relative_to(REF / "runs").parts[0], set()).add(
-            r["run"]["environment"]["git_commit"].removesuffix("-dirty"))
-    # each invocation ran one commit of this repository's history (README: why later tasks say -dirty)
+            r["run"]["environment"]["git_commit"])
+    return commits
+
+
+def test_each_invocation_ran_one_commit_of_this_repository(runs):
+    """Which commit: one per invocation, in this repository's history (whether the tree was clean is the next
+    test)."""
+    commits = {k: {c.removesuffix("-dirty") for c in v} for k, v in _commits(runs).items()}
     assert all(len(c) == 1 for c in commits.values()), commits
     if (ROOT / ".git").exists():
         for (sha,) in commits.values():
             assert subprocess.run(["git", "merge-base", "--is-ancestor", sha, "HEAD"], cwd=ROOT).returncode == 0, sha
+
+
+@pytest.mark.xfail(strict=True, reason="the committed logs of the tasks after the first in each invocation record "
+                   "a -dirty commit (README, Reference results); issue 18 re-makes them from committed code, and "
+                   "then this test passes and the marker must go")
+def test_reference_logs_were_made_from_committed_code(runs):
+    dirty = sorted({c for v in _commits(runs).values() for c in v if not c or c.endswith("-dirty")})
+    assert not dirty, dirty
 
 
 def test_committed_report_regenerates_byte_for_byte(tmp_path):
@@ -61,3 +82,37 @@ def test_readme_shows_the_committed_summary():
     summary = md.split("### Summary across tasks")[1].split("\n\n", 2)[1]  # the table after the heading
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert summary.strip() and summary.strip() in readme
+
+
+def test_reference_report_flags_degenerate_rows_and_labels_what_was_read(runs):
+    report = pd.read_csv(REF / "report" / "report.csv")
+    by_id = report.set_index("run_id")
+    for r in runs:  # every row's flag is what its own logs say, under the documented rule
+        preds = {str(e["id"]): e["prediction"] for e in r["examples"]}
+        empty = sum(not p.strip() for p in preds.values())
+        flag = f"degenerate ({empty}/{len(preds)} empty)" if empty >= len(preds) / 2 else ""
+        assert (by_id.loc[r["run"]["run_id"], "flag"] if by_id.loc[r["run"]["run_id"], "degenerate"] else "") == flag
+    # static exit at layer 12 with trained exits: only newlines on CNN/DM, mostly empty on GSM8K and XSum
+    e12 = report[(report["strategy"] == "autoregressive") & report["knobs"].str.contains('"exit_layer": 12')
+                 & (report["exits"] == "trained")].set_index("dataset")
+    assert e12.loc[["cnn_dm_summarization", "gsm8k", "xsum_summarization"], "degenerate"].all()
+    summary = pd.read_csv(REF / "report" / "summary_by_task.csv")
+    row = summary[(summary["method"] == "AR E12") & (summary["exits"] == "trained")].iloc[0]
+    for task in ("cnn_dm_summarization", "gsm8k", "xsum_summarization"):
+        assert row[task].startswith(e12.loc[task, "flag"] + ": "), row[task]
+    # transformers' peers and the full-depth baseline read no exits, whatever was attached
+    reads_none = report["strategy"].str.startswith("hf_") | report["knobs"].eq('{"exit_layer": null}')
+    assert set(report[reads_none]["exits"]) == {"not read", "not read (attached)"}
+    assert not report[reads_none]["method"].str.contains("trained exits").any()
+    assert_labels_unique(report)
+
+
+def test_reference_report_tables_show_no_run_id_as_a_figure(runs):
+    """A row without a speedup says why (the XSum static exit E12 once showed its baseline's run id)."""
+    md = (REF / "report" / "report.md").read_text(encoding="utf-8")
+    ids = {r["run"]["run_id"] for r in runs}
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows and not [line for line in rows if any(i in line for i in ids)]
+    xsum = md.split("### xsum_summarization (")[1].split("\n### ")[0]
+    line = next(x for x in xsum.splitlines() if x.startswith("| autoregressive exit_layer=12 [trained exits]"))
+    assert "nothing to time" in line and "degenerate (20/20 empty)" in line

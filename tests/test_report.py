@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -146,8 +147,296 @@ def test_speed_quality_auc_puts_methods_on_one_scale():
         row("free", {"threshold": 0.5}, 2.0, 0.3),
     ])
     auc = speed_quality_auc(df).set_index("method")["auc"]
-    assert set(auc.index) == {"static exit", "free"}
+    assert set(auc.index) == {"static exit", "free over threshold"}
     # free: full quality to 1.5x then 0.3/0.4 of it to 2x -> (0.5 * 1 + 0.5 * 0.75) / 1 = 0.875 (grid-exact here)
-    assert abs(auc["free"] - 0.875) < 0.01
+    assert abs(auc["free over threshold"] - 0.875) < 0.01
     assert abs(auc["static exit"] - 0.25) < 0.01  # best quality 0.1/0.4 over the whole range
-    assert auc["free"] > auc["static exit"]
+    assert auc["free over threshold"] > auc["static exit"]
+
+
+# -- rules of the report, on small synthetic run directories (no model) ------------------------------
+def _info(run_id, strategy="autoregressive", knobs=None, task="gsm8k", control=False, exits=None, schema=None):
+    from harness.logs import SCHEMA_VERSION
+
+    return {"schema_version": SCHEMA_VERSION if schema is None else schema, "run_id": run_id,
+            "created": "2026-01-01T00:00:00", "command": [], "strategy": strategy,
+            "knobs": {"exit_layer": None} if knobs is None else knobs,
+            "generation": {"seed": 0, "sample": False}, "run": {"protocol": "harness", "fixed_length": False,
+                                                                "chat_template": False},
+            "task": {"name": task, "data_sha256": "d" * 64, "examples_sha256": "e" * 64, "n_shot": 0, "max_steps": 8},
+            "model": {"name": "m", "checkpoint": "c", "device": "cpu", "dtype": "float32", "exits": exits},
+            "environment": {"world_size": 1, "git_commit": "0" * 40}, "control": control,
+            "schedule": {"invocation": f"inv_{task}"}}
+
+
+def _examples(n, ms, prediction="an answer", metric="exact_match", score=0.0, breakdown=False):
+    """n records; ms: decode ms/token (a number, or a list per example, None = nothing decoded); prediction and
+    score likewise (a value or a list)."""
+    per = lambda v, i: v[i] if isinstance(v, list) else v  # noqa: E731
+    out = []
+    for i in range(n):
+        t = per(ms, i)
+        out.append({"id": str(i), "prompt_sha256": f"p{i}", "prediction": per(prediction, i),
+                    "metrics": {metric: per(score, i)}, "decode_time_per_token": None if t is None else t / 1e3,
+                    "prefill_seconds": 0.1, "e2e_tokens_per_second": 10.0, "total_seconds": 1.0,
+                    "exit_layers": [30] * 5, "new_tokens": 5 if t is not None else 1,
+                    "breakdown": {"decode_seconds": 4 * t / 1e3, "components": {"layers": 3 * t / 1e3},
+                                  "calls": {"layers": 4}, "overhead_seconds": 0.0} if breakdown and t else None})
+    return out
+
+
+def _write(root, info, examples, status="complete", raw: Optional[bytes] = None):
+    d = root / info["task"]["name"] / info["run_id"]
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps(info))
+    (d / "examples.jsonl").write_bytes(raw if raw is not None else
+                                       "".join(json.dumps(e) + "\n" for e in examples).encode())
+    if status is not None:
+        (d / "summary.json").write_text(json.dumps({"run_id": info["run_id"], "status": status,
+                                                    "error": None if status == "complete" else "it fell over",
+                                                    "num_examples": len(examples)}))
+    return d
+
+
+def _report(root, tmp_path):
+    out = tmp_path / "report"
+    df, _ = write_report([str(root)], str(out), plots=False)
+    return df, out
+
+
+def _md_row(md: str, dataset: str, method: str) -> str:
+    """The line of `method` in the per-task table of `dataset`."""
+    section = md.split(f"### {dataset} (")[1].split("\n### ")[0]
+    return next(line for line in section.splitlines() if line.startswith(f"| {method} "))
+
+
+N = 12  # enough pairs for CIs
+
+
+@pytest.fixture
+def degenerate_runs(tmp_path):
+    """Two tasks: a baseline; a static exit whose output is only newlines (and very fast); a method with 6/12 and
+    one with 5/12 empty outputs; a CALM run with a breakdown whose output is empty on 7/12."""
+    root = tmp_path / "runs"
+    for task in ("gsm8k", "cnn_dm_lm"):
+        metric = "exact_match" if task == "gsm8k" else "rougeL"
+        _write(root, _info(f"{task}_base", task=task), _examples(N, 50.0, metric=metric, score=0.5))
+        _write(root, _info(f"{task}_e12", knobs={"exit_layer": 12}, task=task),
+               _examples(N, 20.0, prediction="\n\n", metric=metric))
+        half = ["", " \n"] * 3 + ["text"] * 6
+        _write(root, _info(f"{task}_half", "dynamic", {"criteria": "entropy_based"}, task),
+               _examples(N, 30.0, prediction=half, metric=metric, score=0.5))
+        _write(root, _info(f"{task}_five", "dynamic", {"criteria": "cosine_similarity"}, task),
+               _examples(N, 30.0, prediction=half[1:] + ["text"], metric=metric, score=0.5))
+        _write(root, _info(f"{task}_calm", "calm", {"threshold": 0.9}, task),
+               _examples(N, 25.0, prediction=["\t"] * 7 + ["x"] * 5, metric=metric, breakdown=True))
+    return root
+
+
+def test_degenerate_output_is_flagged_in_every_table(degenerate_runs, tmp_path):
+    _, out = _report(degenerate_runs, tmp_path)
+    csv = pd.read_csv(out / "report.csv").set_index("run_id")
+    assert csv.loc["gsm8k_e12", "flag"] == "degenerate (12/12 empty)" and csv.loc["gsm8k_e12", "degenerate"]
+    assert csv.loc["gsm8k_half", "flag"] == "degenerate (6/12 empty)"  # exactly half: flagged
+    assert not csv.loc["gsm8k_five", "degenerate"] and csv.loc["gsm8k_five", "empty_outputs"] == 5
+    assert not csv.loc["gsm8k_base", "degenerate"]
+    md = (out / "report.md").read_text()
+    for task in ("gsm8k", "cnn_dm_lm"):
+        assert "degenerate (12/12 empty)" in _md_row(md, task, "autoregressive exit_layer=12")
+        assert "degenerate" not in _md_row(md, task, "dynamic criteria=cosine_similarity")
+    summary = pd.read_csv(out / "summary_by_task.csv").set_index("method")
+    assert summary.loc["AR E12", "gsm8k"].startswith("degenerate (12/12 empty): 2.50x")
+    assert not summary.loc["dyn cos", "gsm8k"].startswith("degenerate")
+    # never stated as a finding, though it is the fastest row
+    findings = md.split("### gsm8k (")[1].split("\n### ")[0]
+    faster = next(line for line in findings.splitlines() if line.startswith("- Faster"))
+    assert "AR E12" not in faster and "dyn cos" in faster
+    assert any(line.startswith("- Degenerate output") and "AR E12 (12/12 empty)" in line
+               for line in findings.splitlines())
+    bt = pd.read_csv(out / "time_breakdown.csv")
+    assert set(bt[bt["method"].str.startswith("calm")]["flag"]) == {"degenerate (7/12 empty)"}
+    assert "CALM t0.9 — degenerate (7/12 empty)" in md.split("Where the decode time goes")[1]
+
+
+def test_summary_cells_show_n_and_ci_or_n_too_small(tmp_path):
+    import re
+
+    root = tmp_path / "runs"
+    for task, n in (("gsm8k", N), ("cnn_dm_lm", 6)):
+        _write(root, _info(f"{task}_base", task=task), _examples(n, 50.0))
+        _write(root, _info(f"{task}_ss", "self_speculative", {"exit_layer": 8, "num_speculations": 4}, task),
+               _examples(n, [40.0 + i for i in range(n)]))
+    _, out = _report(root, tmp_path)
+    s = pd.read_csv(out / "summary_by_task.csv").set_index("method")
+    ci = r"\d\.\d\dx \[\d\.\d\d-\d\.\d\d\] n=12, exact_match [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] n=12"
+    assert re.fullmatch(ci, s.loc["SS E8 k4", "gsm8k"]), s.loc["SS E8 k4", "gsm8k"]
+    small = r"\d\.\d\dx n=6 \(n too small\), exact_match [+-]\d\.\d{3} n=6 \(n too small\)"
+    assert re.fullmatch(small, s.loc["SS E8 k4", "cnn_dm_lm"]), s.loc["SS E8 k4", "cnn_dm_lm"]
+    md = (out / "report.md").read_text()
+    table = md.split("### Summary across tasks")[1].split("\n\n")[1]
+    for line in table.splitlines()[2:]:
+        for cell in line.strip("|").split("|")[3:]:
+            assert re.search(r"\] n=\d+|n=\d+ \(n too small\)", cell), cell
+
+
+def test_quality_deltas_get_paired_cis_and_prose_states_only_what_they_exclude(tmp_path):
+    root = tmp_path / "runs"
+    _write(root, _info("base"), _examples(N, 50.0, score=1.0))
+    # worse on 8 of 12 examples: the paired interval lies below 0 -> a finding
+    _write(root, _info("worse", "calm", {"threshold": 0.5}), _examples(N, 25.0, score=[0.0] * 8 + [1.0] * 4))
+    # one example worse, one better: the interval includes 0, and its speed interval includes 1.0
+    _write(root, _info("same", "calm", {"threshold": 0.9}),
+           _examples(N, [40.0, 60.0] * 6, score=[0.0] + [1.0] * 11))
+    df, out = _report(root, tmp_path)
+    row = df.set_index("run_id")
+    w, s = row.loc["worse"], row.loc["same"]
+    assert w["delta_exact_match"] == pytest.approx(-8 / 12) and w["delta_exact_match_n"] == N
+    assert w["delta_exact_match_ci95_low"] <= w["delta_exact_match"] <= w["delta_exact_match_ci95_high"] < 0
+    assert s["delta_exact_match_ci95_low"] < 0 <= s["delta_exact_match_ci95_high"]  # one of 12 worse: 0 inside
+    assert row.loc["base", "delta_exact_match_ci95_low"] == row.loc["base", "delta_exact_match_ci95_high"] == 0
+    assert s["decode_speedup_ci95_low"] <= 1.0 <= s["decode_speedup_ci95_high"]
+    lines = (out / "report.md").read_text().splitlines()
+    lower = next(x for x in lines if x.startswith("- exact_match lower"))
+    assert "CALM t0.5" in lower and "CALM t0.9" not in lower and "[-" in lower
+    same = next(x for x in lines if x.startswith("- exact_match not distinguishable from the baseline"))
+    assert "CALM t0.9" in same
+    speed = next(x for x in lines if x.startswith("- Decode speed not distinguishable from the baseline"))
+    assert "CALM t0.9" in speed and not any(x.startswith("- Faster") and "CALM t0.9" in x for x in lines)
+    assert "-0.6667 [" in _md_row("\n".join(lines), "gsm8k", "calm threshold=0.5")
+    # fewer than 10 pairs: no interval, and the prose says so instead of a finding
+    few = tmp_path / "few"
+    _write(few, _info("base"), _examples(5, 50.0, score=1.0))
+    _write(few, _info("worse", "calm", {"threshold": 0.5}), _examples(5, 25.0, score=0.0))
+    df5, out5 = _report(few, tmp_path / "r5")
+    assert math.isnan(df5.set_index("run_id").loc["worse", "delta_exact_match_ci95_low"])
+    md5 = (out5 / "report.md").read_text()
+    assert "- exact_match: n too small for a CI (no finding): CALM t0.5." in md5 and "lower than" not in md5
+
+
+def test_row_without_pairs_shows_no_run_id_and_peers_read_no_exits(tmp_path):
+    root = tmp_path / "runs"
+    exits = {"path": "x.safetensors", "adapter_layers": [6]}
+    _write(root, _info("base_run", exits=exits), _examples(N, 50.0))
+    _write(root, _info("first_token_only", knobs={"exit_layer": 12}, exits=exits), _examples(N, None, prediction=""))
+    _write(root, _info("peer", "hf_generate", {}, exits=exits), _examples(N, 50.0))
+    _write(root, _info("peer_aee", "hf_assistant_early_exit", {"exit_layer": 7}, exits=exits), _examples(N, 50.0))
+    df, out = _report(root, tmp_path)
+    md = (out / "report.md").read_text()
+    line = _md_row(md, "gsm8k", "autoregressive exit_layer=12 [trained exits]")
+    assert "base_run" not in line and "nothing to time" in line
+    r = df.set_index("run_id")
+    assert r.loc["first_token_only", "n_paired"] == 0 and r.loc["first_token_only", "exits"] == "trained"
+    for peer in ("peer", "peer_aee"):
+        assert r.loc[peer, "exits"] == "not read (attached)" and "[trained exits]" not in r.loc[peer, "method"]
+    assert r.loc["base_run", "exits"] == "not read (attached)"
+
+
+def test_speed_quality_auc_is_per_sweep_not_per_strategy(tmp_path):
+    from harness.report import speed_quality_auc
+
+    root = tmp_path / "runs"
+    _write(root, _info("base"), _examples(N, 50.0, metric="rougeL", score=0.4))
+    # a threshold sweep of CALM (softmax) and a single CALM configuration that differs in another knob
+    _write(root, _info("t9", "calm", {"threshold": 0.9, "confidence": "softmax"}),
+           _examples(N, 25.0, metric="rougeL", score=0.4))
+    _write(root, _info("t5", "calm", {"threshold": 0.5, "confidence": "softmax"}),
+           _examples(N, 20.0, metric="rougeL", score=0.3))
+    _write(root, _info("contrastive", "calm", {"threshold": 0.9, "confidence": "contrastive"}),
+           _examples(N, 12.5, metric="rougeL", score=0.1))
+    df, out = _report(root, tmp_path)
+    auc = speed_quality_auc(df).set_index("method")
+    assert auc.loc["calm over threshold", "points"] == 2 and auc.loc["calm over threshold", "swept_knob"] == "threshold"
+    assert auc.loc["CALM t0.9 contrastive", "points"] == 1  # a categorical knob (confidence) is another method
+    assert auc["points"].max() == 2  # the three CALM rows are never one pooled curve
+    # the sweep: full quality to 2x, 0.75 of it to 2.5x, then 0 to X = 4x -> (1 * 1 + 0.5 * 0.75) / 3
+    assert auc.loc["calm over threshold", "auc"] == pytest.approx((1.0 + 0.5 * 0.75) / 3, abs=0.01)
+    assert (out / "speed_quality_auc.csv").exists()
+
+
+def test_knobs_from_the_artifact_are_in_the_labels_and_labels_are_unique(tmp_path):
+    root = tmp_path / "runs"
+    exits = {"path": "x.safetensors"}
+    for task in ("gsm8k", "cnn_dm_lm"):  # two tasks, for the summary table
+        _write(root, _info(f"base_{task}", task=task, exits=exits), _examples(N, 50.0))
+        _write(root, _info(f"cal_{task}", "calm", {"threshold": 1.0, "min_exit_layer": 6, "trained_defaults":
+                                                   {"threshold": 1.0, "min_exit_layer": 6}}, task, exits=exits),
+               _examples(N, 60.0))
+        # the same knobs set explicitly: another configuration (its provenance differs), another label
+        _write(root, _info(f"explicit_{task}", "calm", {"threshold": 1.0, "min_exit_layer": 6}, task, exits=exits),
+               _examples(N, 60.0))
+        # the same short label "CALM t0.9" but different vocab_k: both must fall back to the full label
+        for k in (1000, 2000):
+            _write(root, _info(f"vk{k}_{task}", "calm", {"threshold": 0.9, "vocab_k": k}, task, exits=exits),
+                   _examples(N, 40.0))
+    df, out = _report(root, tmp_path)
+    r = df.set_index("run_id")
+    assert "threshold=1.0*" in r.loc["cal_gsm8k", "method"] and "min_exit_layer=6*" in r.loc["cal_gsm8k", "method"]
+    assert r.loc["cal_gsm8k", "label"] == "CALM t1* min6*" and r.loc["explicit_gsm8k", "label"] == "CALM t1"
+    assert r.loc["vk1000_gsm8k", "label"] != r.loc["vk2000_gsm8k", "label"]
+    assert "vocab_k=1000" in r.loc["vk1000_gsm8k", "label"]
+    assert_labels_unique(pd.read_csv(out / "report.csv"))
+    summary = pd.read_csv(out / "summary_by_task.csv")
+    assert len(summary) == 4 and not summary[["exits", "method"]].duplicated().any()
+    assert (summary[["gsm8k", "cnn_dm_lm"]] != "-").all().all()  # each configuration one row, both tasks filled
+
+
+def assert_labels_unique(csv: pd.DataFrame) -> None:
+    """No two rows of a table share a label while differing in knobs: per dataset (full label, per-task table) and
+    per (model, exits) (short label, summary across tasks)."""
+    knobs = csv["knobs"].map(lambda k: json.dumps({a: b for a, b in json.loads(k).items() if b is not None},
+                                                   sort_keys=True))
+    ident = csv["strategy"] + knobs + csv["control"].astype(str)
+    for cols in (["dataset", "method"], ["model", "exits", "label"]):
+        per = ident.groupby([csv[c] for c in cols]).nunique()
+        assert (per == 1).all(), per[per > 1]
+
+
+def test_report_refuses_unknown_or_mixed_schema_and_undecodable_logs(tmp_path):
+    def report(root):
+        return subprocess.run([sys.executable, "-m", "harness.report", str(root), "--no_plots", "--out",
+                               str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+    def one_line(proc, *words):
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert all(w in proc.stderr for w in words), proc.stderr
+
+    unknown = tmp_path / "unknown"
+    _write(unknown, _info("base", schema=99), _examples(3, 50.0))
+    one_line(report(unknown), "schema_version 99")
+    mixed = tmp_path / "mixed"
+    _write(mixed, _info("base"), _examples(3, 50.0))
+    _write(mixed, _info("old", "calm", {"threshold": 0.9}, schema=1), _examples(3, 50.0))
+    one_line(report(mixed), "schema_version 1", "one version at a time")
+    binary = tmp_path / "binary"
+    _write(binary, _info("base"), [], raw=bytes(range(256)) * 4)
+    one_line(report(binary), "unreadable run log")
+    foreign = tmp_path / "foreign"
+    _write(foreign, _info("base"), [], raw=b'{"id": 1}\n')
+    one_line(report(foreign), "not an example record")
+
+
+def test_failed_interrupted_and_empty_runs_are_listed_apart(tmp_path):
+    root = tmp_path / "runs"
+    _write(root, _info("base"), _examples(N, 50.0))
+    _write(root, _info("ok", "calm", {"threshold": 0.9}), _examples(N, 40.0))
+    _write(root, _info("failed_one", "calm", {"threshold": 0.5}), _examples(2, 10.0), status="failed")
+    _write(root, _info("interrupted_one", "free", {"threshold": 0.9}), _examples(3, 10.0), status="interrupted")
+    _write(root, _info("no_examples", "dynamic", {"criteria": "entropy_based"}), [], status="complete")
+    _write(root, _info("still_running", "policy", {}), _examples(1, 10.0), status=None)
+    df, out = _report(root, tmp_path)
+    assert set(df["run_id"]) == {"base", "ok"}
+    assert set(pd.read_csv(out / "report.csv")["run_id"]) == {"base", "ok"}
+    md = (out / "report.md").read_text()
+    apart = md.split("### Runs not in the tables")[1]
+    for run, status in (("failed_one", "failed: it fell over"), ("interrupted_one", "interrupted: it fell over"),
+                        ("no_examples", "complete, but 0 examples"), ("still_running", "no summary.json")):
+        line = next(x for x in apart.splitlines() if x.startswith(f"| {run} "))
+        assert status in line
+    tables = md.split("### Runs not in the tables")[0]
+    assert not any(run in tables for run in ("failed_one", "interrupted_one", "no_examples", "still_running"))
+    # only failed runs: no rows, the list, exit 0 (there is nothing wrong with the input itself)
+    lone = tmp_path / "lone"
+    _write(lone, _info("failed_one"), _examples(2, 10.0), status="failed")
+    df2, out2 = _report(lone, tmp_path / "r2")
+    assert df2.empty and "failed_one" in (out2 / "report.md").read_text()

@@ -43,7 +43,11 @@ def test_multi_task_invocation_and_summary(tmp_path):
     assert gsm["task"]["metric"] == "gsm8k_exact_match" and "Question:" in gsm["task"]["stop"]
     summary = pd.read_csv(parent / "report" / "summary_by_task.csv")
     assert set(summary.columns) >= {"method", "cnn_dm_lm", "gsm8k"}
-    assert "AR E20" in set(summary["method"]) and set(summary["exits"]) == {"none"}  # short labels
+    exits = dict(zip(summary["method"], summary["exits"]))  # short labels; what each row read
+    assert exits == {"AR E20": "untrained", "AR (A/A control)": "not read"}
+    # every cell carries its n, and its CI or "n too small" (2 examples here)
+    cells = summary[["cnn_dm_lm", "gsm8k"]].to_numpy().ravel()
+    assert all("n=2 (n too small)" in c for c in cells), cells
     report = pd.read_csv(parent / "report" / "report.csv")
     base = report[(report["strategy"] == "autoregressive") & ~report["control"] & report["knobs"].str.contains('"exit_layer": null')]
     assert (base["latency_ratio"].round(6) == 1.0).all()
