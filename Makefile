@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The tested dependency set: every package but torch at the version `make test` passed with (make lock writes it).
 LOCK := constraints.txt
 
-.PHONY: setup demo test bench check exits results clean-cache lock
+.PHONY: setup demo test bench check costs exits results clean-cache lock
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: setup
 check: setup
 	$(PY) bench/measurement_check.py
 
+# The core's cost curve (k = 1..16 new positions: layers, head, full pass) per dtype and the bandwidth floor.
+costs: setup
+	$(PY) bench/core_costs.py --out results/core_costs.json
+
 # The trained exits shipped for the embedded model (harness/data/exits/), from train/validation splits only,
 # seed 0: exit adapters + candidate vocabulary + self-speculative recommendation, then calibrated thresholds
 # (calm, free, dynamic max_probability) and ConsistentEE's policy on top. See README "Trained exits".
@@ -81,7 +85,7 @@ REF_DYNAMIC := $(REF_DYNAMIC),dynamic:criteria=max_probability,dynamic:criteria=
 REF_UNTRAINED := self_speculative,hybrid_speculative,calm,free,$(REF_DYNAMIC),$(REF_EXTRA)
 results: setup
 	rm -rf $(RESULTS)/runs $(RESULTS)/report $(RESULTS)/diagnostics
-	$(PY) benchmark.py $(REF_RUN) --exits auto --strategies all,$(REF_EXTRA) --output_dir $(RESULTS)/runs/trained_exits
+	$(PY) benchmark.py $(REF_RUN) --exits $(EXITS) --strategies all,$(REF_EXTRA) --output_dir $(RESULTS)/runs/trained_exits
 	$(PY) benchmark.py $(REF_RUN) --exits none --strategies $(REF_UNTRAINED) --output_dir $(RESULTS)/runs/untrained_exits
 	find $(RESULTS)/runs -name report -type d -prune -exec rm -rf {} +
 	find $(RESULTS)/runs -name examples.jsonl -exec gzip -9 -n {} +

@@ -1,0 +1,107 @@
+"""What one model pass costs on this device: the cost curve over k new positions and the memory-bandwidth floor.
+
+Speculative methods win when checking k drafted positions costs about as much as making one token. The curve
+here is that cost, measured: one pass of k new positions after a cache of `context` positions, split into the
+decoder layers and the head (final norm + lm_head), k = 1..16, medians of synchronized timings. The floor is what
+reading the weights once costs at the copy bandwidth measured on the same machine: no decode step can be faster.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class CostPoint:
+    """One k of the curve (seconds, medians)."""
+
+    k: int  # new positions in the pass
+    layers: float  # all decoder layers over the k positions, after `context` cached positions
+    head: float  # final norm + full lm_head over the k positions
+    total: float  # layers + head, timed together (one pass)
+
+
+@dataclass
+class CostCurve:
+    """The cost curve of one model on one device and dtype."""
+
+    device: str  # where it was measured
+    dtype: str  # the weights' dtype
+    context: int  # cached positions before the pass
+    points: list[CostPoint] = field(default_factory=list)  # k = 1..max_k
+    weight_bytes: int = 0  # bytes of every parameter (a decode step reads each once)
+    bandwidth: float = 0.0  # bytes/s of a large device copy (read + write counted), measured here
+    floor: float = 0.0  # weight_bytes / bandwidth: seconds no decode step can beat
+
+    def ratio(self, k: int) -> float:
+        """Cost of a k-position pass relative to a one-position pass (1.0 = verification is free)."""
+        by_k = {p.k: p.total for p in self.points}
+        return by_k[k] / by_k[1]
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["step_over_floor"] = self.points[0].total / self.floor if self.floor else None
+        d["ratio"] = {p.k: self.ratio(p.k) for p in self.points}
+        return d
+
+
+def _median(fn, sync, reps: int) -> float:
+    fn()  # warm: first-call allocations and kernel selection are not the steady state
+    ts = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 256, reps: int = 5) -> float:
+    """Bytes/s moved by copying a large buffer on `device` (read + write both counted, as a weight read is one)."""
+    n = megabytes * (1 << 20) // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    seconds = _median(lambda: dst.copy_(src), sync, reps)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+@torch.inference_mode()
+def measure(model, context: int = 400, max_k: int = 16, reps: int = 7, ks=None) -> CostCurve:
+    """Time one pass over k new positions (layers, head, both) after `context` cached positions."""
+    m = model
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, m.vocab_size, (1, context), generator=gen).to(m.device)
+    cache = m.new_cache()
+    m.run_layers(m.embed(ids), 0, m.num_layers, cache, 0)
+    points = []
+    for k in (ks or range(1, max_k + 1)):
+        x = torch.randint(0, m.vocab_size, (1, k), generator=gen).to(m.device)
+        h0 = m.embed(x)
+        rope = m.rope(h0, context)
+        out = {}
+
+        def layers():
+            out["h"] = m.run_layers(h0, 0, m.num_layers, cache, context, rope=rope)
+            m.crop(cache, context)
+
+        def head():
+            m.exit_logits(out["h"])
+
+        def both():
+            layers()
+            head()
+
+        t_layers = _median(layers, m.synchronize, reps)
+        t_head = _median(head, m.synchronize, reps)
+        t_total = _median(both, m.synchronize, reps)
+        points.append(CostPoint(k=k, layers=t_layers, head=t_head, total=t_total))
+    m.reset_counters()
+    weight_bytes = sum(p.numel() * p.element_size() for p in m.hf.parameters())
+    bw = copy_bandwidth(m.device)
+    return CostCurve(device=str(m.device), dtype=str(m.dtype).removeprefix("torch."), context=context,
+                     points=points, weight_bytes=weight_bytes, bandwidth=bw, floor=weight_bytes / bw)
