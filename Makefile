@@ -53,25 +53,29 @@ check: setup
 costs: setup
 	$(PY) bench/core_costs.py --out results/core_costs.json
 
-# The trained exits shipped for the embedded model (harness/data/exits/), from train/validation splits only,
-# seed 0: exit adapters + candidate vocabulary + self-speculative recommendation, then calibrated thresholds
-# (calm, free, dynamic max_probability) and ConsistentEE's policy on top. See README "Trained exits".
+# The trained exits shipped for the embedded model (harness/data/exits/), from train/validation splits only, the
+# last 200 records of each held out (--holdout_docs), seed 0: exit adapters + candidate vocabulary + the
+# self-speculative recommendation fitted on the model's own greedy continuations of held-out prompts, ConsistentEE's
+# policies, then thresholds (calm, free, dynamic max_probability) calibrated on the held-out tail only, last, so
+# that its disjointness check sees every recipe's data. Run it ALONE: the recommendation times this machine.
 # The policy step passes our ConsistentEE options, not the recipe's reference defaults: they are what was shipped
 # (harness/train/consistentee.py says why each exists; tests/test_fidelity.py checks them against the artifact).
 EXITS := harness/data/exits/SmolLM2-135M-Instruct.safetensors
 EXITS_WORK := results/train
 exits: setup
+	rm -rf $(EXITS_WORK)  # recipes resume from their work dirs: stale checkpoints would carry old data
 	$(PY) -m harness.train --recipe exit_adapters --exit_layers 6,8,10,12 --steps 250 --schedule_steps 600 --lr 2e-3 --seed 0 \
-		--seq_len 256 --eval_sequences 24 --max_docs 1000 --adapters_width 1536 --adapters_cache_sequences 320 \
-		--adapters_self_generated 16 --adapters_self_tokens 64 --log_every 100 --save_every 50 \
+		--seq_len 256 --eval_sequences 24 --max_docs 1000 --holdout_docs 200 --adapters_width 1536 \
+		--adapters_cache_sequences 320 --adapters_self_generated 16 --adapters_self_tokens 64 --adapters_fit_prompts 16 \
+		--adapters_fit_tokens 64 --adapters_fit_prompt_tokens 384 --log_every 100 --save_every 50 \
 		--work_dir $(EXITS_WORK)/exit_adapters --output $(EXITS)
-	$(PY) -m harness.train --recipe calibrate --exits $(EXITS) --output $(EXITS) --seed 0 \
-		--work_dir $(EXITS_WORK)/calibrate --calibrate_examples 10 --calibrate_grid 4 --calibrate_max_steps 16 \
-		--calibrate_max_prompt_tokens 400 --calibrate_delta 0.25
 	$(PY) -m harness.train --recipe consistentee --exits $(EXITS) --output $(EXITS) --seed 0 --exit_layers 6,8,10,12 \
-		--work_dir $(EXITS_WORK)/consistentee --steps 150 --seq_len 128 --batch_size 2 --lr 3e-3 --log_every 50 \
-		--consistentee_policy mlp --consistentee_hidden 64 --consistentee_reward correct --consistentee_depth_cost fraction \
-		--consistentee_hardness true --consistentee_samples 8 --consistentee_alpha 2
+		--holdout_docs 200 --work_dir $(EXITS_WORK)/consistentee --steps 150 --seq_len 128 --batch_size 2 --lr 3e-3 \
+		--log_every 50 --consistentee_policy mlp --consistentee_hidden 64 --consistentee_reward correct \
+		--consistentee_depth_cost fraction --consistentee_hardness true --consistentee_samples 8 --consistentee_alpha 2
+	$(PY) -m harness.train --recipe calibrate --exits $(EXITS) --output $(EXITS) --seed 0 --holdout_docs 200 \
+		--work_dir $(EXITS_WORK)/calibrate --calibrate_examples 20 --calibrate_grid 8 --calibrate_finest 0.001 \
+		--calibrate_max_steps 24 --calibrate_max_prompt_tokens 384 --calibrate_delta 0.25 --calibrate_epsilon 0.1
 
 # Reference results on the embedded model (README "Reference results"; hours on a 2-core CPU): every method and
 # transformers peer on the four tasks, 20 examples each, with the shipped trained exits and without them (the

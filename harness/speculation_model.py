@@ -1,10 +1,13 @@
-"""Predicting self-speculative speed from measured costs and teacher-forced exit agreement.
+"""Predicting self-speculative speed from measured costs and the draft exit's acceptance pattern.
 
-Used by the `exit_adapters` recipe to recommend an exit layer / draft length / draft threshold, and by the
-diagnostics to put a predicted speedup beside a measured one. The cost figures are measured on the machine at
-hand (`measure_costs`); the acceptance pattern comes from teacher-forced agreement of the draft exit with the
-last layer on held-out text (drafts conditioned on accepted drafts see exactly the full model's context, so
-teacher forcing is the right stand-in for greedy decoding).
+Used by the `exit_adapters` recipe to recommend an exit layer / draft length / draft threshold / draft vocabulary
+or not to speculate at all, and by the diagnostics to put a predicted speedup beside a measured one. The cost
+figures are measured on the machine at hand (`measure_costs`). The acceptance pattern is the draft exit's top-1
+agreement with the full model along a token sequence. Greedy verification checks drafts against the full model's
+own greedy tokens, so the recipe fits it on the model's greedy continuations of held-out prompts: teacher forcing
+on those tokens is then exact (an accepted draft equals the greedy token, so the next draft sees the context the
+generator gives it; the first rejected draft ends the step). Teacher forcing on human text instead measures
+agreement on contexts the generator never drafts in.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class Costs:
     head_rows: float  # exit head on the candidate vocabulary rows, one position
     adapter: float  # one exit adapter, one position
     context: int  # prompt length the timings were taken at
+    rows: int = 0  # candidate rows head_rows was timed on (0: none; head_rows is then the full head)
 
     def step(self) -> float:
         """One autoregressive decode step: every layer + the full head."""
@@ -72,29 +76,24 @@ def measure_costs(model, rows: Optional[torch.Tensor] = None, context: int = 512
         adapter = _median_time(lambda: a(h1), m.synchronize)
     m.reset_counters()
     return Costs(layer=layer_chunk[1], layer_chunk=layer_chunk, head=head, head_rows=head_rows, adapter=adapter,
-                 context=context, layer_count=m.num_layers)
+                 context=context, layer_count=m.num_layers, rows=0 if rows is None else int(rows.numel()))
 
 
-def simulate(agree: Sequence[bool], conf: Sequence[float], E: int, k: int, threshold: float, costs: Costs) -> dict:
-    """Greedy self-speculation along a teacher-forced sequence: predicted tokens per step, acceptance, speedup.
-
-    agree[t]: the draft exit's top-1 at position t equals the last layer's; conf[t]: its draft confidence (top-1
-    probability on the draft head). Drafting stops at k drafts or at the first draft whose confidence is below
-    `threshold` (that draft is dropped, Kangaroo's early stop; its input's layer-E state is kept for the scorer).
-    Verification runs layers E..L-1 over the kept drafts + 1 positions plus the full head on them.
-    """
+def _walk(agree: Sequence[bool], conf: Sequence[float], E: int, k: int, threshold: float, costs: Costs,
+          draft_step: float) -> tuple[float, int, int, int, int]:
+    """One sequence: (seconds, tokens emitted, steps, drafted, accepted)."""
     L = costs.layer_count
     q_max = max(costs.layer_chunk)
     t, n = 0, len(agree)
-    time_total = tokens = drafted = accepted = 0.0
-    draft_step = E * costs.layer + costs.adapter + costs.head_rows
+    seconds = 0.0
+    tokens = steps_total = drafted = accepted = 0
     while t < n:
-        kept = 0
-        steps = 0
-        while kept < k and t + kept < n:
-            steps += 1
+        room = min(k, n - t - 1)  # a step emits accepted drafts + 1: never draft past the sequence's end
+        kept = attempts = 0
+        while kept < room:
+            attempts += 1
             if conf[t + kept] < threshold:
-                break
+                break  # Kangaroo's early stop: this draft is dropped, its input's layer-E state kept
             kept += 1
         a = 0
         while a < kept and agree[t + a]:
@@ -102,21 +101,97 @@ def simulate(agree: Sequence[bool], conf: Sequence[float], E: int, k: int, thres
         q = min(kept + 1, q_max)
         # the last position's layers 0..E: already run by a draft attempt that stopped on the threshold (the
         # generator keeps that state), else run by the scorer
-        last = 0.0 if steps > kept else E * costs.layer
-        verify = last + (L - E) * costs.layer_chunk[q] + costs.head[q]
-        time_total += steps * draft_step + verify
+        last = 0.0 if attempts > kept else E * costs.layer
+        seconds += attempts * draft_step + last + (L - E) * costs.layer_chunk[q] + costs.head[q]
         tokens += a + 1
+        steps_total += 1
         drafted += kept
         accepted += a
         t += a + 1
+    return seconds, tokens, steps_total, drafted, accepted
+
+
+def simulate(agree, conf, E: int, k: int, threshold: float, costs: Costs, draft_vocab: Optional[int] = None) -> dict:
+    """Greedy self-speculation along teacher-forced sequences: predicted tokens per step, acceptance, speedup.
+
+    agree[t]: the draft exit's top-1 at decode position t (input: the t-th token after the prefill's first one)
+    equals the full model's next token; conf[t]: the draft's confidence (its top-1 probability on the draft
+    head). `agree` / `conf` are one sequence, or a list of sequences (each decoded from its start; totals
+    pooled). At each step the generator drafts up to min(k, tokens still to emit - 1) tokens, stopping at the
+    first draft whose confidence is below `threshold` (that draft is dropped); the verifier runs layers E..L-1
+    over the kept drafts + 1 positions and the full head on them, accepts the longest agreeing prefix and emits
+    one more token. A draft costs E layers + the exit adapter + the draft head: the candidate rows the costs were
+    measured with (draft_vocab None or costs.rows) or the full head (draft_vocab 0). Autoregressive decoding of
+    the same tokens costs L layers + the full head per token; predicted_speedup = its time / this time.
+    """
+    if agree and isinstance(agree[0], (list, tuple)):
+        seqs = list(zip(agree, conf))
+    else:
+        seqs = [(agree, conf)]
+    rows = costs.rows if draft_vocab is None else draft_vocab
+    if rows not in (0, costs.rows):
+        raise ValueError(f"draft_vocab {rows}: costs were measured for 0 (full head) or {costs.rows} rows")
+    head = costs.head[1] if rows == 0 else costs.head_rows
+    draft_step = E * costs.layer + costs.adapter + head
+    seconds, tokens, steps, drafted, accepted = 0.0, 0, 0, 0, 0
+    for ag, cf in seqs:
+        if len(ag) != len(cf):
+            raise ValueError("agree and conf must have the same length")
+        s, tk, st, dr, ac = _walk(ag, cf, E, k, threshold, costs, draft_step)
+        seconds, tokens, steps, drafted, accepted = seconds + s, tokens + tk, steps + st, drafted + dr, accepted + ac
     ar = costs.step() * tokens
-    return {"exit_layer": E, "num_speculations": k, "draft_threshold": threshold,
-            "tokens_per_step": tokens / max(1, (tokens - accepted)), "acceptance": accepted / drafted if drafted else 0.0,
-            "predicted_speedup": ar / time_total if time_total else 0.0}
+    return {"exit_layer": E, "num_speculations": k, "draft_threshold": threshold, "draft_vocab": rows,
+            "tokens_per_step": tokens / steps if steps else 0.0,
+            "acceptance": accepted / drafted if drafted else 0.0, "drafted_per_step": drafted / steps if steps else 0.0,
+            "predicted_speedup": ar / seconds if seconds else 0.0}
 
 
-def best_setting(per_layer: dict, costs: Costs, ks: Sequence[int] = (1, 2, 3, 4, 6),
+def speedup_interval(agree, conf, E: int, k: int, threshold: float, costs: Costs,
+                     draft_vocab: Optional[int] = None, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of `simulate`'s predicted speedup over the sequences (resampled whole:
+    the fit's unit of independence is a prompt). One sequence gives a zero-width interval."""
+    import random
+
+    seqs = list(zip(agree, conf)) if agree and isinstance(agree[0], (list, tuple)) else [(agree, conf)]
+    rows = costs.rows if draft_vocab is None else draft_vocab
+    draft_step = E * costs.layer + costs.adapter + (costs.head[1] if rows == 0 else costs.head_rows)
+    per = [_walk(ag, cf, E, k, threshold, costs, draft_step)[:2] for ag, cf in seqs]
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(reps):
+        pick = [per[rng.randrange(len(per))] for _ in per]
+        seconds = sum(p[0] for p in pick)
+        stats.append(costs.step() * sum(p[1] for p in pick) / seconds if seconds else 0.0)
+    stats.sort()
+    return stats[int(0.025 * (reps - 1))], stats[int(0.975 * (reps - 1))]
+
+
+def best_setting(per_exit: dict, costs: Costs, ks: Sequence[int] = (1, 2, 3, 4, 6),
                  thresholds: Sequence[float] = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9)) -> tuple[dict, list[dict]]:
-    """The (E, k, threshold) with the highest predicted speedup; per_layer: E -> (agree list, conf list)."""
-    table = [simulate(ag, cf, E, k, th, costs) for E, (ag, cf) in per_layer.items() for k in ks for th in thresholds]
-    return max(table, key=lambda r: r["predicted_speedup"]), table
+    """The (exit layer, draft length, threshold, draft vocabulary) with the highest predicted speedup, and whether
+    to speculate at all.
+
+    per_exit: E -> (agree, conf), drafting on the measured candidate rows, or (E, draft_vocab) -> (agree, conf)
+    where draft_vocab is 0 (full head) or costs.rows (agree / conf as `simulate` takes them: what that draft head
+    does). Returns (best row + "speculate", every row). "speculate" is False when no setting is predicted at or
+    above 1.0x: autoregressive decoding is then predicted at least as fast as every setting tried, and the best
+    row is kept only as the evidence for that answer.
+    """
+    table = []
+    for key, (ag, cf) in per_exit.items():
+        E, vocab = key if isinstance(key, tuple) else (key, None)
+        table += [simulate(ag, cf, E, k, th, costs, vocab) for k in ks for th in thresholds]
+    if not table:
+        raise ValueError("best_setting needs at least one exit layer")
+    best = max(table, key=lambda r: r["predicted_speedup"])
+    return {**best, "speculate": best["predicted_speedup"] >= 1.0}, table
+
+
+def recommendation(art) -> Optional[dict]:
+    """The self-speculation verdict an exit artifact's `exit_adapters` recipe recorded (None before it recorded
+    one): {"speculate": bool, "knobs": what recommended["self_speculative"] holds ({} = don't speculate: the
+    method keeps its untrained defaults), "best": best setting tried, "untrained_default": the setting
+    self_speculative runs without a recommendation, "predicted_speedup": prediction for what self_speculative
+    runs with this artifact and no explicit knobs, "fitted_on": the prompts and continuations it was fitted on}."""
+    rec = ((getattr(art, "provenance", None) or {}).get("exit_adapters") or {}).get("recommendation")
+    return rec if isinstance(rec, dict) and "speculate" in rec else None

@@ -109,45 +109,99 @@ def test_losses():
 
 def test_grids_and_options():
     for key, knob in KNOBS.items():
-        g = knob.grid(5, 49152)
-        assert len(g) == 5 and g[0] == knob.never
-        step = [b - a for a, b in zip(g, g[1:])]
-        assert all(s != 0 for s in step) and len({s > 0 for s in step}) == 1  # strictly monotone
-    assert KNOBS["dynamic:entropy_based"].grid(3, 49152)[-1] == pytest.approx(math.log(49152), abs=1e-5)
+        end = math.log(49152) if knob.aggressive is None else knob.aggressive
+        for size in (3, 4, 5, 8):
+            g = knob.grid(size, 49152, finest=1e-3)
+            assert len(g) == size and g[0] == knob.never and g[-1] == pytest.approx(end, abs=1e-5)
+            step = [b - a for a, b in zip(g, g[1:])]
+            assert all(s != 0 for s in step) and len({s > 0 for s in step}) == 1  # strictly monotone
+            # the first step is `finest` of the range; distances from never-exit grow geometrically after it
+            dist = [abs(v - knob.never) / abs(end - knob.never) for v in g[1:]]
+            assert dist[0] == pytest.approx(1e-3, abs=1e-6)
+            ratios = [b / a for a, b in zip(dist, dist[1:])]
+            assert all(r == pytest.approx(ratios[0], rel=1e-3) for r in ratios)
+    # even a 4-point grid has candidates between never-exit (1.0) and 0.9, where fixed-sequence testing can stop
+    assert [v for v in KNOBS["calm"].grid(4, 49152) if 0.9 < v < 1.0] == [0.999, 0.968377]
+    assert KNOBS["calm"].grid(2, 49152) == [1.0, 0.0]
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, CalibrateOptions, "calibrate")
     ns = parser.parse_args(["--calibrate_delta", "0.3", "--calibrate_risk", "reference"])
     assert ns.calibrate_delta == 0.3 and ns.calibrate_risk == "reference" and ns.calibrate_grid == 8
+    assert ns.calibrate_finest == 1e-3
     with pytest.raises(SystemExit):
         parser.parse_args(["--calibrate_risk", "bleu"])
 
 
-def test_documents_the_artifact_trained_on_come_last(model):
-    from harness.tasks import DATA_DIR, read_jsonl
-    from harness.train.calibrate import calibration_order
-    from harness.train.common import load_texts
+def test_calibration_examples_are_the_held_out_tail():
+    from harness.train.calibrate import calibration_examples
+    from harness.train.common import load_texts, source_records
 
-    train_cfg = TrainConfig(data="xsum_validation", max_docs=990, seed=3)
-    art = ExitArtifact(model=ExitArtifact.identity(model),
-                       provenance={"exit_adapters": {"config": dataclasses.asdict(train_cfg)}})
-    ordered, trained = calibration_order(TrainConfig(seed=0), CalibrateOptions(), art)
-    records = [r for _, r in read_jsonl(DATA_DIR / "xsum_validation.jsonl.gz")]
-    assert len(ordered) == len(records) and len(trained) == 990
+    train_cfg = TrainConfig(data="xsum_validation", max_docs=990, seed=3)  # all of the pool: 800 documents
+    art = ExitArtifact(model={}, provenance={"exit_adapters": {"config": dataclasses.asdict(train_cfg)}})
+    examples, ids = calibration_examples(TrainConfig(seed=0), CalibrateOptions(), art)
+    records = source_records("xsum_validation")
+    assert sorted(ids) == list(range(len(records) - 200, len(records)))  # the last --holdout_docs 200
+    assert [ex.id for ex in examples] == [str(i) for i in ids]
     seen = set(load_texts(train_cfg))  # exactly what that training read
-    text = lambda ex: f"Article: {records[int(ex.id)]['document']}\nSummary: {records[int(ex.id)]['summary']}\n"
-    assert all(text(ex) not in seen and ex.id not in trained for ex in ordered[:10])
-    assert all(text(ex) in seen and ex.id in trained for ex in ordered[10:])
-    assert ordered[0].prompt.startswith("Article: ") and ordered[0].prompt.endswith("\nSummary:")
-    # without training provenance: a seeded shuffle of the whole split, the same for the same seed
-    again, none = calibration_order(TrainConfig(seed=0), CalibrateOptions(), ExitArtifact(model={}))
-    assert not none and [e.id for e in again] == [e.id for e in calibration_order(
-        TrainConfig(seed=0), CalibrateOptions(), ExitArtifact(model={}))[0]] != [e.id for e in ordered]
+    text = lambda i: f"Article: {records[i]['document']}\nSummary: {records[i]['summary']}\n"
+    assert len(seen) == 800 and not any(text(i) in seen for i in ids)
+    assert examples[0].prompt.startswith("Article: ") and examples[0].prompt.endswith("\nSummary:")
+    # a seeded order: the same for the same seed, another for another seed
+    again = [e.id for e in calibration_examples(TrainConfig(seed=0), CalibrateOptions(), ExitArtifact(model={}))[0]]
+    other = [e.id for e in calibration_examples(TrainConfig(seed=1), CalibrateOptions(), ExitArtifact(model={}))[0]]
+    assert again == [e.id for e in examples] != other and sorted(other) == sorted(again)
+
+
+def test_calibration_refuses_documents_the_artifact_trained_on():
+    from harness.train.calibrate import calibration_examples
+
+    # an artifact trained before the held-out tail existed (no holdout_docs in its config: all 1000 documents)
+    old = TrainConfig(data="xsum_validation,gsm8k_train", max_docs=1000, seed=0)
+    cfg = {k: v for k, v in dataclasses.asdict(old).items() if k != "holdout_docs"}
+    art = ExitArtifact(model={}, provenance={"consistentee": {"config": cfg}})
+    with pytest.raises(UsageError, match=r"200 of the 200 held-out xsum validation .*\(consistentee\).*disjoint") as e:
+        calibration_examples(TrainConfig(), CalibrateOptions(), art)
+    assert "\n" not in str(e.value)
+    # an exact record of the documents read wins where no config says so (e.g. self-generated continuations)
+    last = 1000 - 1
+    art = ExitArtifact(model={}, provenance={"exit_adapters": {"config": {"data": "gsm8k_train"}, "training_data": {
+        "xsum_validation": {"records": [3, last]}}}})
+    with pytest.raises(UsageError, match="1 of the 200 held-out"):
+        calibration_examples(TrainConfig(), CalibrateOptions(), art)
+    # trained with a smaller tail than calibrate is given: refused; with the training's value: accepted
+    art = ExitArtifact(model={}, provenance={"exit_adapters": {"config": dataclasses.asdict(
+        TrainConfig(data="xsum_validation", max_docs=1000, holdout_docs=100))}})
+    with pytest.raises(UsageError, match="100 of the 200"):
+        calibration_examples(TrainConfig(), CalibrateOptions(), art)
+    assert len(calibration_examples(TrainConfig(holdout_docs=100), CalibrateOptions(), art)[0]) == 100
+    with pytest.raises(UsageError, match="holdout_docs 0"):
+        calibration_examples(TrainConfig(holdout_docs=0), CalibrateOptions(), ExitArtifact(model={}))
+
+
+def test_shipped_calibration_is_disjoint_from_training_and_scoped():
+    """Every calibrated entry of a shipped artifact was certified on documents its training never read, and
+    records the scope of its guarantee."""
+    from harness.train.common import SPLITS, trained_records
+    from harness.trained_exits import shipped_artifacts
+
+    source_of = {split: name for name, (_, split) in SPLITS.items()}
+    for path in shipped_artifacts():
+        art = ExitArtifact.load(path)
+        for key, entry in art.thresholds.items():
+            scope = entry.get("scope")
+            assert scope, f"{path.name} {key}: no recorded scope (calibrated before it was recorded); rerun make exits"
+            trained, by = trained_records(art, source_of[scope["split"]])
+            assert not set(scope["documents"]["records"]) & trained, (path.name, key, by)
+            for field in ("task", "max_steps", "max_prompt_tokens", "n", "delta", "epsilon", "risk_definition"):
+                assert scope[field] not in (None, ""), (path.name, key, field)
+            assert scope["n"] == entry["examples"] == scope["documents"]["documents"]
+            assert (entry["guarantee"] is None) == (not entry["passed"])
 
 
 # -- end to end on the real model ---------------------------------------------------------------------------
 def _opts(**kw):
     base = dict(calibrate_examples=2, calibrate_max_steps=8, calibrate_grid=3, calibrate_max_prompt_tokens=64,
-                calibrate_methods="calm", calibrate_delta=0.5, calibrate_epsilon=0.5)
+                calibrate_methods="calm", calibrate_delta=0.5, calibrate_epsilon=0.5, calibrate_finest=0.25)
     base.update(kw)
     return CalibrateOptions(**base)
 
@@ -170,6 +224,16 @@ def test_calibrate_writes_thresholds_a_generator_picks_up(model, tmp_path, one_t
     entry = art.thresholds["calm"]
     assert entry["examples"] == 2 and entry["split"] == "gsm8k train" and entry["risk"] == "consistency"
     assert entry["delta"] == 0.5 and entry["epsilon"] == 0.5
+    assert entry["grid"] == [1.0, 0.75, 0.0]  # finest 0.25 of the range, then the aggressive end
+    # the guarantee's scope: task, split, the documents (held out from training), length, n, delta, epsilon, risk
+    scope = entry["scope"]
+    assert (scope["task"], scope["split"], scope["n"], scope["delta"], scope["epsilon"]) == (
+        "gsm8k", "gsm8k train", 2, 0.5, 0.5)
+    assert scope["max_steps"] == 8 and scope["max_prompt_tokens"] == 128 and scope["risk"] == "consistency"
+    from harness.train.common import heldout_documents
+    assert set(scope["documents"]["records"]) <= set(heldout_documents("gsm8k_train", cfg.holdout_docs))
+    assert len(scope["documents"]["records"]) == 2
+    assert "<= 0.5" in entry["guarantee"] and "at most 8 new tokens" in entry["guarantee"]
     # the never-exit candidate reproduces the full model: zero loss, p = (1 - delta)^n = 0.25 <= epsilon
     assert entry["tested"][0][0] == 1.0 and entry["tested"][0][1] == 0.0
     assert entry["tested"][0][2] == pytest.approx(0.25)
@@ -206,7 +270,7 @@ def test_delta_zero_keeps_never_exit(model, tmp_path, one_thread):
     art = calibrate(cfg, _opts(calibrate_delta=0.0, calibrate_methods=methods, calibrate_skip_empty=False), model)
     for key, knob in KNOBS.items():
         entry = art.thresholds[key]
-        assert entry["passed"] is False and entry["exits_early"] is False
+        assert entry["passed"] is False and entry["exits_early"] is False and entry["guarantee"] is None
         assert len(entry["tested"]) == 1  # stopped at the first (never-exit) candidate
         assert entry["tested"][0][1] == 0.0 and entry["tested"][0][2] == 1.0  # lossless, yet delta 0 is uncertifiable
         assert entry["knobs"] == {n: knob.never for n in knob.names}
@@ -224,3 +288,5 @@ def test_bad_options_are_one_line_errors(model, tmp_path):
         calibrate(cfg, _opts(calibrate_methods="calm,dynamic:convergence"), model)
     with pytest.raises(UsageError, match="calibrate_grid"):
         calibrate(cfg, _opts(calibrate_grid=1), model)
+    with pytest.raises(UsageError, match="calibrate_finest"):
+        calibrate(cfg, _opts(calibrate_finest=1.0), model)

@@ -15,10 +15,13 @@ over the draw of the calibration set, for test prompts exchangeable with the cal
        p_HB = min( exp(-n * h1(min(R_hat, delta), delta)),  e * P(Binomial(n, delta) <= ceil(n * R_hat)) ),
        h1(a, b) = a log(a/b) + (1 - a) log((1 - a)/(1 - b));
    (`--calibrate_pvalue hoeffding` keeps only the first term);
-3. fixed-sequence testing (`fixed_sequence_test`): reject H_1, H_2, ... in order while p_j <= epsilon and stop
-   at the first candidate that fails; the chosen threshold is the most aggressive rejected candidate. FST
-   controls the family-wise error at epsilon without a multiplicity correction because the order is fixed in
-   advance. Candidates after the first failure are never generated (that is also what makes it cheap).
+3. fixed-sequence testing (`fixed_sequence_test`; LTT's fixed-sequence procedure, one of the FWER-controlling
+   algorithms it plugs p-values into, arXiv 2110.01052; CALM uses it the same way): reject H_1, H_2, ... in
+   order while p_j <= epsilon and stop at the first candidate that fails; the chosen threshold is the most
+   aggressive rejected candidate. FST controls the family-wise error at epsilon without a multiplicity
+   correction because the order is fixed in advance, before seeing the calibration data. Candidates after the
+   first failure are never generated (that is also what makes it cheap), so the order decides what can be
+   certified: a coarse first step (e.g. never-exit then 0.889) that fails certifies nothing in between.
    If even lambda_1 is not rejected (too few examples for delta, or delta = 0), the never-exit value is kept
    and the entry says `"passed": false`.
 
@@ -48,27 +51,41 @@ artifact's `recommended` values, i.e. the exits are calibrated as they will be u
 | dynamic:entropy_based    | entropy_start = entropy_end = value        | 0.0         | ln(vocab size)    |
 |                          | (constant schedule: entropy < value)       |             |                   |
 
-Candidates (`--calibrate_grid` G, never-exit included): value_j = never + (aggressive - never) * (j/(G-1))^2,
-j = 0..G-1: quadratic spacing, dense near the safe end where usable thresholds are (1.0, 0.98, 0.92, ... for
-G = 8). The dynamic schedules are calibrated flat (start = end) on purpose: the fork's start/end/scale shape
-has three knobs and LTT needs a one-dimensional, ordered family; a flat schedule is that family.
+Candidates (`--calibrate_grid` G, never-exit included), descending from never-exit in geometric steps:
+value_0 = never, value_j = never + (aggressive - never) * f * (1/f)^((j-1)/(G-2)) for j = 1..G-1, with
+f = `--calibrate_finest` (0.001): the first step moves 0.1% of the range, each next one ~(1/f)^(1/(G-2)) times
+further, the last candidate is the aggressive end. For calm/free/max_probability and G = 8: 1.0, 0.999, 0.99684,
+0.99, 0.968377, 0.9, 0.683772, 0.0 (G = 4: 1.0, 0.999, 0.968377, 0.0). The dynamic schedules are calibrated flat
+(start = end) on purpose: the fork's start/end/scale shape has three knobs and LTT needs a one-dimensional,
+ordered family; a flat schedule is that family.
+
+Calibration data: the held-out tail of the split (its last `--holdout_docs` documents in file order, which no
+training recipe reads: harness/train/common.py), in a seeded order. The guarantee assumes calibration losses
+exchangeable with test losses, which training on the calibration documents breaks (it can bias them
+optimistically), so the recipe refuses with one line when any of those documents is one the artifact's training
+read: exact records (`training_data` in a recipe's provenance) or, for recipes that did not record them, the
+documents their recorded config (data, seed, max_docs, holdout_docs) selects. An artifact trained with a smaller
+--holdout_docs than the one calibrate is given overlaps; pass the training's value.
 
 Deviations from CALM, on purpose: CALM calibrates on encoder-decoder T5 with task data of thousands of examples;
 here the defaults are 24 prompts x 32 new tokens of the bundled XSum validation split so the recipe runs on CPU
 in minutes (the guarantee holds at any n, it is just conservative: with zero losses candidate 1 passes only
 if (1 - delta)^n <= epsilon, which the recipe checks and reports). Prompts are truncated from the left to
-`--calibrate_max_prompt_tokens` (700) to bound prefill cost. Calibration documents that a recipe recorded in the
-artifact's provenance trained on (same source, seed and max_docs as common.load_texts) are used last; if some
-had to be used, the entry counts them in `overlap_with_training` (the guarantee assumes calibration losses
-exchangeable with test losses, which training on those documents can bias optimistically). Generation runs in
-the model's dtype: the train CLI loads float32 on CUDA too, so pass `--dtype bfloat16` there to calibrate the
-exits as evaluation (bf16 on CUDA by default) runs them. The guarantee covers what was calibrated: greedy outputs
-of `--calibrate_max_steps` tokens (XSum evaluation generates up to 64; calibrate with that many to cover it) and
-the knobs as set here (another --confidence or --min_exit_layer at run time is another method).
+`--calibrate_max_prompt_tokens` (700) to bound prefill cost. Generation runs in the model's dtype: the train CLI
+loads float32 on CUDA too, so pass `--dtype bfloat16` there to calibrate the exits as evaluation (bf16 on CUDA by
+default) runs them.
+
+Scope: the guarantee covers what was calibrated and nothing else: prompts exchangeable with the calibration
+prompts (the split's task and prompt format, cut to the recorded prompt length), greedy outputs of at most
+`--calibrate_max_steps` new tokens (XSum evaluation generates up to 64; calibrate with as many to cover it), the
+recorded risk, and the knobs as set here (another --confidence or --min_exit_layer at run time is another
+method). Other tasks and lengths are outside it. Each entry records that scope (`scope`, `guarantee`).
 
 Writes `art.thresholds[key] = {"knobs": {...}, "delta", "epsilon", "risk", "examples", "split", "tested":
 [[value, mean loss, p-value], ...], "passed" (a candidate was certified, possibly only the never-exit one),
-"exits_early" (the chosen value is not the never-exit one), ...}`; Generator.apply_trained_defaults gives `knobs`
+"exits_early" (the chosen value is not the never-exit one), "scope": {task, split, documents, prompt format,
+max_prompt_tokens, max_steps, n, delta, epsilon, risk, risk_definition, pvalue, procedure}, "guarantee": the
+certified statement in one sentence, ...}`; Generator.apply_trained_defaults gives `knobs`
 to every generator of that key whose knobs were left at their defaults. Each tested candidate is one JSON line in
 `<work_dir>/train_log.jsonl`.
 """
@@ -84,12 +101,19 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
 from ..config import GenerationConfig, UsageError, _f
-from ..tasks import DATA_DIR, TASKS, Example, read_jsonl
+from ..tasks import TASKS, Example
 from . import recipe
-from .common import SOURCES, TrainConfig, provenance, start_artifact
+from .common import (SOURCES, SPLITS, TrainConfig, documents_record, heldout_documents, provenance, source_records,
+                     start_artifact, trained_records)
 
 # --calibrate_dataset -> (task whose prompt format, reference and stop strings are used, split named in the entry)
-DATASETS = {"xsum_validation": ("xsum_summarization", "xsum validation"), "gsm8k_train": ("gsm8k", "gsm8k train")}
+DATASETS = SPLITS
+RISK_DEFINITIONS = {
+    "consistency": "1 - ROUGE-L F(output, full-model greedy output on the same prompt), outputs cut at the task's "
+                   "stop strings (0 when identical)",
+    "reference": "max(0, ROUGE-L F(full-model output, reference) - ROUGE-L F(output, reference)), outputs cut at the "
+                 "task's stop strings",
+}
 RISKS = ("consistency", "reference")
 PVALUES = ("hoeffding_bentkus", "hoeffding")
 
@@ -104,9 +128,15 @@ class Knob:
     never: float  # value under which the rule never fires
     aggressive: Optional[float]  # value under which it (almost) always fires; None = ln(vocab size)
 
-    def grid(self, size: int, vocab_size: int) -> list[float]:
+    def grid(self, size: int, vocab_size: int, finest: float = 1e-3) -> list[float]:
+        """Never-exit first, then geometric steps towards the aggressive end (the last candidate), the first one
+        `finest` of the range: fixed-sequence testing stops at the first failure, so the candidates just past
+        never-exit must be close to it for anything in between to be certifiable."""
         end = math.log(vocab_size) if self.aggressive is None else self.aggressive
-        return [round(self.never + (end - self.never) * (j / (size - 1)) ** 2, 6) for j in range(size)]
+        if size == 2:
+            return [self.never, round(end, 6)]
+        fracs = [0.0] + [finest * (1 / finest) ** ((j - 1) / (size - 2)) for j in range(1, size)]
+        return [round(self.never + (end - self.never) * f, 6) for f in fracs]
 
     def config(self, value: float, max_steps: int) -> GenerationConfig:
         return GenerationConfig(generation_strategy=self.strategy, criteria=self.criteria, max_steps=max_steps,
@@ -135,7 +165,10 @@ class CalibrateOptions:
                                 "comma-separated artifact keys to calibrate: " + ", ".join(KNOBS))
     calibrate_delta: float = _f(0.2, "tolerance delta: the expected loss (risk) the chosen threshold may have")
     calibrate_epsilon: float = _f(0.1, "the guarantee risk <= delta holds with probability >= 1 - epsilon")
-    calibrate_grid: int = _f(8, "candidate values per method, never-exit included, safest first")
+    calibrate_grid: int = _f(8, "candidate values per method, never-exit included, safest first: geometric steps "
+                             "from never-exit (see --calibrate_finest) to the most aggressive value")
+    calibrate_finest: float = _f(1e-3, "the first candidate after never-exit lies this fraction of the "
+                                 "never-exit..aggressive range from never-exit (1.0 -> 0.999 for calm)")
     calibrate_risk: str = _f("consistency", "per-example loss: consistency = 1 - ROUGE-L(output, full-model "
                              "output) (CALM's textual consistency); reference = max(0, ROUGE-L(full, reference) - "
                              "ROUGE-L(output, reference)) (CALM's risk consistency)", choices=RISKS)
@@ -238,31 +271,37 @@ def reference_loss(text: str, full: str, reference: str) -> float:
     return min(1.0, max(0.0, _rouge_l(full, reference) - _rouge_l(text, reference)))
 
 
+def guarantee(key: str, knobs: dict, scope: dict) -> str:
+    """The certified statement with its scope, in one sentence."""
+    values = ", ".join(f"{k} = {v:g}" for k, v in knobs.items())
+    return (f"{key} with {values}: with probability >= {1 - scope['epsilon']:g} over the draw of the calibration "
+            f"set, the expected loss {scope['risk_definition']} is <= {scope['delta']:g}, for {scope['decoding']} "
+            f"outputs of at most {scope['max_steps']} new tokens on {scope['split']} prompts ({scope['task']} "
+            f"format, cut to {scope['max_prompt_tokens']} tokens) exchangeable with the n = {scope['n']} "
+            "calibration prompts; other tasks, lengths and knobs are not covered")
+
+
 # -- data ---------------------------------------------------------------------------------------------------
-def _trained_on(art, source: str, size: int) -> set[int]:
-    """Record indices of `source` that the artifact's training recipes read (common.load_texts' selection)."""
-    used: set[int] = set()
-    for name, prov in (art.provenance or {}).items():
-        c = prov.get("config") or {}
-        if name == "calibrate" or source not in [s.strip() for s in str(c.get("data", "")).split(",")]:
-            continue
-        order = list(range(size))
-        random.Random(c.get("seed", 0)).shuffle(order)  # same permutation as shuffling the formatted docs
-        used.update(order[:c.get("max_docs", size)])
-    return used
-
-
-def calibration_order(cfg: TrainConfig, opts: CalibrateOptions, art) -> tuple[list[Example], set[str]]:
-    """Every example of the chosen split in the task's own format, in calibration order (seeded shuffle, documents
-    the artifact's training read last), and the ids of those training read."""
-    task = TASKS[DATASETS[opts.calibrate_dataset][0]]
-    records = [r for _, r in read_jsonl(DATA_DIR / SOURCES[opts.calibrate_dataset][0])]
-    order = list(range(len(records)))
+def calibration_examples(cfg: TrainConfig, opts: CalibrateOptions, art) -> tuple[list[Example], list[int]]:
+    """The split's held-out tail (its last --holdout_docs documents) in the task's own format, in calibration order
+    (seeded shuffle), and their record indices. UsageError when the artifact's training read any of them."""
+    source = opts.calibrate_dataset
+    task, split = TASKS[DATASETS[source][0]], DATASETS[source][1]
+    held = heldout_documents(source, cfg.holdout_docs)
+    if not held:
+        raise UsageError(f"--holdout_docs {cfg.holdout_docs}: no {split} documents are held out from training; "
+                         "calibration needs documents training never read")
+    trained, by = trained_records(art, source)
+    overlap = set(held) & trained
+    if overlap:
+        raise UsageError(f"calibrate: {len(overlap)} of the {len(held)} held-out {split} documents (the last "
+                         f"--holdout_docs {cfg.holdout_docs}) were read by the artifact's training ({', '.join(by)}); "
+                         "calibration data must be disjoint from training data: pass the --holdout_docs it was "
+                         "trained with, or retrain it with this one")
+    order = list(held)
     random.Random(f"calibrate:{cfg.seed}").shuffle(order)
-    used = _trained_on(art, opts.calibrate_dataset, len(records))
-    order = [i for i in order if i not in used] + [i for i in order if i in used]
-    return [Example(str(i), task.prompt(records[i]), task.reference(records[i])) for i in order], \
-        {str(i) for i in used}
+    records = source_records(source)
+    return [Example(str(i), task.prompt(records[i]), task.reference(records[i])) for i in order], order
 
 
 # -- generation ---------------------------------------------------------------------------------------------
@@ -313,6 +352,8 @@ def _check(opts: CalibrateOptions) -> None:
     if opts.calibrate_grid < 2:
         raise UsageError(f"--calibrate_grid must be >= 2 (never-exit and at least one threshold), got "
                          f"{opts.calibrate_grid}")
+    if not 0 < opts.calibrate_finest < 1:
+        raise UsageError(f"--calibrate_finest must be in (0, 1), got {opts.calibrate_finest}")
     if not 0 <= opts.calibrate_delta <= 1:
         raise UsageError(f"--calibrate_delta must be in [0, 1] (losses are in [0, 1]), got {opts.calibrate_delta}")
     if not 0 < opts.calibrate_epsilon < 1:
@@ -337,7 +378,7 @@ def calibrate(cfg: TrainConfig, opts: CalibrateOptions, model):
     split = DATASETS[opts.calibrate_dataset][1]
     cap = max(1, min(opts.calibrate_max_prompt_tokens, model.max_context - opts.calibrate_max_steps))
     stop = StopCondition(model, opts.calibrate_max_steps, task.stop)
-    ordered, trained = calibration_order(cfg, opts, art)
+    ordered, _ = calibration_examples(cfg, opts, art)  # refuses documents the artifact trained on
 
     # full-model greedy outputs, once per prompt (autoregressive at full depth: no artifact knobs apply)
     examples, prompts, full, skipped = [], [], [], 0
@@ -364,14 +405,21 @@ def calibrate(cfg: TrainConfig, opts: CalibrateOptions, model):
                          "first token; nothing to calibrate on (try --no-calibrate_skip_empty or longer prompts)")
     if n < opts.calibrate_examples:
         print(f"calibrate: only {n} prompts of {split} have an output longer than one token")
-    overlap = sum(ex.id in trained for ex in examples)
-    if overlap:
-        print(f"calibrate: {overlap} of {n} calibration documents were read by the artifact's training "
-              "(the guarantee assumes calibration data exchangeable with test data)")
     floor = min_certifiable_delta(n, opts.calibrate_epsilon)
     if opts.calibrate_delta < floor:
         print(f"calibrate: with {n} examples and epsilon {opts.calibrate_epsilon}, no delta below {floor:.3f} can "
               f"be certified even at zero loss; --calibrate_delta {opts.calibrate_delta} keeps the never-exit values")
+
+    scope = {"task": task.name, "split": split, "prompt_format": "the task's prompt, no shots",
+             "documents": documents_record(opts.calibrate_dataset, [int(ex.id) for ex in examples]),
+             "held_out": f"last {cfg.holdout_docs} records of {SOURCES[opts.calibrate_dataset][0]}, disjoint from the "
+                         "artifact's training data",
+             "skipped": f"{skipped} prompts whose full-model output is its first token (zero loss for every "
+                        "threshold)" if opts.calibrate_skip_empty else "none",
+             "max_prompt_tokens": cap, "max_steps": opts.calibrate_max_steps, "decoding": "greedy", "n": n,
+             "delta": opts.calibrate_delta, "epsilon": opts.calibrate_epsilon, "risk": opts.calibrate_risk,
+             "risk_definition": RISK_DEFINITIONS[opts.calibrate_risk], "pvalue": opts.calibrate_pvalue,
+             "procedure": "Learn then Test, fixed-sequence testing from never-exit (arXiv 2110.01052; CALM Sec. 4)"}
 
     def loss(text: str, i: int) -> float:
         if opts.calibrate_risk == "reference":
@@ -381,7 +429,7 @@ def calibrate(cfg: TrainConfig, opts: CalibrateOptions, model):
     metrics = {}
     for key in keys:
         knob = KNOBS[key]
-        grid = knob.grid(opts.calibrate_grid, model.vocab_size)
+        grid = knob.grid(opts.calibrate_grid, model.vocab_size, opts.calibrate_finest)
         depth_means: list[float] = []  # per tested candidate: mean exit depth of the generated tokens
         seconds: dict[int, float] = {}
         bar = tqdm(total=n * len(grid), desc=f"calibrate: {key}", dynamic_ncols=True)
@@ -416,9 +464,10 @@ def calibrate(cfg: TrainConfig, opts: CalibrateOptions, model):
         entry = {"knobs": {k: value for k in knob.names}, "delta": opts.calibrate_delta,
                  "epsilon": opts.calibrate_epsilon, "risk": opts.calibrate_risk, "examples": n, "split": split,
                  "tested": tested, "passed": chosen is not None, "exits_early": bool(chosen),
-                 "pvalue": opts.calibrate_pvalue, "never_exit": grid[0], "avg_exit_layer": depth_means,
-                 "max_steps": opts.calibrate_max_steps, "max_prompt_tokens": cap,
-                 "overlap_with_training": overlap, "skipped_empty": skipped}
+                 "pvalue": opts.calibrate_pvalue, "never_exit": grid[0], "grid": grid,
+                 "avg_exit_layer": depth_means, "max_steps": opts.calibrate_max_steps, "max_prompt_tokens": cap,
+                 "overlap_with_training": 0, "skipped_empty": skipped, "scope": scope,
+                 "guarantee": guarantee(key, {k: value for k in knob.names}, scope) if chosen is not None else None}
         art.thresholds[key] = entry
         metrics[key] = {"knobs": entry["knobs"], "passed": entry["passed"], "exits_early": entry["exits_early"],
                         "tested": len(tested),
@@ -438,7 +487,7 @@ def calibrate(cfg: TrainConfig, opts: CalibrateOptions, model):
                   f"{len(tested)} of {len(grid)} candidates tested)")
 
     art.provenance["calibrate"] = provenance(cfg, time.perf_counter() - t_start, metrics, options=asdict(opts),
-                                             data=split, examples=n, overlap_with_training=overlap,
-                                             skipped_empty=skipped)
+                                             data=split, examples=n, overlap_with_training=0,
+                                             skipped_empty=skipped, scope=scope)
     art.save(out_path)
     return art

@@ -7,6 +7,7 @@ restarted with the same `--work_dir`. On CUDA the forward runs under bf16 autoca
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -29,6 +30,9 @@ SOURCES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "xsum_validation": ("xsum_validation.jsonl.gz", lambda r: f"Article: {r['document']}\nSummary: {r['summary']}\n"),
     "gsm8k_train": ("gsm8k_main_train.jsonl.gz", lambda r: f"Question: {r['question']}\nAnswer: {r['answer']}\n\n"),
 }
+# name -> (task whose prompt format, reference and stop strings held-out prompts of the source use, split name)
+SPLITS: dict[str, tuple[str, str]] = {"xsum_validation": ("xsum_summarization", "xsum validation"),
+                                      "gsm8k_train": ("gsm8k", "gsm8k train")}
 
 
 @dataclass
@@ -45,6 +49,8 @@ class TrainConfig:
     data: str = _f("xsum_validation,gsm8k_train", "comma-separated training sources (train/validation splits "
                    "only): " + ", ".join(SOURCES))
     max_docs: int = _f(2000, "at most this many documents per source (shuffled with --seed)")
+    holdout_docs: int = _f(200, "the last N documents (file order) of every source are never trained on: "
+                                "calibration and the self-speculation fit read only those (0 = train on all)")
     seq_len: int = _f(256, "tokens per training sequence")
     batch_size: int = _f(4, "sequences per step")
     steps: int = _f(200, "optimizer steps")
@@ -58,6 +64,12 @@ class TrainConfig:
     save_every: int = _f(50, "checkpoint every N steps")
     device: str = _f("auto", "torch device: auto, cpu, cuda, ...")
     dtype: str = _f("auto", "float32 | bfloat16 | auto (float32 on cpu; on cuda float32 weights + bf16 autocast)")
+
+    def __post_init__(self) -> None:
+        from ..config import check_values
+        from . import TRAIN_RANGES  # the ranges live with the training CLI (harness/train/__init__.py)
+
+        check_values(self, TRAIN_RANGES)
 
     def layers(self, num_layers: int) -> list[int]:
         try:
@@ -75,18 +87,95 @@ class TrainConfig:
 
 
 # -- data ---------------------------------------------------------------------------------------------
-def load_texts(cfg: TrainConfig) -> list[str]:
-    """Documents of the chosen sources, shuffled with the seed, at most max_docs per source."""
-    texts = []
+# Documents are named by their record index in the source's bundled file (0-based, file order). Every source is
+# split once, by position, into a training pool and a held-out tail of --holdout_docs documents: no recipe
+# trains on the tail, so calibration (Learn then Test needs calibration data exchangeable with test data, which
+# training on them breaks) and the self-speculation fit can read it. Recipes record the documents they read
+# (`documents_record`) in the artifact's provenance; `trained_records` reads those records back.
+def source_records(name: str) -> tuple[dict, ...]:
+    """Every record of a training source, in file order (read once per process; do not modify)."""
+    if name not in SOURCES:
+        raise UsageError(f"--data {name!r}: unknown source; choose from {', '.join(SOURCES)}")
+    return _read_source(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _read_source(name: str) -> tuple[dict, ...]:
+    return tuple(r for _, r in read_jsonl(DATA_DIR / SOURCES[name][0]))
+
+
+def split_source(size: int, holdout: int) -> tuple[list[int], list[int]]:
+    """(training pool, held-out tail) record indices of a source of `size` records."""
+    if holdout < 0:
+        raise UsageError(f"--holdout_docs must be >= 0, got {holdout}")
+    cut = max(0, size - holdout)
+    return list(range(cut)), list(range(cut, size))
+
+
+def _selected(size: int, seed: int, max_docs: int, holdout: int) -> list[int]:
+    """load_texts' choice from one source: the pool shuffled with the seed, its first max_docs (the permutation
+    only depends on the pool's length, so with holdout 0 it equals shuffling the formatted documents)."""
+    order, _ = split_source(size, holdout)
+    random.Random(seed).shuffle(order)
+    return order[:max_docs]
+
+
+def training_documents(cfg: TrainConfig) -> dict[str, list[int]]:
+    """Record indices that load_texts(cfg) reads, per source, in reading order."""
+    out = {}
     for name in [s.strip() for s in cfg.data.split(",") if s.strip()]:
-        if name not in SOURCES:
-            raise UsageError(f"--data {name!r}: unknown source; choose from {', '.join(SOURCES)}")
-        file, fmt = SOURCES[name]
-        docs = [fmt(r) for _, r in read_jsonl(DATA_DIR / file)]
-        random.Random(cfg.seed).shuffle(docs)
-        texts += docs[:cfg.max_docs]
+        out[name] = _selected(len(source_records(name)), cfg.seed, cfg.max_docs, cfg.holdout_docs)
+    return out
+
+
+def heldout_documents(name: str, holdout: int) -> list[int]:
+    """The held-out tail of a source: record indices no recipe trained with --holdout_docs >= `holdout` reads."""
+    return split_source(len(source_records(name)), holdout)[1]
+
+
+def load_texts(cfg: TrainConfig) -> list[str]:
+    """Documents of the chosen sources' training pools, shuffled with the seed, at most max_docs per source."""
+    texts = []
+    for name, chosen in training_documents(cfg).items():
+        records, fmt = source_records(name), SOURCES[name][1]
+        texts += [fmt(records[i]) for i in chosen]
     random.Random(cfg.seed + 1).shuffle(texts)
     return texts
+
+
+def documents_record(name: str, indices) -> dict:
+    """Provenance of the documents of one source a recipe read: split, file, record indices, content hash."""
+    import hashlib
+
+    records, fmt = source_records(name), SOURCES[name][1]
+    ids = sorted({int(i) for i in indices})
+    digest = hashlib.sha256("".join(fmt(records[i]) for i in ids).encode("utf-8")).hexdigest()
+    return {"split": SPLITS[name][1], "file": SOURCES[name][0], "records": ids, "documents": len(ids),
+            "sha256": digest}
+
+
+def trained_records(art, name: str) -> tuple[set[int], list[str]]:
+    """Record indices of source `name` that the artifact's training recipes read, and which recipes read any.
+
+    Exact records (`training_data` in a recipe's provenance) are used where present; otherwise the selection is
+    rebuilt from the recipe's recorded config (data, seed, max_docs, holdout_docs: load_texts' choice), which
+    covers every recipe that trains on load_texts. The calibrate recipe trains nothing and is skipped.
+    """
+    used: set[int] = set()
+    by = []
+    size = None
+    for recipe_name, prov in sorted((getattr(art, "provenance", None) or {}).items()):
+        if recipe_name == "calibrate" or not isinstance(prov, dict):
+            continue
+        mine: set[int] = set((prov.get("training_data") or {}).get(name, {}).get("records", []))
+        c = prov.get("config") or {}
+        if name in [s.strip() for s in str(c.get("data", "")).split(",")]:
+            size = size if size is not None else len(source_records(name))
+            mine |= set(_selected(size, c.get("seed", 0), c.get("max_docs", size), c.get("holdout_docs", 0)))
+        if mine:
+            used |= mine
+            by.append(recipe_name)
+    return used, by
 
 
 def pack(tokenizer, texts: list[str], seq_len: int, limit: Optional[int] = None) -> torch.Tensor:

@@ -9,12 +9,19 @@ so that the shared LM head reads the shallow state as if it came from the last l
 - the trunk is frozen, so its hidden states are computed once and cached (the expensive part on a CPU), and the
   adapters train on random token positions of the cache;
 - the loss is taken over a candidate vocabulary (--adapters_vocab most frequent last-layer argmax tokens of the
-  training text; 0 = all rows): those are the rows a reduced draft head scores, and it makes a step ~6x cheaper.
-  Agreement is reported both with the full head (what every method reads) and on the candidate rows (drafts);
-- at the end it measures this machine's layer and head costs and recommends the self-speculative exit layer,
-  draft length and draft-confidence threshold with the highest predicted speedup on held-out text
-  (harness/speculation_model.py); `self_speculative` uses them when no --exit_layer is given.
-The final layer is untouched by construction.
+  training text; 0 = all rows): those are the rows a reduced draft head scores, and it makes a step ~6x cheaper;
+- at the end it measures this machine's layer and head costs, generates the full model's greedy continuations
+  of held-out prompts (the last --holdout_docs documents of each --data source, which no recipe trains on) and
+  recommends the self-speculative exit layer, draft length, draft-confidence threshold and draft vocabulary with
+  the highest predicted speedup on them (harness/speculation_model.py), or recommends not to speculate when no
+  setting is predicted at or above 1.0x. `self_speculative` uses the recommendation when no --exit_layer is
+  given; "don't speculate" leaves it at its untrained defaults (recommended.self_speculative = {}) and is
+  recorded with the predictions in provenance.exit_adapters.recommendation (speculation_model.recommendation).
+The final layer is untouched by construction. Trained exits are candidate-vocabulary exits (the model scores
+only the candidate rows at a layer with an adapter), so what training is judged by is the held-out KL on the
+candidate rows (heldout_kl_d, the objective) and candidate-row agreement (agree_vocab_d); agree_d, through the
+full head, is reported for comparison only (no method reads a trained exit that way).
+The provenance records the documents trained on (`training_data`: per source, record indices and a content hash).
 """
 from __future__ import annotations
 
@@ -24,10 +31,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import _f
+from ..config import UsageError, _f
 from ..trained_exits import ExitAdapter
 from . import recipe
-from .common import Loop, TrainConfig, autocast, hidden_states, provenance, start_artifact, train_eval_split
+from .common import (SPLITS, Loop, TrainConfig, autocast, documents_record, heldout_documents, hidden_states,
+                     provenance, source_records, split_source, start_artifact, train_eval_split, training_documents)
 
 
 @dataclass
@@ -40,24 +48,32 @@ class AdapterOptions:
     adapters_self_generated: int = _f(16, "greedy continuations of validation prompts added to the training text")
     adapters_self_tokens: int = _f(64, "tokens per greedy continuation")
     adapters_tokens_per_step: int = _f(2048, "token positions per optimizer step (--batch_size is ignored)")
+    adapters_fit_prompts: int = _f(16, "held-out prompts (the --holdout_docs tail of each --data source, never "
+                                   "trained on) whose greedy continuations fit the self-speculation recommendation; "
+                                   "0 = recommend nothing")
+    adapters_fit_tokens: int = _f(64, "new tokens per greedy continuation of the fit (task stop strings and EOS "
+                                  "also end it, as in evaluation)")
+    adapters_fit_prompt_tokens: int = _f(384, "fit prompts are cut from the left to this many tokens")
 
 
 @torch.no_grad()
-def self_generated(model, cfg: TrainConfig, opts: AdapterOptions) -> list[list[int]]:
-    """Prompt tails + the model's own greedy continuations, from xsum validation articles."""
+def self_generated(model, cfg: TrainConfig, opts: AdapterOptions) -> tuple[list[list[int]], list[int]]:
+    """Prompt tails + the model's own greedy continuations of xsum validation articles of the training pool (its
+    last ones in file order; never the held-out tail), and their record indices."""
     from ..config import GenerationConfig
     from ..generators import StopCondition, build_generator
-    from ..tasks import DATA_DIR, read_jsonl
 
-    docs = [r for _, r in read_jsonl(DATA_DIR / "xsum_validation.jsonl.gz")]
-    docs = docs[-opts.adapters_self_generated:] if opts.adapters_self_generated else []  # far from max_docs' head
+    records = source_records("xsum_validation")
+    pool, _ = split_source(len(records), cfg.holdout_docs)
+    chosen = pool[-opts.adapters_self_generated:] if opts.adapters_self_generated else []
     gen = build_generator(model, GenerationConfig(max_steps=opts.adapters_self_tokens))
     out = []
-    for r in docs:
+    for i in chosen:
+        r = records[i]
         ids = model.encode(f"Article: {r['document']}\nSummary:")[-(cfg.seq_len - opts.adapters_self_tokens):]
         res = gen.generate(ids, StopCondition(model, opts.adapters_self_tokens, fixed_length=True))
         out.append(ids + res.tokens)
-    return out
+    return out, chosen
 
 
 @torch.no_grad()
@@ -88,10 +104,17 @@ def candidate_vocab(model, final: torch.Tensor, size: int) -> torch.Tensor:
 def run(cfg: TrainConfig, opts: AdapterOptions, model):
     """Frozen trunk + a residual MLP adapter before the shared head at each exit layer (Kangaroo-style), KL to the last layer."""
     t_start = time.perf_counter()
+    if opts.adapters_fit_prompts and (opts.adapters_fit_tokens < 2 or opts.adapters_fit_prompt_tokens < 1):
+        raise UsageError("--adapters_fit_tokens must be >= 2 (a continuation with a decode step to draft for) and "
+                         "--adapters_fit_prompt_tokens >= 1")
     layers = cfg.layers(model.num_layers)
     train_rows, eval_rows = train_eval_split(cfg, model.tokenizer)
     train_rows = train_rows[:opts.adapters_cache_sequences]
-    extra = self_generated(model, cfg, opts)
+    extra, extra_docs = self_generated(model, cfg, opts)
+    # what training read, per source (the packed stream may end before its last documents: recorded all the same)
+    read = training_documents(cfg)
+    read["xsum_validation"] = read.get("xsum_validation", []) + extra_docs
+    training_data = {name: documents_record(name, ids) for name, ids in read.items() if ids}
     if extra:
         extra_rows = torch.tensor([s[:cfg.seq_len] + [model.tokenizer.eos_token_id or 0] * (cfg.seq_len - len(s))
                                    for s in extra])
@@ -146,7 +169,6 @@ def run(cfg: TrainConfig, opts: AdapterOptions, model):
 
     art = start_artifact(cfg, model)
     if art.adapters and art.adapter_width != opts.adapters_width:
-        from ..config import UsageError
         raise UsageError(f"--exits artifact has adapters of width {art.adapter_width}, not {opts.adapters_width}")
     art.adapter_width = opts.adapters_width
     for d in layers:
@@ -157,21 +179,32 @@ def run(cfg: TrainConfig, opts: AdapterOptions, model):
     stored = held_out_agreement(lambda d, x: model.norm(model.adapt(x.to(model.dtype), d)).float(), held, held_target,
                                 W, vocab, layers)  # the attached, fp16-rounded adapters: what the file holds
     metrics.update({f"stored_{k}": v for k, v in stored.items()})
-    rec, table = recommend(model, held, held_target, layers, vocab)
-    art.recommended["self_speculative"] = {k: rec[k] for k in ("exit_layer", "num_speculations", "draft_threshold")}
-    art.recommended["self_speculative"]["draft_vocab"] = int(len(vocab))
+    rec, table = recommend(model, cfg, opts, layers, training_data) if opts.adapters_fit_prompts else (None, [])
+    # {} = don't speculate: self_speculative keeps its untrained defaults; no fit = no recommendation (a previous
+    # one was fitted to other adapters)
+    art.recommended.pop("self_speculative", None)
+    if rec is not None:
+        art.recommended["self_speculative"] = dict(rec["knobs"])
     art.recommended.update(per_token_defaults(metrics, layers, model.num_layers))
     art.provenance["exit_adapters"] = provenance(
         cfg, time.perf_counter() - t_start, metrics, options=opts.__dict__, train_tokens=int(len(tokens)),
-        held_out_tokens=int(len(held_target)), data_note="train/validation splits only; held-out = last "
-        f"{cfg.eval_sequences} sequences of the packed stream", recommendation=rec,
+        held_out_tokens=int(len(held_target)), training_data=training_data,
+        data_note=f"training pools of {cfg.data} (the last --holdout_docs {cfg.holdout_docs} documents of each are "
+        f"never read) + {len(extra_docs)} self-generated continuations; agreement held-out = last "
+        f"{cfg.eval_sequences} sequences of the packed stream (never trained on); the self-speculation fit = greedy "
+        "continuations of held-out documents", recommendation=rec,
         predicted=sorted(table, key=lambda r: -r["predicted_speedup"])[:10])
     _, out = cfg.paths()
     art.save(out)
-    agree = ", ".join(f"L{d} {metrics['agree_' + str(d)]:.3f}" for d in layers)
-    print(f"exit_adapters: agreement {agree}; "
-          f"recommended self_speculative {art.recommended['self_speculative']} "
-          f"(predicted {rec['predicted_speedup']:.2f}x)")
+    agree = ", ".join(f"L{d} {metrics['agree_vocab_' + str(d)]:.3f}" for d in layers)
+    print(f"exit_adapters: candidate-row agreement {agree}")
+    if rec is not None:
+        best = rec["best"]
+        verdict = (f"recommended self_speculative {rec['knobs']}" if rec["speculate"] else
+                   "recommended: don't speculate (self_speculative keeps its untrained defaults)")
+        print(f"exit_adapters: {verdict}; best setting E{best['exit_layer']} k{best['num_speculations']} "
+              f"threshold {best['draft_threshold']} predicted {best['predicted_speedup']:.2f}x on "
+              f"{rec['fitted_on']['prompts']} greedy continuations of held-out prompts")
     return art
 
 
@@ -189,32 +222,142 @@ def per_token_defaults(metrics: dict, layers: list[int], L: int) -> dict:
 
 @torch.no_grad()
 def held_out_agreement(exit_state, held: dict, target: torch.Tensor, W: torch.Tensor, vocab: torch.Tensor,
-                       layers: list[int]) -> dict:
-    """Top-1 agreement with the last layer on the held-out states, per exit d: through the full head (agree_d)
-    and through the candidate-vocabulary exit the artifact ships (agree_vocab_d). exit_state(d, x) -> normed."""
-    def top(z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-        return torch.cat([(z[i:i + 4096] @ M.T).argmax(-1) for i in range(0, len(z), 4096)])
-
+                       layers: list[int], chunk: int = 1024) -> dict:
+    """Per exit d on the held-out states (exit_state(d, x) -> normed state): the training objective there,
+    KL(last layer || exit) over the candidate rows (heldout_kl_d); top-1 agreement with the last layer through the
+    candidate-vocabulary exit the artifact ships (agree_vocab_d) and through the full head (agree_d)."""
+    Wv = W[vocab]
+    z = {d: exit_state(d, held["layers"][d]) for d in layers}
+    hits = {d: 0 for d in layers}
+    hits_vocab = {d: 0 for d in layers}
+    kl = {d: 0.0 for d in layers}
+    n = len(target)
+    for i in range(0, n, chunk):
+        t = target[i:i + chunk]
+        teacher = torch.log_softmax(held["final"][i:i + chunk] @ Wv.T, dim=-1)
+        for d in layers:
+            zi = z[d][i:i + chunk]
+            hits[d] += int(((zi @ W.T).argmax(-1) == t).sum())
+            s = zi @ Wv.T
+            hits_vocab[d] += int((vocab[s.argmax(-1)] == t).sum())
+            kl[d] += float((teacher.exp() * (teacher - torch.log_softmax(s, dim=-1))).sum())
     out = {}
     for d in layers:
-        z = exit_state(d, held["layers"][d])
-        out[f"agree_{d}"] = float((top(z, W) == target).float().mean())
-        out[f"agree_vocab_{d}"] = float((vocab[top(z, W[vocab])] == target).float().mean())
+        out[f"agree_{d}"] = hits[d] / n
+        out[f"agree_vocab_{d}"] = hits_vocab[d] / n
+        out[f"heldout_kl_{d}"] = kl[d] / n
     return out
 
 
-@torch.no_grad()
-def recommend(model, held: dict, target: torch.Tensor, layers: list[int], vocab: torch.Tensor):
-    """Best (E, k, threshold) by predicted speedup from measured costs and held-out draft agreement."""
-    from ..speculation_model import best_setting, measure_costs
+# self_speculative's draft depth without --exit_layer or a recommendation (harness/runner.py expand_strategies:
+# LayerSkip's typical E ~ L/4); the fit predicts it too, as what runs when the recommendation is "don't speculate"
+def untrained_exit_layer(num_layers: int) -> int:
+    return max(1, num_layers // 4)
 
-    costs = measure_costs(model, vocab.to(model.device))
-    vocab = vocab.to(model.device)
-    Wv = model.lm_head.weight.detach().float()[vocab]
-    per_layer = {}
-    for d in layers:
-        z = model.norm(model.adapt(held["layers"][d].to(model.dtype), d)).float()
-        p = torch.softmax(z @ Wv.T, dim=-1)
-        conf, arg = p.max(-1)
-        per_layer[d] = ((vocab[arg] == target).tolist(), conf.tolist())
-    return best_setting(per_layer, costs)
+
+@torch.no_grad()
+def greedy_continuations(model, cfg: TrainConfig, opts: AdapterOptions) -> tuple[list[tuple[list[int], int]], dict]:
+    """The full model's greedy continuations of held-out prompts, alternating over the --data sources (their
+    --holdout_docs tails in file order, in each task's prompt format, cut to --adapters_fit_prompt_tokens), ended
+    by the task's stop strings, EOS or --adapters_fit_tokens as evaluation ends them. Prompts whose continuation
+    is one token (the prefill's) have no decode step to draft for and are skipped.
+    Returns ([(prompt + continuation ids, prompt length)], record of what was used)."""
+    from ..config import GenerationConfig
+    from ..generators import StopCondition, build_generator
+    from ..tasks import TASKS
+
+    sources = [s.strip() for s in cfg.data.split(",") if s.strip()]
+    pending = {s: list(heldout_documents(s, cfg.holdout_docs)) for s in sources}
+    if not any(pending.values()):
+        raise UsageError(f"--holdout_docs {cfg.holdout_docs} leaves no held-out documents for the self-speculation "
+                         "fit; raise it or pass --adapters_fit_prompts 0")
+    gen = build_generator(model, GenerationConfig(max_steps=opts.adapters_fit_tokens))  # full depth
+    seqs, used, skipped = [], {s: [] for s in sources}, 0
+    while len(seqs) < opts.adapters_fit_prompts and any(pending.values()):
+        for s in sources:
+            if not pending[s] or len(seqs) == opts.adapters_fit_prompts:
+                continue
+            i = pending[s].pop(0)
+            task = TASKS[SPLITS[s][0]]
+            ids = model.encode(task.prompt(source_records(s)[i]))[-opts.adapters_fit_prompt_tokens:]
+            res = gen.generate(ids, StopCondition(model, opts.adapters_fit_tokens, task.stop))
+            if len(res.tokens) < 2:
+                skipped += 1
+                continue
+            seqs.append((ids + res.tokens, len(ids)))
+            used[s].append(i)
+    if not seqs:
+        raise UsageError("no held-out prompt's greedy continuation is longer than one token; nothing to fit the "
+                         "self-speculation recommendation on")
+    record = {"prompts": len(seqs), "skipped_one_token": skipped, "max_new_tokens": opts.adapters_fit_tokens,
+              "max_prompt_tokens": opts.adapters_fit_prompt_tokens,
+              "decode_positions": sum(len(ids) - n - 1 for ids, n in seqs),
+              "documents": {s: documents_record(s, v) for s, v in used.items() if v}}
+    return seqs, record
+
+
+def _draws(model, h: torch.Tensor, d: int, rows, target: torch.Tensor) -> tuple[list, list]:
+    """The exit after d layers drafting as the generator drafts (its adapter, `rows` or the full head): whether
+    each draft is the target, and its confidence (top-1 probability on the draft head)."""
+    p = torch.softmax(model.exit_logits(h, rows, layer=d)[0].float(), dim=-1)
+    conf, j = p.max(-1)
+    tok = rows[j] if rows is not None else j
+    return (tok == target).tolist(), conf.tolist()
+
+
+@torch.no_grad()
+def recommend(model, cfg: TrainConfig, opts: AdapterOptions, layers: list[int], training_data: dict):
+    """Best (E, k, threshold, draft vocabulary) by predicted speedup, or "don't speculate", from measured costs
+    and the draft exits' acceptance pattern on greedy continuations of held-out prompts. Returns (record, table).
+
+    Drafts are scored as the generator scores them (model.exit_logits with the attached adapters and candidate
+    rows); the target at each decode position is the full model's top-1 in the same teacher-forced pass (on
+    these sequences it is the greedy token, up to float ties: `target_is_greedy` says how often)."""
+    from ..generators.self_speculative import DEFAULT_SPECULATIONS
+    from ..speculation_model import best_setting, measure_costs, simulate, speedup_interval
+
+    seqs, fitted_on = greedy_continuations(model, cfg, opts)
+    for s, rec in fitted_on["documents"].items():  # the held-out tail is never trained on; checked, not assumed
+        if set(rec["records"]) & set(training_data.get(s, {}).get("records", [])):
+            raise UsageError(f"self-speculation fit prompts of {s} overlap the training documents")
+    rows = model.exit_vocab  # the generator's candidate rows (None: no candidate vocabulary)
+    n_rows = 0 if rows is None else int(rows.numel())
+    E0 = untrained_exit_layer(model.num_layers)
+    per_exit = {(d, n_rows): ([], []) for d in layers}
+    default = ([], [])
+    same = total = 0
+    for ids, n in seqs:
+        hs = hidden_states(model, torch.tensor([ids]))
+        pos = slice(n, len(ids) - 1)  # inputs: the generated tokens but the last; each predicts the next one
+        target = model.lm_head(hs[-1][:, pos])[0].argmax(-1)
+        same += int((target.cpu() == torch.tensor(ids[n + 1:])).sum())
+        total += len(target)
+
+        for d in layers:
+            ag, cf = _draws(model, hs[d][:, pos], d, rows, target)
+            per_exit[(d, n_rows)][0].append(ag)
+            per_exit[(d, n_rows)][1].append(cf)
+        ag, cf = _draws(model, hs[E0][:, pos], E0, None, target)
+        default[0].append(ag)
+        default[1].append(cf)
+    context = round(sum(len(ids) for ids, _ in seqs) / len(seqs))
+    costs = measure_costs(model, rows, context=context)
+    best, table = best_setting(per_exit, costs)
+    untrained = simulate(default[0], default[1], E0, DEFAULT_SPECULATIONS, 0.0, costs, draft_vocab=0)
+    # uncertainty from the few fitted prompts (resampled whole); the verdict itself is the point prediction's
+    best["predicted_speedup_ci95"] = speedup_interval(*per_exit[(best["exit_layer"], best["draft_vocab"])],
+                                                      best["exit_layer"], best["num_speculations"],
+                                                      best["draft_threshold"], costs, best["draft_vocab"])
+    untrained["predicted_speedup_ci95"] = speedup_interval(default[0], default[1], E0, DEFAULT_SPECULATIONS, 0.0,
+                                                           costs, draft_vocab=0)
+    knobs = {k: best[k] for k in ("exit_layer", "num_speculations", "draft_threshold", "draft_vocab")} \
+        if best["speculate"] else {}
+    fitted_on.update(target_is_greedy=same / total if total else 1.0, cost_context=context,
+                     costs_ms={"layer": costs.layer * 1e3, "head": costs.head[1] * 1e3,
+                               "head_rows": costs.head_rows * 1e3, "adapter": costs.adapter * 1e3})
+    record = {"speculate": best["speculate"], "rule": "speculate iff the best predicted speedup is >= 1.0",
+              "knobs": knobs, "best": {k: v for k, v in best.items() if k != "speculate"},
+              "untrained_default": untrained,
+              "predicted_speedup": best["predicted_speedup"] if best["speculate"] else untrained["predicted_speedup"],
+              "fitted_on": fitted_on}
+    return record, table

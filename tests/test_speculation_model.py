@@ -1,0 +1,106 @@
+"""The self-speculation speed model on hand-computed cases: `simulate` walks the generator's steps exactly, and
+`best_setting` picks the fastest setting or says "don't speculate" when none is predicted at or above 1.0x."""
+from __future__ import annotations
+
+import pytest
+
+from harness.speculation_model import Costs, best_setting, recommendation, simulate
+from harness.trained_exits import ExitArtifact
+
+
+def unit_costs() -> Costs:
+    """L = 4 layers of 1 s each at any chunk size up to 4 positions, full head 1 s, candidate-row head 0.5 s on
+    100 rows, adapter 0.5 s. Autoregressive step: 4 x 1 + 1 = 5 s. A draft at E = 1 on the rows: 1 + 0.5 + 0.5
+    = 2 s; on the full head: 1 + 0.5 + 1 = 2.5 s. A verify over q positions after E = 1: (layers 0..0 of the
+    last position, unless a threshold-stopped draft already ran them: 1 s) + 3 x 1 + 1 = 5 s (4 s without)."""
+    return Costs(layer=1.0, layer_chunk={q: 1.0 for q in range(1, 5)}, head={q: 1.0 for q in range(1, 5)},
+                 head_rows=0.5, adapter=0.5, context=16, rows=100, layer_count=4)
+
+
+def test_simulate_all_accepted_hand_computed():
+    # 5 decode positions, E = 1, k = 2, no threshold.
+    # step 1 (t = 0): room min(2, 5 - 0 - 1) = 2 drafts, both agree: a = 2, emits 3; 2 x 2 + 5 = 9 s
+    # step 2 (t = 3): room min(2, 5 - 3 - 1) = 1 draft, agrees: a = 1, emits 2; 2 + 5 = 7 s (position 4 never drafted)
+    # 16 s for 5 tokens against 5 x 5 = 25 s: 25 / 16 = 1.5625x, 2.5 tokens per step, 3 of 3 drafts accepted
+    r = simulate([True, True, True, True, False], [1.0] * 5, 1, 2, 0.0, unit_costs())
+    assert r["predicted_speedup"] == pytest.approx(25 / 16)
+    assert r["tokens_per_step"] == pytest.approx(2.5)
+    assert r["acceptance"] == 1.0 and r["drafted_per_step"] == pytest.approx(1.5)
+    assert r["draft_vocab"] == 100  # the rows the costs were measured on
+
+
+def test_simulate_threshold_stop_reuses_the_state_hand_computed():
+    # 4 positions, E = 1, k = 3, threshold 0.5; agree T T F T, confidence 0.9 0.4 0.9 0.9.
+    # step 1 (t = 0): draft 1 (0.9) kept, draft 2 (0.4) dropped: 2 attempts, 1 kept, agrees: a = 1, emits 2.
+    #   the dropped draft's input already went through layer 0: verify 0 + 3 + 1 = 4; 2 x 2 + 4 = 8 s
+    # step 2 (t = 2): room min(3, 4 - 2 - 1) = 1: draft kept (0.9), disagrees: a = 0, emits 1; 2 + 5 = 7 s
+    # step 3 (t = 3): room 0: a plain full-depth step, 5 s, emits 1
+    # 20 s for 4 tokens = the autoregressive 4 x 5 s: exactly 1.0x; 1 of 2 drafts accepted; 4 tokens in 3 steps
+    r = simulate([True, True, False, True], [0.9, 0.4, 0.9, 0.9], 1, 3, 0.5, unit_costs())
+    assert r["predicted_speedup"] == pytest.approx(1.0)
+    assert r["acceptance"] == pytest.approx(0.5)
+    assert r["tokens_per_step"] == pytest.approx(4 / 3)
+
+
+def test_simulate_sequences_restart_and_full_head_costs_more():
+    seq = [True, True, True, True, False]
+    # a second sequence of one position: room 0, one plain step (5 s, 1 token). Pooled: 16 + 5 = 21 s for 6
+    # tokens against 30 s: 30 / 21. Simulated as one flat sequence instead, the second step would draft across
+    # the boundary (t = 3: 2 drafts, a = 1, 9 s; t = 5: 5 s): 23 s, 30 / 23.
+    pooled = simulate([seq, [True]], [[1.0] * 5, [1.0]], 1, 2, 0.0, unit_costs())
+    assert pooled["predicted_speedup"] == pytest.approx(30 / 21)
+    flat = simulate(seq + [True], [1.0] * 6, 1, 2, 0.0, unit_costs())
+    assert flat["predicted_speedup"] == pytest.approx(30 / 23)
+    # drafting through the full head: draft 2.5 s; 2 x 2.5 + 5 + 2.5 + 5 = 17.5 s: 25 / 17.5
+    full = simulate(seq, [1.0] * 5, 1, 2, 0.0, unit_costs(), draft_vocab=0)
+    assert full["predicted_speedup"] == pytest.approx(25 / 17.5) and full["draft_vocab"] == 0
+    with pytest.raises(ValueError, match="draft_vocab"):
+        simulate(seq, [1.0] * 5, 1, 2, 0.0, unit_costs(), draft_vocab=50)  # no costs measured for 50 rows
+
+
+def test_best_setting_picks_the_fastest_setting_and_vocabulary():
+    seq, conf = [True, True, True, True, False], [1.0] * 5
+    best, table = best_setting({(1, 100): (seq, conf), (1, 0): (seq, conf)}, unit_costs(), ks=(1, 2),
+                               thresholds=(0.0,))
+    # k = 1 on the rows: t = 0 (one agreeing draft, emits 2, 2 + 5 = 7 s), t = 2 (the same, 7 s), t = 4 (room 0,
+    # a plain step, 5 s): 19 s -> 25 / 19, below k = 2's 25 / 16; the full head: 25 / 17.5 (k = 2), 25 / 20 (k = 1)
+    assert len(table) == 4
+    assert best["speculate"] is True
+    assert (best["exit_layer"], best["num_speculations"], best["draft_vocab"]) == (1, 2, 100)
+    assert best["predicted_speedup"] == pytest.approx(25 / 16)
+    k1 = next(r for r in table if r["num_speculations"] == 1 and r["draft_vocab"] == 100)
+    assert k1["predicted_speedup"] == pytest.approx(25 / 19)
+
+
+def test_best_setting_says_dont_speculate_when_nothing_reaches_one():
+    # the draft exit never agrees, confidence 0.4 everywhere; E = 1, 4 positions.
+    # threshold 0: k = 1: t = 0,1,2 one rejected draft each (2 + 5 = 7 s), t = 3 plain (5 s): 26 s -> 20 / 26;
+    #   k = 2: 9 + 9 + 7 + 5 = 30 s -> 20 / 30
+    # threshold 0.5: every attempt stops at once (0.4 < 0.5), the state is reused: 2 + 4 = 6 s for t = 0,1,2,
+    #   then room 0 at t = 3 (5 s): 23 s -> 20 / 23 for k = 1 and k = 2 alike; the first of the tie is kept
+    best, table = best_setting({1: ([False] * 4, [0.4] * 4)}, unit_costs(), ks=(1, 2), thresholds=(0.0, 0.5))
+    assert best["speculate"] is False
+    assert best["predicted_speedup"] == pytest.approx(20 / 23)
+    assert (best["num_speculations"], best["draft_threshold"]) == (1, 0.5)
+    assert sorted(round(r["predicted_speedup"], 6) for r in table) == sorted(
+        round(x, 6) for x in (20 / 26, 20 / 23, 20 / 30, 20 / 23))
+
+
+def test_recommendation_reads_the_recorded_verdict():
+    assert recommendation(ExitArtifact(model={})) is None
+    old = ExitArtifact(model={}, provenance={"exit_adapters": {"recommendation": {"exit_layer": 10}}})
+    assert recommendation(old) is None  # recorded before the verdict existed
+    rec = {"speculate": False, "knobs": {}, "predicted_speedup": 0.4}
+    assert recommendation(ExitArtifact(model={}, provenance={"exit_adapters": {"recommendation": rec}})) == rec
+
+
+def test_speedup_interval_resamples_whole_sequences():
+    from harness.speculation_model import speedup_interval
+
+    seq, conf = [True, True, True, True, False], [1.0] * 5
+    # one sequence, or copies of it: every resample predicts 25 / 16
+    assert speedup_interval(seq, conf, 1, 2, 0.0, unit_costs()) == pytest.approx((25 / 16, 25 / 16))
+    # sequences A (16 s, 5 tokens: 25 / 16) and B (one plain step: 1.0x): resamples AA, AB, BA, BB with probability
+    # 1/4, 1/2, 1/4, so the 2.5% and 97.5% quantiles are BB's 1.0 and AA's 25 / 16 (AB pools to 30 / 21)
+    lo, hi = speedup_interval([seq, [True]], [conf, [1.0]], 1, 2, 0.0, unit_costs())
+    assert (lo, hi) == pytest.approx((1.0, 25 / 16))
