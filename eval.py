@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import math
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness.cli import Parser, require_single_process, run_main
+from harness.cli import Parser, at_least, require_single_process, run_main, writable_folder
 from harness.config import GenerationConfig, add_dataclass_args
 
 TASK_DIR = Path(__file__).resolve().parent / "harness" / "lm_eval_tasks"
@@ -36,8 +38,10 @@ def build_parser() -> Parser:
                    "loglikelihood_exit_layer and any generation knob of benchmark.py, e.g. "
                    "generation_strategy=self_speculative,exit_layer=8,num_speculations=6 (default: embedded model, "
                    "autoregressive)")
-    p.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction) (default: all)")
-    p.add_argument("--num_fewshot", type=int, default=None, help="few-shot exemplars (default: the task's own)")
+    p.add_argument("--limit", type=limit_value, default=None,
+                   help="examples per task: a whole number >= 1, or a fraction in (0, 1) of each task (default: all)")
+    p.add_argument("--num_fewshot", type=at_least(0), default=None,
+                   help="few-shot exemplars, >= 0 (default: the task's own)")
     p.add_argument("--model", default=None, help="as benchmark.py --model; same as model= in --model_args "
                    "(default: embedded model)")
     p.add_argument("--output_path", "--output_dir", dest="output_path", default="results/lm_eval",
@@ -54,6 +58,38 @@ def build_parser() -> Parser:
     add_dataclass_args(p, GenerationConfig, "generation flags (as benchmark.py; merged into --model_args)",
                        skip=("seed",))
     return p
+
+
+def limit_value(text: str) -> float:
+    """--limit: lm-eval reads a value < 1 as a fraction of the task and anything else as a count."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0 or (v >= 1 and v != int(v)):
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 or a fraction in (0, 1), got {text}")
+    return v
+
+
+def new_results_dir(root: Path, tasks: list[str]) -> Path:
+    """A new folder under root named by time and tasks (suffixed when two runs start in the same second)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "_" + "_".join(tasks)
+    for k in range(1000):
+        out = root / (stamp + (f"_{k}" if k else ""))
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free results folder name under {root}")
+
+
+class _QuietOverrides(logging.Filter):
+    """Our bundled tasks replace lm-eval's of the same name on purpose: its "overrides existing task" warnings
+    (four on every run) would bury the line that matters, so they are dropped; other lm-eval warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("overrides existing task" in str(record.msg) and str(TASK_DIR) in str(record.args))
 
 
 def model_args_from(args: argparse.Namespace) -> dict:
@@ -98,15 +134,22 @@ def _jsonable(obj):
 def main() -> int:
     args = build_parser().parse_args()
     require_single_process()
+    from harness.config import UsageError
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("--tasks is empty")
+    root = writable_folder(args.output_path, "--output_path")
+    model_args = model_args_from(args)
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
-    from harness.config import UsageError
-    from harness.lm_eval_model import EarlyExitLM
+    from harness.lm_eval_model import EarlyExitLM, check_model_args
     from harness.model import hub_reachable
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    check_model_args(model_args)  # every key known and every value of its type, before the model loads
+    logging.getLogger("lm_eval.tasks._index").addFilter(_QuietOverrides())
     manager = TaskManager(include_path=str(TASK_DIR))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -117,7 +160,7 @@ def main() -> int:
                          f"bundled offline tasks: {', '.join(BUNDLED)}")
     if "humaneval" in tasks and not args.confirm_run_unsafe_code:
         raise UsageError("humaneval executes generated code; pass --confirm_run_unsafe_code to allow it")
-    lm = EarlyExitLM(**model_args_from(args))
+    lm = EarlyExitLM(**model_args)
 
     def evaluate(model):
         return lm_eval.simple_evaluate(model=model, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
@@ -127,8 +170,7 @@ def main() -> int:
                                        torch_random_seed=args.seed, fewshot_random_seed=args.seed)
 
     results = evaluate(lm)
-    out = Path(args.output_path) / (datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "_" + "_".join(tasks))
-    out.mkdir(parents=True, exist_ok=False)
+    out = new_results_dir(root, tasks)
     samples = results.pop("samples", None)
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
     if samples is not None:

@@ -2,24 +2,80 @@
 
     python generate.py --prompt "Write a haiku about layers."          # one shot
     python generate.py --generation_strategy autoregressive --exit_layer 12   # interactive (empty line or Ctrl-D quits)
+    echo "Write a haiku about layers." | python generate.py     # prompts from a pipe or file, one per line
 
-Instruct models get their chat template unless --no-chat_template. Speed figures go to stderr.
+Instruct models get their chat template unless --no-chat_template. Speed figures go to stderr. Prompts read from
+a pipe or file (not a terminal) end at the first empty line or the end of input; that input must hold at least one.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
+from typing import Iterator, Optional
 
 from harness.cli import Parser, require_single_process, run_main, strategies_epilog
-from harness.config import GenerationConfig, add_dataclass_args, from_args
+from harness.config import GenerationConfig, UsageError, add_dataclass_args, from_args
 
 DEFAULT_MAX_STEPS = 128
+
+
+class _Parser(Parser):
+    """The strategy list (--help's epilog) imports every generator: built only when help is shown, so that bad
+    input is refused in a fraction of a second."""
+
+    def format_help(self) -> str:
+        self.epilog = strategies_epilog()
+        return super().format_help()
+
+
+def check_prompt(text: str, where: str) -> str:
+    """One line for a prompt the model cannot take: empty, or not UTF-8 (Python keeps undecodable argv and stdin
+    bytes as lone surrogates, which the tokenizer rejects with a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{where} is not valid UTF-8 text") from None
+    if not text.strip():
+        raise UsageError(f"{where} is empty: nothing to generate from")
+    return text
+
+
+def _decoded(raw: bytes, n: int) -> str:
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise UsageError(f"stdin line {n} is not valid UTF-8 text") from None
+
+
+def piped_prompts() -> Optional[Iterator[str]]:
+    """Prompts from a non-terminal stdin, one per line up to the first empty line. The first is read now (before
+    the model loads), so closed or empty input is one line at once; the rest as they come. None at a terminal."""
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise UsageError("stdin is closed: give --prompt TEXT, or prompts on stdin")
+    if sys.stdin.isatty():
+        return None
+    first = sys.stdin.buffer.readline()
+    if not first.strip():
+        raise UsageError("no prompt on stdin (it is empty or starts with an empty line): give --prompt TEXT, or "
+                         "prompts on stdin, one per line")
+
+    def lines() -> Iterator[str]:
+        yield check_prompt(_decoded(first, 1), "stdin line 1")
+        for n, raw in enumerate(iter(sys.stdin.buffer.readline, b""), 2):
+            text = _decoded(raw, n)
+            if not text.strip():
+                return
+            yield check_prompt(text, f"stdin line {n}")
+
+    it = lines()
+    return itertools.chain([next(it)], it)
 
 
 def build_parser() -> Parser:
     import argparse
 
-    p = Parser(description=__doc__, epilog=strategies_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input and model")
     g.add_argument("--prompt", default=None, help="generate once for this text and exit; omitted = interactive mode (default: %(default)s)")
     g.add_argument("--model", default=None, help="as in benchmark.py; omitted = embedded SmolLM2-135M-Instruct (default: %(default)s)")
@@ -36,19 +92,25 @@ def build_parser() -> Parser:
 def main() -> int:
     args = build_parser().parse_args()
     require_single_process()
+    gen_cfg = from_args(GenerationConfig, args)  # checks every number (--max_steps >= 1, ...)
+    gen_cfg = dataclasses.replace(gen_cfg, max_steps=DEFAULT_MAX_STEPS if gen_cfg.max_steps is None
+                                  else gen_cfg.max_steps)
+    prompts = None if args.prompt is not None else piped_prompts()
+    if args.prompt is not None:
+        check_prompt(args.prompt, "--prompt")
     import torch
     from transformers import TextStreamer
 
     from harness.generators import StopCondition, build_generator
     from harness.model import load_model
 
-    gen_cfg = from_args(GenerationConfig, args)
-    gen_cfg = dataclasses.replace(gen_cfg, max_steps=gen_cfg.max_steps or DEFAULT_MAX_STEPS)
     model = load_model(args.model, args.device, args.dtype, getattr(args, "device_map", None), args.exits)
     generator = build_generator(model, gen_cfg)
 
     def once(text: str) -> None:
         ids = model.encode(text, chat=args.chat_template)
+        if not ids:
+            raise UsageError("the prompt encodes to no tokens: nothing to generate from")
         streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
         res = generator.generate(ids, StopCondition(model, gen_cfg.max_steps),
                                  on_tokens=lambda toks: streamer.put(torch.tensor(list(toks))))
@@ -63,13 +125,19 @@ def main() -> int:
         return 0
     print(f"{model.name} with {generator.name}; empty line or Ctrl-D quits.", file=sys.stderr)
     while True:
-        try:
-            text = input("> ")
-        except EOFError:
-            break
+        if prompts is not None:
+            print("> ", end="", flush=True)
+            text = next(prompts, "")
+        else:
+            try:
+                text = input("> ")
+            except EOFError:
+                break
+            except UnicodeDecodeError:
+                raise UsageError("this line is not valid UTF-8 text") from None
         if not text.strip():
             break
-        once(text)
+        once(check_prompt(text, "this line"))
     return 0
 
 

@@ -5,6 +5,8 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable, NoReturn
 
 from .config import GenerationConfig, RunConfig, UsageError, add_dataclass_args
@@ -36,6 +38,36 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type: a whole number >= low (argparse names the flag in the error line)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+
+    return parse
+
+
+def writable_folder(path: str, flag: str) -> Path:
+    """An output folder that exists (created now if needed) and takes files: checked before any work, so that a
+    file in its place or an unwritable location is one line, not an error after the results are computed."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create or write this folder: {e.strerror or e}") from None
+    return out
 
 
 def strategies_epilog() -> str:

@@ -21,17 +21,22 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from .config import GenerationConfig, RunConfig, UsageError
-from .train.common import hidden_states
+
+# pandas, torch and the model code are imported where used: bad arguments are refused before those imports
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def teacher_forced(model, examples, max_tokens: int) -> dict:
     """Per layer: exit logits' top-1 agreement with the last layer and confidences at the reference positions."""
+    import pandas as pd
+    import torch
+
+    from .train.common import hidden_states
+
     L = model.num_layers
     rows = []
     for ex in examples:
@@ -63,6 +68,8 @@ def teacher_forced(model, examples, max_tokens: int) -> dict:
 
 
 def calibration(tf: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
+    import pandas as pd
+
     tf = tf.assign(bin=(tf["max_prob"] * bins).clip(upper=bins - 1e-9).astype(int))
     g = tf.groupby(["layer", "bin"])
     return pd.DataFrame({"confidence": g["max_prob"].mean(), "agreement": g["agrees"].mean(),
@@ -71,6 +78,8 @@ def calibration(tf: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
 
 def static_exit(model, examples, task, layers: list[int], max_steps: int) -> pd.DataFrame:
     """The task metric of greedy static exit at each layer in `layers` (L = the full model)."""
+    import pandas as pd
+
     from .generators import StopCondition, build_generator
     from .metrics import METRICS
     from .runner import cut_at_stop
@@ -91,6 +100,8 @@ def static_exit(model, examples, task, layers: list[int], max_steps: int) -> pd.
 
 def speculation(model, tf: pd.DataFrame, layers: list[int]) -> pd.DataFrame:
     """Predicted self-speculative settings per exit layer from measured costs and teacher-forced agreement."""
+    import pandas as pd
+
     from .speculation_model import best_setting, measure_costs, simulate
 
     vocab = model.exits.vocab.to(model.device) if model.exits is not None and model.exits.vocab is not None else None
@@ -187,39 +198,62 @@ def plots(tf: pd.DataFrame, cal: pd.DataFrame, stat: Optional[pd.DataFrame], met
     return files
 
 
+def static_layers_value(text: str):
+    """--static_layers: auto, none, or a comma list of layers >= 1 (the upper bound, L, is checked once the model
+    is loaded, before any work)."""
+    if text in ("auto", "none"):
+        return text
+    try:
+        layers = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or comma-separated layers, got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError(f"no layers in {text!r}")
+    if layers[0] < 1:
+        raise argparse.ArgumentTypeError(f"layers must be >= 1 (1..L), got {text!r}")
+    return layers
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    from .cli import Parser
-    from .model import load_model
-    from .runner import load_run_examples
+    from .cli import Parser, at_least, writable_folder
     from .tasks import get_task
 
     p = Parser(prog="python -m harness.diagnose", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="as in benchmark.py (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dataset", default="cnn_dm_summarization", help="task (default: %(default)s)")
-    p.add_argument("--num_samples", type=int, default=8, help="examples (default: %(default)s)")
+    p.add_argument("--num_samples", type=at_least(1), default=8, help="examples, >= 1 (default: %(default)s)")
     p.add_argument("--exits", default="auto", help="trained exits: auto, none or a path (default: %(default)s)")
     p.add_argument("--device", default="auto", help="torch device (default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="dtype (default: %(default)s)")
-    p.add_argument("--max_tokens", type=int, default=128, help="reference tokens scored per example (default: %(default)s)")
-    p.add_argument("--static_layers", default="auto",
-                   help="layers for static-exit quality: comma list, auto = every 3rd and the last, none = skip "
+    p.add_argument("--max_tokens", type=at_least(1), default=128,
+                   help="reference tokens scored per example (default: %(default)s)")
+    p.add_argument("--static_layers", type=static_layers_value, default="auto",
+                   help="layers for static-exit quality: comma list (1..L), auto = every 3rd and the last, none = skip "
                         "(default: %(default)s)")
-    p.add_argument("--static_max_steps", type=int, default=48, help="tokens generated per static exit (default: %(default)s)")
-    p.add_argument("--measure_exit_layer", type=int, default=None,
-                   help="also measure self_speculative at this exit layer against autoregressive (default: off)")
+    p.add_argument("--static_max_steps", type=at_least(1), default=48,
+                   help="tokens generated per static exit (default: %(default)s)")
+    p.add_argument("--measure_exit_layer", type=at_least(1), default=None,
+                   help="also measure self_speculative at this exit layer (1..L-1) against autoregressive "
+                        "(default: off)")
     p.add_argument("--out", default=None, help="output folder (default: results/diagnose/<dataset>)")
     a = p.parse_args(argv)
     task = get_task(a.dataset)
+    out = writable_folder(a.out or f"results/diagnose/{a.dataset}", "--out")
     run = RunConfig(model=a.model, dataset=a.dataset, num_samples=a.num_samples, device=a.device, dtype=a.dtype,
                     exits=a.exits, fixed_length=True)
+    import pandas as pd
+
+    from .model import load_model
+    from .runner import load_run_examples
+
+    examples = load_run_examples(run, 42)  # data problems are one line before the model loads
     model = load_model(a.model, a.device, a.dtype, exits=a.exits)
     L = model.num_layers
-    if a.measure_exit_layer is not None and not 1 <= a.measure_exit_layer < L:
+    if a.measure_exit_layer is not None and not a.measure_exit_layer < L:
         raise UsageError(f"--measure_exit_layer must be in 1..{L - 1}")
-    examples = load_run_examples(run, 42)
-    out = Path(a.out or f"results/diagnose/{a.dataset}")
-    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(a.static_layers, list) and a.static_layers[-1] > L:
+        raise UsageError(f"--static_layers {','.join(map(str, a.static_layers))}: each must be in 1..{L}")
     tf = teacher_forced(model, examples, a.max_tokens)
     if tf.empty:
         raise UsageError("no reference tokens to score in these examples")
@@ -231,8 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cal.to_csv(out / "calibration.csv", index=False)
     stat = None
     if a.static_layers != "none":
-        grid = sorted({*range(3, L, 3), L}) if a.static_layers == "auto" else \
-            [int(x) for x in a.static_layers.split(",") if x.strip()]
+        grid = sorted({*range(3, L, 3), L}) if a.static_layers == "auto" else a.static_layers
         stat = static_exit(model, examples, task, grid, a.static_max_steps)
         stat.to_csv(out / "static_exit.csv", index=False)
     spec = speculation(model, tf, list(range(2, L - 1, 2)))

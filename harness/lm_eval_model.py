@@ -18,6 +18,9 @@ with IQR, and the control's), and `BaselineReplay(lm)` replays the baseline's ou
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import inspect
 import statistics
 import sys
 from typing import Any, Optional
@@ -29,10 +32,51 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from .config import GenerationConfig, UsageError, parse_value
+from .config import GenerationConfig, UsageError, parse_bool, parse_value
 from .generators import StopCondition, build_generator
 from .model import load_model
 from .runner import cut_at_stop
+
+
+def _positive_int(name: str, value: Any) -> int:
+    try:
+        n = int(str(value))
+    except ValueError:
+        raise UsageError(f"--model_args {name} expects a whole number, got {value!r}") from None
+    if n < 1:
+        raise UsageError(f"--model_args {name} must be >= 1, got {n}")
+    return n
+
+
+def check_model_args(kwargs: dict) -> None:
+    """Refuse unknown --model_args keys and values of the wrong type with one line, before any model loads."""
+    own = [n for n in inspect.signature(EarlyExitLM.__init__).parameters if n not in ("self", "knobs")]
+    knobs = {f.name for f in dataclasses.fields(GenerationConfig) if not f.metadata.get("internal")}
+    unknown = sorted(set(kwargs) - set(own) - knobs)
+    if unknown:
+        raise UsageError(f"--model_args: unknown key(s) {', '.join(unknown)}; known: {', '.join(own)} and the "
+                         "generation knobs of benchmark.py (python benchmark.py --help)")
+    typed_knobs({k: v for k, v in kwargs.items() if k in knobs})
+    for name in ("loglikelihood_exit_layer", "max_length"):
+        if kwargs.get(name) is not None:
+            _positive_int(name, kwargs[name])
+    if "baseline" in kwargs:
+        _flag("baseline", kwargs["baseline"])
+
+
+def typed_knobs(knobs: dict) -> dict:
+    """Generation knobs from --model_args (strings, or lm-eval's guesses at their type) as GenerationConfig's types:
+    a knob's type is its field's, so exit_layer=8.5 or threshold=abc is one line, not a TypeError later."""
+    return {k: parse_value(k, str(v)) for k, v in knobs.items()}
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    try:
+        return parse_bool(str(value))
+    except argparse.ArgumentTypeError:
+        raise UsageError(f"--model_args {name} expects true or false, got {value!r}") from None
 
 
 @register_model("early_exit")
@@ -47,15 +91,17 @@ class EarlyExitLM(TemplateLM):
         super().__init__()
         if model is not None and pretrained is not None:
             raise UsageError("give either model= or pretrained= in --model_args, not both")
+        check_model_args({**knobs, "loglikelihood_exit_layer": loglikelihood_exit_layer, "max_length": max_length,
+                          "baseline": baseline})  # the lm_eval CLI and simple_evaluate come here directly
+        typed = typed_knobs(knobs)
+        self.gen_config = GenerationConfig(**typed, explicit=tuple(typed))  # model_args are all the user's
+        self.baseline = _flag("baseline", baseline)
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # the lm_eval CLI passes --device cuda:0 by default; fall back as lm-eval's hf model does
             print(f"early_exit: {device} unavailable, using cpu", file=sys.stderr)
             device = "cpu"
         self.lm = load_model(model or pretrained, device, dtype, device_map, exits)
-        typed = {k: parse_value(k, str(v)) if isinstance(v, str) else v for k, v in knobs.items()}
-        self.gen_config = GenerationConfig(**typed, explicit=tuple(typed))  # model_args are all the user's
-        self.generator = build_generator(self.lm, self.gen_config)  # validates the knobs now
-        self.baseline = parse_value("baseline", str(baseline)) if isinstance(baseline, str) else bool(baseline)
+        self.generator = build_generator(self.lm, self.gen_config)  # validates the knobs against the model now
         self.baseline_outputs: dict[str, str] = {}
         if self.baseline:
             from .config import for_strategy
@@ -118,14 +164,18 @@ class EarlyExitLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
-        for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="generate_until"):
+        for req in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
+            context, gen_kwargs = req.args
             kw = dict(gen_kwargs or {})
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.get("max_gen_toks", 256))
-            if self.gen_config.max_steps:  # max_steps=N in --model_args caps every task's max_gen_toks
+            if self.gen_config.max_steps is not None:  # max_steps=N in --model_args caps every task's max_gen_toks
                 max_new = min(max_new, self.gen_config.max_steps)
             ids = self.tok_encode(context)[-(self._max_length - max_new):]
+            if not ids:  # a zero-length prompt has no position to predict from
+                raise UsageError(f"{getattr(req, 'task_name', 'task')} document {getattr(req, 'doc_id', '?')}: empty "
+                                 f"prompt ({context!r} encodes to no tokens)")
             stop = StopCondition(self.lm, max_new, until)
             timed = {}
             if self.baseline:  # method, baseline, control in a rotated order; warm each up on the first request

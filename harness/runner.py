@@ -59,6 +59,16 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def speculation_verdict(generator: Generator) -> Optional[dict]:
+    """The attached artifact's self-speculation recommendation, for the methods it is about (else None)."""
+    from .speculation_model import recommendation
+
+    art = getattr(generator.model, "exits", None)
+    if art is None or generator.artifact_key() != "self_speculative":
+        return None
+    return recommendation(art)
+
+
 def trained_note(generator: Generator) -> str:
     """One line: which knobs a configuration took from the exit artifact, and whether its calibration never exits."""
     art = generator.model.exits
@@ -166,6 +176,11 @@ class Benchmark:
         self.generator.timer.enabled = run.breakdown and not control  # the baseline has no components anyway
         if self.generator.trained_knobs and not control:
             print(f"{self.generator.name}: {trained_note(self.generator)}", file=sys.stderr)
+        verdict = speculation_verdict(self.generator)
+        if verdict and not verdict["speculate"] and not control:
+            print(f"{self.generator.name}: the exit artifact's recommender predicts no self-speculative setting at or "
+                  f"above 1.0x on this machine (best {verdict['best'].get('predicted_speedup', float('nan')):.2f}x): "
+                  "don't speculate; running the untrained defaults as asked", file=sys.stderr)
         room = self.model.max_context - self.max_steps  # the prompt and the generation must fit the context
         if room < 1:
             raise UsageError(f"--max_steps {self.max_steps} leaves no room for a prompt in this model's "
@@ -208,11 +223,15 @@ class Benchmark:
         knobs = self.generator.knobs()
         if self.generator.trained_knobs:
             knobs["trained_defaults"] = self.generator.trained_knobs
+        verdict = speculation_verdict(self.generator)
         info = RunInfo(schema_version=SCHEMA_VERSION, run_id=run_id, created=datetime.now(timezone.utc).isoformat(),
                        command=list(sys.argv), strategy=self.generator.name, knobs=knobs,
                        generation=dataclasses.asdict(self.gen), run=dataclasses.asdict(self.run), task=task,
                        model=model, environment=environment(self.model.device), control=self.control,
                        schedule=schedule)
+        if verdict is not None:  # what the shipped recommendation predicted, beside what this run measures
+            info.model = dict(info.model, speculation_verdict={k: verdict.get(k) for k in (
+                "speculate", "knobs", "predicted_speedup", "best", "untrained_default")})
         info.config_sha256 = config_sha256(info)
         return info
 

@@ -59,6 +59,7 @@ class Task:
     meta_fields: tuple = ()
     chat_stop: tuple = ()  # stop strings with --chat_template (an instruct model answers in its own format)
     chat_metric: Optional[str] = None  # metric with --chat_template, when the answer format differs
+    scores_reference: bool = True  # the metric compares against the reference (pass@1 runs the tests instead)
 
 
 def _summary_shot(doc: str, ref: str) -> Callable[[dict], str]:
@@ -90,7 +91,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          id_field="task_id", meta_fields=("test", "entry_point"),
          # with the chat template the model writes a markdown answer: stop after the closing fence of a code
          # block and run the extracted block (pass_at_1_chat), not prompt + markdown
-         chat_stop=("\n```\n",), chat_metric="pass_at_1_chat"),
+         chat_stop=("\n```\n",), chat_metric="pass_at_1_chat", scores_reference=False),
     Task("gsm8k", "gsm8k_main_test.jsonl", ("gsm8k", "main", "test"), ("question", "answer"),
          lambda r: f"Question: {r['question']}\nAnswer:", lambda r: r["answer"],
          lambda r: f"Question: {r['question']}\nAnswer: {r['answer']}\n\n", "gsm8k_exact_match",
@@ -135,6 +136,37 @@ def _records_from_file(task: Task, path: Path | str) -> list[dict]:
     return out
 
 
+def example_id(task: Task, rec: dict) -> str:
+    """The id an Example of this record gets: the dataset's id field, else the record's line number."""
+    return str(rec.get(task.id_field) if task.id_field and rec.get(task.id_field) is not None else rec["_line"])
+
+
+def record_problem(task: Task, rec: dict) -> Optional[str]:
+    """Why this record cannot be an example of `task` (None if it can). The one place every task's fields are
+    checked: each field the task reads is a non-blank string, and the prompt (and the reference, where the
+    metric reads it) it builds is not empty, so a bad record stops the run at load time, not at scoring."""
+    for f in task.fields:
+        v = rec.get(f)
+        problem = "is null" if v is None else "is not a string" if not isinstance(v, str) \
+            else "is empty" if not v.strip() else None
+        if problem:
+            return f"field {f!r} {problem} ({task.name} needs a non-empty string)"
+    if not task.prompt(rec).strip():
+        return f"empty prompt ({task.name} builds it from {', '.join(task.fields)})"
+    if task.scores_reference and not task.reference(rec).strip():
+        hint = f": the article has no words after the first {LM_PREFIX_WORDS}" if task.name == "cnn_dm_lm" else ""
+        return f"empty reference{hint}"
+    return None
+
+
+def check_records(task: Task, records: list[dict], source: str) -> None:
+    """One line naming the first record that cannot be an example (see record_problem)."""
+    for rec in records:
+        problem = record_problem(task, rec)
+        if problem:
+            raise UsageError(f"{source}:{rec['_line']}: example {example_id(task, rec)}: {problem}")
+
+
 def _records_from_hf(task: Task, split: str) -> list[dict]:
     from .model import hub_reachable
 
@@ -166,15 +198,19 @@ def load_examples(name: str, num_samples: Optional[int] = None, n_shot: int = 0,
     if n_shot and task.shot is None:
         raise UsageError(f"--n_shot is not supported for {name} (it has no exemplar format)")
     if data_path is not None:
+        source = str(data_path)
         records = _records_from_file(task, data_path)
     elif data_source == "hf":
+        source = f"{task.hf[0]} ({task.hf[2]})"
         records = _records_from_hf(task, task.hf[2])
     else:
+        source = str(DATA_DIR / task.eval_file)
         records = _records_from_file(task, DATA_DIR / task.eval_file)
     if shuffle:
         records = list(records)
         random.Random(seed).shuffle(records)
     evaluated = records[:num_samples] if num_samples else records
+    check_records(task, evaluated, source)  # before any model work
     shots = ""
     if n_shot:
         if data_source == "hf" and task.hf_shot_split:
@@ -183,11 +219,10 @@ def load_examples(name: str, num_samples: Optional[int] = None, n_shot: int = 0,
             pool = _records_from_file(task, DATA_DIR / task.shot_file)
         else:  # no other split: exemplars from the records not evaluated
             pool = records[len(evaluated):]
+        pool = [r for r in pool if record_problem(task, r) is None]  # an empty exemplar is no exemplar
         if len(pool) < n_shot:
             raise UsageError(f"--n_shot {n_shot}: only {len(pool)} records available for exemplars "
                              f"outside the evaluated ones; lower --num_samples or --n_shot")
         shots = "".join(task.shot(r) for r in random.Random(seed).sample(pool, n_shot)) + task.shot_sep
-    return [Example(id=str(r.get(task.id_field) if task.id_field and r.get(task.id_field) is not None
-                           else r["_line"]),
-                    prompt=shots + task.prompt(r), reference=task.reference(r),
+    return [Example(id=example_id(task, r), prompt=shots + task.prompt(r), reference=task.reference(r),
                     meta={k: r[k] for k in task.meta_fields}) for r in evaluated]

@@ -90,7 +90,7 @@ def test_generate_interactive_mode_reads_until_empty_line():
     (["--model", "/nonexistent/model"], "not a transformers directory"),
     (["--model", "nobody-here/no-such-model-xyz"], "could not be fetched"),
     (["--exit_layer", "31"], "outside 1..30"),
-    (["--exit_layer", "0"], "outside 1..30"),
+    (["--exit_layer", "0"], "--exit_layer must be >= 1"),
     (["--data_path", "/nonexistent.jsonl"], "cannot read data file"),
     (["--num_samples", "abc"], "invalid int value"),
     (["--generation_strategy", "self_speculative", "--exit_layer", "8", "--num_speculations", "0"],

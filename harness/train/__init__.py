@@ -13,10 +13,33 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..config import UsageError, add_dataclass_args
+from ..config import UsageError, add_dataclass_args, check_values
 from .common import TrainConfig, seed_everything
 
 RECIPE_MODULES = ("exit_adapters", "layerskip", "calm", "free", "consistentee", "calibrate")
+
+# Where each number of the training CLI may lie, as harness.config.check_values reads them: (field, lowest, highest,
+# lowest included). TrainConfig checks its own on construction; a recipe's options are checked by the CLI, where a
+# number without an entry here must be finite and >= 0.
+TRAIN_RANGES = (("steps", 1, None, True), ("schedule_steps", 1, None, True), ("lr", 0.0, None, False),
+                ("seq_len", 2, None, True), ("batch_size", 1, None, True), ("max_docs", 1, None, True),
+                ("holdout_docs", 0, None, True), ("eval_sequences", 1, None, True), ("log_every", 1, None, True),
+                ("save_every", 1, None, True))
+OPTION_RANGES = (("adapters_width", 1, None, True), ("adapters_cache_sequences", 1, None, True),
+                 ("adapters_tokens_per_step", 1, None, True), ("layerskip_loss_every", 1, None, True),
+                 ("calm_adapter_width", 1, None, True), ("calm_classifier_lr", 0.0, None, False),
+                 ("free_shallow_exit_layer", 1, None, True), ("free_adapter_width", 1, None, True),
+                 ("free_kd_temperature", 0.0, None, False), ("consistentee_hidden", 1, None, True),
+                 ("consistentee_samples", 1, None, True))
+
+
+def check_options(opts) -> None:
+    """A recipe's numeric options: OPTION_RANGES where listed, else finite and >= 0 (no count, width or weight of
+    any recipe is meaningful below 0)."""
+    listed = {r[0] for r in OPTION_RANGES}
+    rest = tuple((f.name, 0, None, True) for f in dataclasses.fields(opts) if f.name not in listed
+                 and not isinstance(getattr(opts, f.name), bool) and isinstance(getattr(opts, f.name), (int, float)))
+    check_values(opts, OPTION_RANGES + rest)
 
 
 @dataclass
@@ -76,6 +99,8 @@ def split_args(ns: argparse.Namespace, r: Recipe) -> tuple[TrainConfig, object]:
     values = vars(ns)
     cfg = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)})
     opts = r.options(**{f.name: values[f.name] for f in dataclasses.fields(r.options)}) if r.options else None
+    if opts is not None:
+        check_options(opts)
     return cfg, opts
 
 
