@@ -286,15 +286,16 @@ class RunConfig:
         check_values(self, RUN_RANGES)
 
 
-# Where each number may lie: (field, lowest, highest, lowest included). A None value means "omitted" and is not
-# checked here; every float must also be finite (NaN compares false with everything and would pass any range).
+# Where each number may lie: (field, lowest, highest, lowest included; None = unbounded). A None value means
+# "omitted" and is not checked here; every float must also be finite (NaN compares false with everything and would
+# pass any range). Thresholds may lie beyond what their measure reaches: that is how a rule is told never to fire.
 GENERATION_RANGES = (
     ("max_steps", 1, None, True), ("exit_layer", 1, None, True), ("num_speculations", 1, None, True),
     ("draft_vocab", 0, None, True), ("draft_threshold", 0.0, 1.0, True), ("lookup_ngram", 1, None, True),
     ("lookup_tokens", 1, None, True), ("temperature", 0.0, None, False), ("top_p", 0.0, 1.0, False),
     ("top_k", 0, None, True), ("threshold", 0.0, None, True), ("threshold_decay", 0.0, None, True),
     ("policy_threshold", 0.0, 1.0, True), ("min_exit_layer", 1, None, True), ("shallow_exit_layer", 1, None, True),
-    ("adaptive_tolerance", 0.0, 1.0, True), ("cosine_threshold", -1.0, 1.0, True), ("token_repeats", 1, None, True),
+    ("adaptive_tolerance", 0.0, 1.0, True), ("cosine_threshold", None, None, True), ("token_repeats", 1, None, True),
     ("convergence_delta", 0.0, 1.0, True), ("max_prob_start", 0.0, 1.0, True), ("max_prob_end", 0.0, 1.0, True),
     ("max_prob_scale", 0.0, None, True), ("entropy_temperature", 0.0, None, False), ("entropy_start", 0.0, None, True),
     ("entropy_end", 0.0, None, True), ("vocab_k", 1, None, True), ("vocab_k_min", 1, None, True),

@@ -159,7 +159,8 @@ def test_resume_finishes_an_interrupted_run(tmp_path, model, monkeypatch):
     from harness.config import GenerationConfig, RunConfig
     from harness.runner import Benchmark
 
-    bench = Benchmark(RunConfig(dataset="xsum_summarization", num_samples=3, output_dir=str(tmp_path), warmup=0),
+    bench = Benchmark(RunConfig(dataset="xsum_summarization", num_samples=3, output_dir=str(tmp_path), warmup=0,
+                                exits="none"),  # as the shared `model` fixture was loaded: resume reloads it so
                       GenerationConfig(max_steps=4), model=model)
     real, calls = bench.generator.generate, []
 

@@ -76,7 +76,7 @@ def test_generation_stops_on_eos(model):
     assert "Paris" in model.decode(res.tokens)
 
 
-@pytest.mark.parametrize("kw,match", [({"exit_layer": 0}, "outside 1..30"), ({"exit_layer": 31}, "outside 1..30"),
+@pytest.mark.parametrize("kw,match", [({"exit_layer": 0}, "--exit_layer must be >= 1"), ({"exit_layer": 31}, "outside 1..30"),
                                       ({"generation_strategy": "nope"}, "unknown --generation_strategy"),
                                       ({"sample": True, "temperature": 0.0}, "temperature"),
                                       ({"max_steps": 0}, "max_steps")])
