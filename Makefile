@@ -62,6 +62,9 @@ costs: setup
 # (harness/train/consistentee.py says why each exists; tests/test_fidelity.py checks them against the artifact).
 EXITS := harness/data/exits/SmolLM2-135M-Instruct.safetensors
 EXITS_WORK := results/train
+# CALM only by default: each tested candidate is 20 generations, and a never-exit-ish CALM or dynamic rule pays the
+# exit head at every layer (~10 s a generation here): calm alone is ~10 min, all three ~45 min on this CPU.
+CALIBRATE_METHODS ?= calm
 exits: setup
 	rm -rf $(EXITS_WORK)  # recipes resume from their work dirs: stale checkpoints would carry old data
 	$(PY) -m harness.train --recipe exit_adapters --exit_layers 6,8,10,12 --steps 250 --schedule_steps 600 --lr 2e-3 --seed 0 \
@@ -75,7 +78,8 @@ exits: setup
 		--consistentee_depth_cost fraction --consistentee_hardness true --consistentee_samples 8 --consistentee_alpha 2
 	$(PY) -m harness.train --recipe calibrate --exits $(EXITS) --output $(EXITS) --seed 0 --holdout_docs 200 \
 		--work_dir $(EXITS_WORK)/calibrate --calibrate_examples 20 --calibrate_grid 8 --calibrate_finest 0.001 \
-		--calibrate_max_steps 24 --calibrate_max_prompt_tokens 384 --calibrate_delta 0.25 --calibrate_epsilon 0.1
+		--calibrate_max_steps 24 --calibrate_max_prompt_tokens 384 --calibrate_delta 0.25 --calibrate_epsilon 0.1 \
+		--calibrate_methods $(CALIBRATE_METHODS)
 
 # What the shipped exits buy, measured against the recommender's prediction (README "Trained exits on the embedded
 # model"): full test prompts, 64 greedy tokens, one invocation with its A/A control; logs and report committed.
