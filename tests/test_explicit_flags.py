@@ -41,10 +41,10 @@ def test_strategy_specs_and_shared_flags_stay_explicit(trained):
     calm = for_strategy(base, "calm")
     assert "threshold" in calm.explicit
     assert build_generator(trained, calm).config.threshold == 0.9
-    spec = for_strategy(GenerationConfig(), "dynamic", criteria="max_probability", max_prob_start=0.99)
+    spec = for_strategy(GenerationConfig(), "calm", min_exit_layer=6)  # named, and equal to the artifact's value
     gen = build_generator(trained, spec)
-    assert gen.config.max_prob_start == 0.99 and "max_prob_start" not in gen.trained_knobs
-    assert "max_prob_end" in gen.trained_knobs  # the knob not named still comes from the artifact
+    assert gen.config.min_exit_layer == 6 and "min_exit_layer" not in gen.trained_knobs
+    assert "threshold" in gen.trained_knobs  # the knob not named still comes from the artifact
 
 
 def test_explicit_is_not_a_flag_or_a_knob():

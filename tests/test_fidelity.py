@@ -119,7 +119,7 @@ def test_makefile_passes_the_options_the_shipped_policies_were_trained_with():
     assert prov["options"] and all(options[k] == v for k, v in prov["options"].items()), (prov["options"], options)
     # the options added since reproduce what the shipped run did before they existed
     assert (opts.consistentee_policy, opts.consistentee_depth_cost) == ("mlp", "fraction")
-    assert prov["reward"] == "acc(d) - alpha * (d/L) * (1 - m/L)" and opts.consistentee_hardness
+    assert prov["reward"] == "1[top1_d == top1_L] - alpha * (d/L) * (1 - m/L)" and opts.consistentee_hardness
     for key in ("steps", "seq_len", "batch_size", "lr", "seed", "exit_layers", "log_every"):
         assert getattr(cfg, key) == prov["config"][key], key
     # and they differ from the recipe's defaults (the reference's), which is why the Makefile names them
