@@ -7,11 +7,11 @@ reading the weights once costs at the copy bandwidth measured on the same machin
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .speculation_model import median_time
 
 
 @dataclass
@@ -48,25 +48,13 @@ class CostCurve:
         return d
 
 
-def _median(fn, sync, reps: int) -> float:
-    fn()  # warm: first-call allocations and kernel selection are not the steady state
-    ts = []
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def copy_bandwidth(device: torch.device, megabytes: int = 256, reps: int = 5) -> float:
     """Bytes/s moved by copying a large buffer on `device` (read + write both counted, as a weight read is one)."""
     n = megabytes * (1 << 20) // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    seconds = _median(lambda: dst.copy_(src), sync, reps)
+    seconds = median_time(lambda: dst.copy_(src), sync, reps)
     return 2 * src.numel() * src.element_size() / seconds
 
 
@@ -96,9 +84,9 @@ def measure(model, context: int = 400, max_k: int = 16, reps: int = 7, ks=None) 
             layers()
             head()
 
-        t_layers = _median(layers, m.synchronize, reps)
-        t_head = _median(head, m.synchronize, reps)
-        t_total = _median(both, m.synchronize, reps)
+        t_layers = median_time(layers, m.synchronize, reps)
+        t_head = median_time(head, m.synchronize, reps)
+        t_total = median_time(both, m.synchronize, reps)
         points.append(CostPoint(k=k, layers=t_layers, head=t_head, total=t_total))
     m.reset_counters()
     weight_bytes = sum(p.numel() * p.element_size() for p in m.hf.parameters())

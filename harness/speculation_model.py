@@ -38,7 +38,8 @@ class Costs:
     layer_count: int = 0
 
 
-def _median_time(fn, sync, reps: int = 7) -> float:
+def median_time(fn, sync, reps: int = 7) -> float:
+    """Median seconds of `fn` over `reps` synchronized runs, after one untimed warm-up run."""
     fn()
     ts = []
     for _ in range(reps):
@@ -66,14 +67,14 @@ def measure_costs(model, rows: Optional[torch.Tensor] = None, context: int = 512
             m.run_layers(h, 0, 1, cache, context, rope=rope)
             m.crop(cache, context, [0])
 
-        layer_chunk[q] = _median_time(one_layer, m.synchronize)
-        head[q] = _median_time(lambda: m.exit_logits(h), m.synchronize)
+        layer_chunk[q] = median_time(one_layer, m.synchronize)
+        head[q] = median_time(lambda: m.exit_logits(h), m.synchronize)
     h1 = torch.randn(1, 1, m.hidden_size, device=m.device, dtype=m.dtype)
-    head_rows = _median_time(lambda: m.exit_logits(h1, rows), m.synchronize) if rows is not None else head[1]
+    head_rows = median_time(lambda: m.exit_logits(h1, rows), m.synchronize) if rows is not None else head[1]
     adapter = 0.0
     if m.adapters:
         a = next(iter(m.adapters.values()))
-        adapter = _median_time(lambda: a(h1), m.synchronize)
+        adapter = median_time(lambda: a(h1), m.synchronize)
     m.reset_counters()
     return Costs(layer=layer_chunk[1], layer_chunk=layer_chunk, head=head, head_rows=head_rows, adapter=adapter,
                  context=context, layer_count=m.num_layers, rows=0 if rows is None else int(rows.numel()))
