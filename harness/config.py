@@ -296,9 +296,9 @@ GENERATION_RANGES = (
     ("top_k", 0, None, True), ("threshold", 0.0, None, True), ("threshold_decay", 0.0, None, True),
     ("policy_threshold", 0.0, 1.0, True), ("min_exit_layer", 1, None, True), ("shallow_exit_layer", 1, None, True),
     ("adaptive_tolerance", 0.0, 1.0, True), ("cosine_threshold", None, None, True), ("token_repeats", 1, None, True),
-    ("convergence_delta", 0.0, 1.0, True), ("max_prob_start", 0.0, 1.0, True), ("max_prob_end", 0.0, 1.0, True),
-    ("max_prob_scale", 0.0, None, True), ("entropy_temperature", 0.0, None, False), ("entropy_start", 0.0, None, True),
-    ("entropy_end", 0.0, None, True), ("vocab_k", 1, None, True), ("vocab_k_min", 1, None, True),
+    ("convergence_delta", None, None, True), ("max_prob_start", None, None, True), ("max_prob_end", None, None, True),
+    ("max_prob_scale", 0.0, None, True), ("entropy_temperature", 0.0, None, False), ("entropy_start", None, None, True),
+    ("entropy_end", None, None, True), ("vocab_k", 1, None, True), ("vocab_k_min", 1, None, True),
     ("contrastive_alpha", 0.0, 1.0, True),
 )
 RUN_RANGES = (("num_samples", 0, None, True), ("n_shot", 0, None, True), ("warmup", 0, None, True),

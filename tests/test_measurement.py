@@ -41,7 +41,7 @@ def multi(model, tmp_path_factory):
     """
     out = tmp_path_factory.mktemp("multi")
     run = RunConfig(dataset="gsm8k", num_samples=4, output_dir=str(out), warmup=1, repeats=2,
-                    fixed_length=True)
+                    fixed_length=True, exits="none")  # as the shared model was loaded: --resume reloads it so
     configs = [GenerationConfig(max_steps=MAX_STEPS), GenerationConfig(max_steps=MAX_STEPS, exit_layer=15),
                GenerationConfig(generation_strategy="self_speculative", exit_layer=8, num_speculations=5,
                                 max_steps=MAX_STEPS)]

@@ -325,7 +325,7 @@ def test_vocabulary_reduction_exits_pick_the_right_token_ids(model, twenty_promp
     (dict(generation_strategy="dynamic"), "dynamic needs --criteria"),
     (dict(generation_strategy="autoregressive", threshold=0.5), "--threshold applies to calm, free"),
     (dict(generation_strategy="calm", min_exit_layer=30), "outside 1..29"),
-    (dict(generation_strategy="free", shallow_exit_layer=0), "outside 1..29"),
+    (dict(generation_strategy="free", shallow_exit_layer=0), "--shallow_exit_layer must be >= 1"),
     (dict(generation_strategy="calm", exit_layer=8), "does not apply"),
     (dict(criteria="cosine_similarity", confidence="softmax"), "contrastive"),
     (dict(criteria="token_repeat", confidence="contrastive"), "max_probability, entropy_based or convergence"),

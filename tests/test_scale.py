@@ -56,12 +56,26 @@ def test_records_travel_over_the_process_group_without_shared_storage(tmp_path):
     assert records(run_dir) == records(one)
 
 
-def test_a_failing_rank_is_reported_and_its_finished_records_kept(tmp_path):
-    rows = [json.loads(x) for x in (ROOT / "harness" / "data" / "gsm8k_main_test.jsonl").read_text().splitlines()[:5]]
-    rows[3]["answer"] = None  # example 3 (rank 1's second) cannot be scored: that rank fails there
-    data = tmp_path / "gsm8k_bad.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = torchrun("--dataset", "gsm8k", "--data_path", str(data), "--num_samples", "5", "--max_steps", "4",
+FAULT = """
+import os, sys
+if os.environ.get("LOCAL_RANK") == "1":  # rank 1 only: scoring example id 4 (index 3, its second) raises
+    sys.path.insert(0, os.environ["HARNESS_ROOT"])
+    import harness.metrics as metrics
+    real = metrics.METRICS["gsm8k_exact_match"]
+    def failing(prediction, example):
+        if example.id == "4":
+            raise RuntimeError("injected scoring failure")
+        return real(prediction, example)
+    metrics.METRICS["gsm8k_exact_match"] = failing
+"""
+
+
+def test_a_failing_rank_is_reported_and_its_finished_records_kept(tmp_path, monkeypatch):
+    # A fault injected into one rank's process (bad data is now refused at load time, before any rank starts).
+    (tmp_path / "sitecustomize.py").write_text(FAULT)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("HARNESS_ROOT", str(ROOT))
+    proc = torchrun("--dataset", "gsm8k", "--num_samples", "5", "--max_steps", "4",
                     "--warmup", "0", "--output_dir", str(tmp_path / "out"))
     assert proc.returncode != 0
     (run_dir,) = (tmp_path / "out").iterdir()
