@@ -80,12 +80,6 @@ def trained_note(generator: Generator) -> str:
 
 
 def load_run_examples(run: RunConfig, seed: int) -> list[Example]:
-    if run.num_samples is not None and run.num_samples < 0:
-        raise UsageError(f"--num_samples must be >= 0, got {run.num_samples}")
-    if run.repeats < 1:
-        raise UsageError(f"--repeats must be >= 1, got {run.repeats}")
-    if run.warmup < 0:
-        raise UsageError(f"--warmup must be >= 0, got {run.warmup}")
     examples = load_examples(run.dataset, run.num_samples, run.n_shot, seed, run.data_path, run.data_source,
                              shuffle=run.protocol == "layerskip")
     if not examples:
@@ -176,7 +170,8 @@ class Benchmark:
         self.generator.timer.enabled = run.breakdown and not control  # the baseline has no components anyway
         if self.generator.trained_knobs and not control:
             print(f"{self.generator.name}: {trained_note(self.generator)}", file=sys.stderr)
-        verdict = speculation_verdict(self.generator)
+        self.verdict = speculation_verdict(self.generator)  # the artifact's self-speculation verdict, if it has one
+        verdict = self.verdict
         if verdict and not verdict["speculate"] and not control:
             print(f"{self.generator.name}: the exit artifact's recommender predicts no self-speculative setting at or "
                   f"above 1.0x on this machine (best {verdict['best'].get('predicted_speedup', float('nan')):.2f}x): "
@@ -223,7 +218,7 @@ class Benchmark:
         knobs = self.generator.knobs()
         if self.generator.trained_knobs:
             knobs["trained_defaults"] = self.generator.trained_knobs
-        verdict = speculation_verdict(self.generator)
+        verdict = self.verdict
         info = RunInfo(schema_version=SCHEMA_VERSION, run_id=run_id, created=datetime.now(timezone.utc).isoformat(),
                        command=list(sys.argv), strategy=self.generator.name, knobs=knobs,
                        generation=dataclasses.asdict(self.gen), run=dataclasses.asdict(self.run), task=task,

@@ -128,8 +128,6 @@ class Generator(ABC):
         self.config = config = dataclasses.replace(config)  # trained defaults below must not leak to the caller
         if config.exit_layer is not None and not 1 <= config.exit_layer <= model.num_layers:
             raise UsageError(f"--exit_layer {config.exit_layer} is outside 1..{model.num_layers} for this model")
-        if config.max_steps is not None and config.max_steps < 1:
-            raise UsageError(f"--max_steps must be >= 1, got {config.max_steps}")
         config.check_knobs(self.name)
         self.trained_knobs = self.apply_trained_defaults()
         self.sampler = Sampler(config, model.head_device)  # logits come from the head's device
