@@ -342,10 +342,18 @@ class Counters:
     adapter_flops: int = 0  # FLOPs of trained exit adapters applied before the exit head
 
 
-class LayeredModel:
-    """A decoder-only transformer addressed layer by layer, over a transformers DynamicCache."""
+CORES = ("lean", "transformers")
 
-    def __init__(self, hf_model, tokenizer, name: str = "model"):
+
+class LayeredModel:
+    """A decoder-only transformer addressed layer by layer, over a preallocated KV cache (harness.lean_layers).
+
+    `core`: "lean" runs inference through harness.lean_layers (fused, packed products; no per-layer module
+    plumbing) wherever it reproduces the layer exactly, else transformers' own layers; "transformers" always calls
+    transformers' layers (the reference path, for A/B checks).
+    """
+
+    def __init__(self, hf_model, tokenizer, name: str = "model", core: str = "lean"):
         cfg = hf_model.config
         if cfg.model_type not in SUPPORTED_TYPES:
             raise UsageError(f"model type {cfg.model_type!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
@@ -384,6 +392,11 @@ class LayeredModel:
         self._cache_kw = cache_argument(self.layers[0])
         self.exits = None  # trained exits (harness.trained_exits.ExitArtifact), attached by set_exits
         self.adapters: dict = {}  # exit layer -> ExitAdapter module applied before the shared head
+        if core not in CORES:
+            raise UsageError(f"unknown core {core!r}; choose one of {', '.join(CORES)}")
+        self.core = core
+        self._lean = None  # harness.lean_layers.LeanCore, built on first inference use
+        self._lean_reason = None  # why the lean core does not apply to this model (None: it does or is untried)
 
     def set_exits(self, artifact) -> None:
         """Attach trained exits (or None): their adapters apply whenever an exit at their layer is read."""
@@ -397,13 +410,43 @@ class LayeredModel:
             self._in_exit_vocab = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.head_device)
             self._in_exit_vocab[self.exit_vocab] = True
 
+    # -- core ------------------------------------------------------------------
+    def lean(self):
+        """The lean core, or None where transformers' layers must run: autograd on (training), --core transformers,
+        a device map, or a layer it does not reproduce (the reason is kept for describe())."""
+        if self.core != "lean" or torch.is_grad_enabled() or self._lean_reason is not None:
+            return None
+        if self._lean is None:
+            from .lean_layers import LeanCore, lean_supported
+
+            if self.device_map or len({*self.layer_devices, self.head_device, self.device}) > 1:
+                self._lean_reason = "device map"
+            elif not all(lean_supported(layer) for layer in self.layers):
+                self._lean_reason = "layer not reproduced (adapters or another architecture)"
+            else:
+                self._lean = LeanCore(self.layers, self.lm_head, self.dtype, self.device)
+            if self._lean is None:
+                return None
+        return self._lean
+
+    def core_summary(self) -> dict:
+        """Which core runs inference, with which kernels (run.json model.core)."""
+        if self.core == "transformers":
+            return {"core": "transformers", "reason": "--core transformers"}
+        with torch.inference_mode():
+            lean = self.lean()
+        if lean is None:
+            return {"core": "transformers", "reason": self._lean_reason}
+        return lean.describe()
+
     # -- cache -----------------------------------------------------------------
     def new_cache(self):
-        from transformers import DynamicCache
+        from .lean_layers import StaticKV
 
-        # No config on purpose: with one, sliding-window configs get layers that drop old K/V, which `crop`
-        # and `_mask` do not expect. Plain layers keep everything; `rope` refuses sequences past the window.
-        return DynamicCache()
+        # Preallocated per-layer buffers: cropping moves a length, appending writes in place (DynamicCache
+        # concatenates the whole K/V per layer per step). transformers' layers use it through `update`. Sliding
+        # windows never evict: `rope` refuses sequences past the window instead.
+        return StaticKV()
 
     @staticmethod
     def cache_length(cache, layer: int) -> int:
@@ -468,12 +511,19 @@ class LayeredModel:
         if rope.pos != pos or rope.q != q:
             raise ValueError(f"rope for positions {rope.pos}+{rope.q} used at {pos}+{q}")
         position_ids, pe, mask = rope.position_ids, rope.position_embeddings, rope.mask
+        lean = self.lean()
         for i in range(start, stop):
             have = self.cache_length(cache, i)
             if have != pos:
                 raise KVHoleError(f"layer {i} holds {have} positions but the input starts at position {pos}")
-            h = self.layers[i](h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe,
-                               use_cache=True, **{self._cache_kw: cache})
+            if lean is not None:
+                layer = lean.layers[i]
+                if layer.stale():  # weights changed since packing (a training step, a load): repack this layer
+                    layer = lean.refresh(i, self.layers[i])
+                h = layer.forward(h, cache.layer(i), pe[0], pe[1], mask)
+            else:
+                h = self.layers[i](h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe,
+                                   use_cache=True, **{self._cache_kw: cache})
         self.counters.layer_tokens += (stop - start) * q
         return h
 
@@ -548,6 +598,9 @@ class LayeredModel:
         self.counters.head_calls += positions
         if rows is None:
             self.counters.head_rows += positions * self.vocab_size
+            lean = self.lean()
+            if lean is not None:
+                return lean.full_head(self.lm_head)(n)
             return self.lm_head(n)
         self.counters.head_rows += positions * rows.numel()
         weight = self._exit_weight if rows is self.exit_vocab else self.lm_head.weight[rows.to(self.head_device)]
@@ -597,7 +650,7 @@ class LayeredModel:
                 "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
                 "parameters": sum(p.numel() for p in self.hf.parameters()),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "checkpoint": self.checkpoint, "sliding_window": self.window,
+                "checkpoint": self.checkpoint, "sliding_window": self.window, "core": self.core_summary(),
                 "exits": self.exits.describe() if self.exits is not None else None,
                 "device_map": self.device_map_summary()}
 
