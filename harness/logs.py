@@ -63,6 +63,9 @@ class ExampleRecord:
     method_log: Optional[dict]  # method state after this example, e.g. FREE's adaptive threshold trajectory entry
     breakdown: Optional[dict] = None  # first repeat's decode seconds per component, section calls, timer cost (--breakdown)
     config_sha256: Optional[str] = None  # the configuration that made this record (RunInfo.config_sha256); resume checks it
+    verify_passes: Optional[int] = None  # full-depth passes during decode; tau = (new_tokens - 1) / verify_passes
+    draft_passes: Optional[int] = None  # drafter forwards during decode (early-exit drafts; lookup drafts cost none)
+    top2_gaps: Optional[list] = None  # greedy full-depth autoregressive only: top-1 minus top-2 logit per token
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Summary:
     acceptance_rate: Optional[float]  # total accepted / total drafted (speculative methods), else null
     drafted: Optional[int]  # total drafted tokens (speculative methods), else null
     accepted: Optional[int]  # total accepted tokens (speculative methods), else null
+    tau: Optional[float] = None  # decoded tokens per full-depth pass (Spec-Bench's mean accepted tokens; plain = 1.00)
 
 
 def config_identity(info: RunInfo) -> dict:
@@ -359,7 +363,17 @@ def summarize(info: RunInfo, records: list[ExampleRecord], status: str, error: O
         kv_fill_flops_per_token=per_token(r.kv_fill_flops for r in records),
         acceptance_rate=(accepted / drafted if drafted else None) if speculative else None,
         drafted=drafted if speculative else None, accepted=accepted if speculative else None,
+        tau=tau(records),
     )
+
+
+def tau(records) -> Optional[float]:
+    """Mean tokens per full-depth pass over records (dicts or ExampleRecords) that count their passes, else None."""
+    get = (lambda r, k: r.get(k)) if records and isinstance(records[0], dict) else getattr
+    rows = [r for r in records if get(r, "verify_passes")]
+    if not rows:
+        return None
+    return sum(max(get(r, "new_tokens") - 1, 0) for r in rows) / sum(get(r, "verify_passes") for r in rows)
 
 
 def read_run(path: str | Path) -> dict:

@@ -139,7 +139,8 @@ def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, runs
         acceptance_rate=res.accepted / res.drafted if res.drafted else None,
         repeats=[{"repeat": i, "slot": slot, "prefill_seconds": r.prefill_seconds,
                   "decode_seconds": r.decode_seconds, "new_tokens": len(r.tokens)} for i, (r, slot) in enumerate(runs)],
-        method_log=None, breakdown=res.breakdown)
+        method_log=None, breakdown=res.breakdown, verify_passes=res.verify_passes, draft_passes=res.draft_passes,
+        top2_gaps=[round(g, 4) for g in res.top2_gaps] if res.top2_gaps is not None else None)
 
 
 LAYERSKIP_MAX_STEPS, LAYERSKIP_TEMPERATURE, LAYERSKIP_TOP_P = 512, 0.6, 0.9  # LayerSkip's GenerationConfig

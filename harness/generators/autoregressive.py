@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import GenerationResult, Generator, Output, StopCondition, TokenCallback, register
+from .base import GenerationResult, Generator, Output, StopCondition, TokenCallback, register, top2_gap
 
 
 @register("autoregressive")
@@ -23,8 +23,15 @@ class Autoregressive(Generator):
         depth = self.config.exit_layer or m.num_layers
         cache, token, t0, t1 = self.prefill(prompt_ids, depth)
         out, pos = Output(stop, on_tokens), len(prompt_ids)
+        gaps = self.gaps
         while not out.add([token], [depth]):
             h = m.run_layers(m.embed(self.ids([token])), 0, depth, cache, pos)
-            token = self.sampler.pick(m.exit_logits(h, layer=depth))
+            logits = m.exit_logits(h, layer=depth)
+            token = self.sampler.pick(logits)
+            if gaps is not None:
+                gaps.append(top2_gap(logits))
             pos += 1
-        return self.result(out, t0, t1, self.clock())
+        t2 = self.clock()
+        keep = out.done[0]
+        return self.result(out, t0, t1, t2, verify_passes=max(keep - 1, 0) if depth == m.num_layers else None,
+                           top2_gaps=gaps[:keep] if gaps is not None else None)

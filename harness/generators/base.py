@@ -40,6 +40,9 @@ class GenerationResult:
     drafted: Optional[int] = None  # speculative methods: tokens drafted
     accepted: Optional[int] = None  # speculative methods: drafted tokens accepted by verification
     breakdown: Optional[dict] = None  # with the component timer on: decode seconds per component (ComponentTimer.report)
+    verify_passes: Optional[int] = None  # full-depth model passes during decode (plain decoding: one per token)
+    draft_passes: Optional[int] = None  # drafter forwards during decode (an early-exit draft each; lookup costs none)
+    top2_gaps: Optional[list] = None  # greedy full-depth decoding: top-1 minus top-2 logit behind each emitted token
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -198,10 +201,17 @@ class Generator(ABC):
         self.timer.reset()  # before t0: its one-time cost measurement is not part of the generation
         t0 = self.clock()
         h = m.run_layers(m.embed(self.ids(prompt_ids)), 0, depth or m.num_layers, cache, 0)
-        token = self.sampler.pick(m.exit_logits(h[:, -1:], layer=depth or m.num_layers))
+        logits = m.exit_logits(h[:, -1:], layer=depth or m.num_layers)
+        token = self.sampler.pick(logits)
+        self.gaps = [top2_gap(logits)] if self.records_gaps(depth) else None
         t1 = self.clock()
         m.reset_counters()
         return cache, token, t0, t1
+
+    def records_gaps(self, depth: Optional[int]) -> bool:
+        """Whether this generation logs its top-2 logit gaps: greedy, full-depth, plain decoding (the reference every
+        lossless method's output is compared with; a mismatch is classified by the gap where it starts)."""
+        return self.name == "autoregressive" and self.sampler.greedy and depth in (None, self.model.num_layers)
 
     def result(self, out: "Output", t_start: float, t_prefill: float, t_end: float, **extra) -> GenerationResult:
         c = self.model.counters
@@ -215,6 +225,12 @@ class Generator(ABC):
             head_calls=c.head_calls, head_rows=c.head_rows,
             exit_head_flops=float(self.model.head_flops(1) * c.head_rows + c.adapter_flops),
             kv_fill_flops=float(self.model.kv_fill_flops(c.kv_fill_tokens)), breakdown=breakdown, **extra)
+
+
+def top2_gap(logits: torch.Tensor) -> float:
+    """Top-1 minus top-2 logit of the last position (how far greedy decoding was from a tie)."""
+    top = logits.reshape(-1, logits.shape[-1])[-1].float().topk(2).values
+    return float(top[0] - top[1])
 
 
 class Output:

@@ -64,18 +64,25 @@ class _Work:
     def __init__(self, model):
         self.model, self.layer_positions, self.head_positions, self.handles = model, 0, 0, []
         self.prefill_layer_positions = self.prefill_head_positions = None
+        self.full_passes = 0  # calls of the last decoder layer: target passes (drafts of an early exit never reach it)
+        self.head_calls = 0
 
     def __enter__(self):
         def on_layer(mod, args, kwargs, out):
             h = args[0] if args else kwargs.get("hidden_states")
             self.layer_positions += int(h.shape[0] * h.shape[1])
 
+        def on_last(mod, args, kwargs, out):
+            self.full_passes += 1
+
         def on_head(mod, args, out):
+            self.head_calls += 1
             self.head_positions += int(out.shape[0] * out.shape[1])
             if self.prefill_head_positions is None:  # the first head call ends the prefill
                 self.prefill_layer_positions, self.prefill_head_positions = self.layer_positions, self.head_positions
 
         self.handles = [layer.register_forward_hook(on_layer, with_kwargs=True) for layer in self.model.layers]
+        self.handles.append(self.model.layers[-1].register_forward_hook(on_last, with_kwargs=True))
         self.handles.append(self.model.lm_head.register_forward_hook(on_head))
         return self
 
@@ -127,7 +134,9 @@ class HFPeer(Generator):
             tokens=tokens, exit_layers=[L] * len(tokens), prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
             stop_reason=reason, layer_forwards=decode_layers, head_calls=decode_heads,
             head_rows=decode_heads * head_rows, exit_head_flops=float(m.head_flops(head_rows) * decode_heads),
-            accepted=self.accepted(clock) if self.speculative else None, drafted=None)
+            accepted=self.accepted(clock) if self.speculative else None, drafted=None,
+            verify_passes=max(work.full_passes - 1, 0),  # the prefill is one full pass
+            draft_passes=max(work.head_calls - work.full_passes, 0))
 
     speculative = False
 

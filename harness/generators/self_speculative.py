@@ -192,7 +192,7 @@ class SelfSpeculative(Generator):
         cache, token, t0, t1 = self.prefill(prompt_ids)
         out, pos = Output(stop, on_tokens), len(prompt_ids)  # `token` sits at `pos`, not yet processed
         stats = {"drafted": 0, "accepted": 0, "lookup_steps": 0, "lookup_drafted": 0, "lookup_accepted": 0,
-                 "steps": 0}
+                 "steps": 0, "draft_passes": 0}
         finished = out.add([token], [L])
         # components: lookup (hybrid: n-gram search) / draft (layers 0..E-1 + exit head, per draft) / verify (layers
         # E..L-1, or all L for lookup drafts, over the drafts + 1, and the full head) / accept (verifier + cache crop)
@@ -217,6 +217,7 @@ class SelfSpeculative(Generator):
                 k = min(self.k, room)
                 with timer("draft"):
                     states, drafted, q = self.draft(token, pos, k, cache, eos) if k > 0 else ([], [], [])
+                stats["draft_passes"] += len(states)  # one state per draft forward (an unsure, dropped one too)
                 with timer("verify"):
                     logits = self.score(states, drafted, token, pos, cache)
                 depth = E
@@ -241,7 +242,8 @@ class SelfSpeculative(Generator):
             stats["steps"] += 1
         self.stats = stats if self.use_lookup else {"steps": stats["steps"]}
         return self.result(out, t0, t1, self.clock(), drafted=stats["drafted"] + stats["lookup_drafted"],
-                           accepted=stats["accepted"] + stats["lookup_accepted"])
+                           accepted=stats["accepted"] + stats["lookup_accepted"], verify_passes=stats["steps"],
+                           draft_passes=stats["draft_passes"])
 
 
 @register("hybrid_speculative")
