@@ -86,6 +86,7 @@ class RunInfo:
     control: bool  # the A/A control: a second copy of the baseline, timed in the same rotation
     schedule: dict  # configuration index and count, repeats, warm-up, rotation, invocation folder
     config_sha256: Optional[str] = None  # hash of config_identity(): what must match for records to be pooled or resumed
+    cost_curve: Optional[dict] = None  # the core's cost curve measured in this invocation (harness.cost_curve), or None
 
 
 @dataclass

@@ -125,6 +125,7 @@ class Generator(ABC):
     """Base class: validation of shared knobs, sampling, timers and the result record."""
 
     name: ClassVar[str] = "?"
+    lossless: ClassVar[bool] = False  # greedy output must equal greedy autoregressive output (harness.exactness)
 
     def __init__(self, model: LayeredModel, config: GenerationConfig):
         self.model = model

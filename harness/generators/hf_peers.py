@@ -94,6 +94,8 @@ class _Work:
 class HFPeer(Generator):
     """Base class: one call of transformers' generate, timed and counted like our generators."""
 
+    lossless = True  # greedy generate, with or without its candidate generators, is plain greedy decoding's output
+
     def peer_kwargs(self) -> dict:
         return {}
 

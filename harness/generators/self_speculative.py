@@ -89,6 +89,7 @@ class SelfSpeculative(Generator):
     """LayerSkip self-speculation: draft with E layers, verify with the rest in one pass (lossless)."""
 
     use_lookup = False
+    lossless = True
 
     def artifact_key(self) -> str:
         return "self_speculative"
