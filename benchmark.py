@@ -142,7 +142,7 @@ def run_tasks(run_cfg: RunConfig, gen_cfg: GenerationConfig, datasets: list[str]
         raise UsageError("--data_path names one file: use it with a single --dataset")
     if strategies and sweep:
         raise UsageError("use either --strategies or --sweep, not both")
-    model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype, run_cfg.device_map, run_cfg.exits)
+    model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype, run_cfg.device_map, run_cfg.exits, run_cfg.core)
     if strategies:
         configs = expand_strategies(strategies, gen_cfg, model.num_layers, model.exits)
     elif sweep:
@@ -171,7 +171,7 @@ def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep
         raise UsageError("use either --strategies or --sweep, not both")
     if sweep and gen_cfg.generation_strategy == "autoregressive" and not gen_cfg.criteria:
         raise UsageError("--sweep needs --generation_strategy (the method whose knobs are swept)")
-    model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype, run_cfg.device_map, run_cfg.exits)
+    model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype, run_cfg.device_map, run_cfg.exits, run_cfg.core)
     configs = (expand_strategies(strategies, gen_cfg, model.num_layers, model.exits) if strategies
                else expand_sweep(sweep, gen_cfg))
     parent, summaries = run_many(run_cfg, configs, model=model, dist=dist, control=control)

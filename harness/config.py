@@ -245,7 +245,12 @@ class RunConfig:
     n_shot: int = _f(0, "few-shot exemplars prepended to each prompt, drawn from another split where one exists")
     output_dir: str = _f("results", "a new run directory is created under this folder for every invocation")
     device: str = _f("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
-    dtype: str = _f("auto", "float32 | bfloat16 | float16 | auto (float32 on cpu, bfloat16 on cuda)")
+    dtype: str = _f("auto", "float32 | bfloat16 | float16 | auto: bfloat16 on a GPU that computes it; on a CPU with "
+                    "native bf16 (AVX512-BF16/AMX) bfloat16 only if a one-time measurement finds it >= 11%% faster "
+                    "than float32 (cached per machine), else float32; run.json model.dtype_choice says which and why")
+    core: str = _f("lean", "model core: lean = the harness's own layer forward (preallocated KV cache, packed "
+                   "kernels; fp32 logits identical to transformers'), transformers = transformers' decoder layers "
+                   "(the reference path, for A/B checks)", choices=("lean", "transformers"))
     warmup: int = _f(1, "untimed warm-up generations before measuring: each configuration once on the first prompt; "
                         "with several configurations, also this many full-model passes of a few decode steps on "
                         "every prompt before its timed runs")

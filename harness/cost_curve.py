@@ -33,8 +33,10 @@ class CostCurve:
     context: int  # cached positions before the pass
     points: list[CostPoint] = field(default_factory=list)  # k = 1..max_k
     weight_bytes: int = 0  # bytes of every parameter (a decode step reads each once)
-    bandwidth: float = 0.0  # bytes/s of a large device copy (read + write counted), measured here
+    bandwidth: float = 0.0  # bytes/s: the faster of a large copy (read + write counted) and a large reduction (read)
     floor: float = 0.0  # weight_bytes / bandwidth: seconds no decode step can beat
+    copy_bandwidth: float = 0.0  # bytes/s of the copy alone
+    read_bandwidth: float = 0.0  # bytes/s of the reduction alone (a decode step only reads weights)
 
     def ratio(self, k: int) -> float:
         """Cost of a k-position pass relative to a one-position pass (1.0 = verification is free)."""
@@ -46,6 +48,13 @@ class CostCurve:
         d["step_over_floor"] = self.points[0].total / self.floor if self.floor else None
         d["ratio"] = {p.k: self.ratio(p.k) for p in self.points}
         return d
+
+
+def read_bandwidth(device: torch.device, megabytes: int = 256, reps: int = 5) -> float:
+    """Bytes/s read by summing a large buffer on `device` (what streaming the weights through a kernel costs)."""
+    src = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32, device=device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return src.numel() * src.element_size() / median_time(lambda: src.sum(), sync, reps)
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 256, reps: int = 5) -> float:
@@ -90,6 +99,8 @@ def measure(model, context: int = 400, max_k: int = 16, reps: int = 7, ks=None) 
         points.append(CostPoint(k=k, layers=t_layers, head=t_head, total=t_total))
     m.reset_counters()
     weight_bytes = sum(p.numel() * p.element_size() for p in m.hf.parameters())
-    bw = copy_bandwidth(m.device)
+    copy, read = copy_bandwidth(m.device), read_bandwidth(m.device)
+    bw = max(copy, read)
     return CostCurve(device=str(m.device), dtype=str(m.dtype).removeprefix("torch."), context=context,
-                     points=points, weight_bytes=weight_bytes, bandwidth=bw, floor=weight_bytes / bw)
+                     points=points, weight_bytes=weight_bytes, bandwidth=bw, floor=weight_bytes / bw,
+                     copy_bandwidth=copy, read_bandwidth=read)

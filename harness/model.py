@@ -54,13 +54,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    return resolve_dtype_why(dtype, device)[0]
+
+
+def resolve_dtype_why(dtype: str, device: torch.device) -> tuple[torch.dtype, dict]:
+    """(dtype, {"requested", "resolved", "why"}): auto is decided by harness.dtype_choice (measured on CPUs)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from .dtype_choice import choose
+
+        dt, why = choose(device, cache_root())
+        return dt, {"requested": "auto", **why}
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
         raise UsageError(f"unknown --dtype {dtype!r}; choose one of float32, bfloat16, float16, auto")
-    return table[dtype]
+    name = str(table[dtype]).removeprefix("torch.")
+    return table[dtype], {"requested": dtype, "resolved": name, "why": "--dtype " + dtype}
 
 
 def synchronize(device: torch.device) -> None:
@@ -237,7 +246,8 @@ def check_device_map_names(mapping: dict, where: str, local: bool, spec) -> None
 
 
 def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "auto",
-               device_map: Optional[str] = None, exits: Optional[str] = "none") -> "LayeredModel":
+               device_map: Optional[str] = None, exits: Optional[str] = "none",
+               core: str = "lean") -> "LayeredModel":
     """Load any supported --model value onto a device/dtype (or spread by --device_map) as a LayeredModel.
 
     `exits`: trained exits to attach (harness.trained_exits.attach): none, auto (the shipped artifact for this
@@ -248,7 +258,7 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars drown the harness's own output
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt, dtype_why = resolve_dtype_why(dtype, dev)
     name, where, local = resolve_checkpoint(spec)
     hub_error = UsageError(f"--model {spec}: not a local path and could not be fetched from the hub (offline?); "
                            "download it elsewhere and pass its directory, or pass a .gguf file")
@@ -272,7 +282,8 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
     if placement is None:
         hf.to(dev)
     hf.eval()
-    model = LayeredModel(hf, tok, name=name)
+    model = LayeredModel(hf, tok, name=name, core=core)
+    model.dtype_choice = dtype_why
     model.checkpoint = checkpoint_fingerprint(where, local)
     from .trained_exits import attach
 
@@ -397,6 +408,8 @@ class LayeredModel:
         self.core = core
         self._lean = None  # harness.lean_layers.LeanCore, built on first inference use
         self._lean_reason = None  # why the lean core does not apply to this model (None: it does or is untried)
+        self.dtype_choice: Optional[dict] = None  # load_model: how --dtype was resolved (requested, resolved, why)
+        self.cost_curve: Optional[dict] = None  # harness.cost_curve measured once per invocation (runner)
 
     def set_exits(self, artifact) -> None:
         """Attach trained exits (or None): their adapters apply whenever an exit at their layer is read."""
@@ -651,6 +664,7 @@ class LayeredModel:
                 "parameters": sum(p.numel() for p in self.hf.parameters()),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "checkpoint": self.checkpoint, "sliding_window": self.window, "core": self.core_summary(),
+                "dtype_choice": self.dtype_choice,
                 "exits": self.exits.describe() if self.exits is not None else None,
                 "device_map": self.device_map_summary()}
 

@@ -26,6 +26,14 @@ a stop such as "\\n\\n". A row is degenerate when at least half of its examples 
 "degenerate (k/n empty)" in every table (report.csv `flag`, the per-task tables, the summary across tasks,
 the time breakdown) and its speedup is never stated as a finding (it times output that is not there).
 
+Speculation: `tau` is decoded tokens per full-depth pass (harness.logs.tau; plain decoding 1.00), for rows whose
+records count verify_passes. `oracle speedup` is what the run's own counts would give under the cost curve measured
+in its invocation (run.json cost_curve) with no overheads (formula: harness/oracle.py); blank without a curve.
+Exactness: a greedy lossless method's (the generator registry's `lossless`) tokens are compared with its baseline's
+on each paired example (harness.exactness, at the run's dtype): `identical to AR` counts identical outputs and
+classifies the rest as near-tie (plain decoding's top-2 logit gap where they part is below the dtype's tolerance),
+REAL (at or above it: a bug, stated as one under the table) or unknown (the baseline logged no gaps).
+
 Labels: the full label lists every knob; the short one (summary, plots) its key knobs. A knob the run took
 from the exit artifact (run.json knobs.trained_defaults) carries a `*` in both. When two configurations
 would share a short label, both get the full one: no two rows of a table share a label while differing
@@ -40,6 +48,7 @@ across configurations; degenerate rows are left out.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -52,9 +61,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from . import time_breakdown
+from . import exactness, oracle, time_breakdown
 from .config import UsageError
-from .logs import SCHEMA_VERSION, read_run
+from .logs import SCHEMA_VERSION, read_run, tau
 from .metrics import SCORE_KEYS
 
 QUALITY = list(SCORE_KEYS)  # rouge1, rouge2, rougeL, exact_match, pass_at_1
@@ -414,6 +423,42 @@ def quality_verdict(r, q: str) -> str:
     return "higher" if lo > 0.0 else "lower" if hi < 0.0 else NOT_DISTINGUISHABLE
 
 
+@functools.lru_cache(maxsize=None)
+def is_lossless(strategy: str) -> bool:
+    """The generator registry's word on whether a method's greedy output must equal greedy autoregressive output.
+    Imported only when a row needs it: the registry imports torch, which a report otherwise does without."""
+    from .generators import load_all
+
+    return bool(getattr(load_all().get(strategy), "lossless", False))
+
+
+EXACT_COUNTS = ("identical", "near_tie", "real", "unknown", "n_compared")  # report.csv columns (integers)
+
+
+def exactness_stats(run: dict, base: Optional[dict]) -> dict:
+    """A greedy lossless run's tokens against its baseline's, example by example (paired by id and prompt hash, as
+    the speedups are): counts per harness.exactness kind, the largest margin of a REAL mismatch, and the dtype's
+    tolerance. {} (blank columns) for lossy, sampled or unpaired rows, and for the baseline itself."""
+    info = run["run"]
+    sample = _get(info, "generation", "sample")
+    if base is None or base is run or sample is None or sample or not is_lossless(info["strategy"]):
+        return {}
+    # the first record of an id wins, as in _per_example
+    first = lambda recs: {str(e["id"]): e for e in reversed(recs)}  # noqa: E731
+    ref, dtype = first(base["examples"]), _get(info, "model", "dtype") or "float32"
+    pairs = [(e, ref[i]) for i, e in first(run["examples"]).items()
+             if i in ref and ref[i].get("prompt_sha256") == e.get("prompt_sha256")]
+    matches = [exactness.compare(e["token_ids"], b["token_ids"], b.get("top2_gaps"), dtype) for e, b in pairs
+               if e.get("token_ids") is not None and b.get("token_ids") is not None]
+    if not matches:
+        return {}
+    s = exactness.summarize(matches)
+    real = [m.margin for m in matches if m.kind == "real"]
+    return {"identical": s["identical"], "near_tie": s["near-tie"], "real": s["real"], "unknown": s["unknown"],
+            "n_compared": s["n"], "real_margin_max": max(real) if real else math.nan,
+            "tolerance": exactness.tolerance(dtype)}
+
+
 def build_table(runs: list[dict]) -> pd.DataFrame:
     """One row per complete run, with decode speedup and quality deltas (and their CIs) against its matched
     baseline. Runs that are not complete or have no examples are no rows: they are in
@@ -439,6 +484,7 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
             "prefill_seconds_median": _median(ex["prefill_seconds"]),
             "e2e_tokens_per_second_median": _median(ex["e2e_tokens_per_second"]),
             "avg_exit_layer": summ.get("avg_exit_layer"), "acceptance_rate": summ.get("acceptance_rate"),
+            "tau": tau(run["examples"]), "oracle_speedup": oracle.run_oracle(info, run["examples"]),
             "layer_forwards_per_token": summ.get("layer_forwards_per_token"),
             "exit_head_flops_per_token": summ.get("exit_head_flops_per_token"),
             "confidence_flops_per_token": summ.get("confidence_flops_per_token"),
@@ -470,8 +516,10 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
                 lo, hi = bootstrap_mean_ci(d)
                 row.update({f"delta_{k}": float(d.mean()) if len(d) else math.nan, f"delta_{k}_ci95_low": lo,
                             f"delta_{k}_ci95_high": hi, f"delta_{k}_n": len(d)})
+        row.update(exactness_stats(run, base))
         rows.append(row)
     df = pd.DataFrame(rows, columns=_COLUMNS)
+    df[list(EXACT_COUNTS)] = df[list(EXACT_COUNTS)].astype("Int64")  # counts, blank where not compared (not 8.0)
     if len(df):
         df["_order"] = [0 if _is_baseline(r["run"]) else 1 if r["run"].get("control") else 2 for r in tabled]
         df = df.sort_values(["model", "dataset", "_order", "decode_speedup"], ascending=[True, True, True, False],
@@ -488,10 +536,11 @@ _COLUMNS = [
     "model", "dataset", "strategy", "method", "invocation", "exits", "label", "knobs", "control", "run_id", "status",
     "n", "empty_outputs", "degenerate", "flag", "decode_ms_per_token_median", "decode_ms_per_token_q25",
     "decode_ms_per_token_q75", "prefill_seconds_median", "e2e_tokens_per_second_median", "avg_exit_layer",
-    "acceptance_rate", "layer_forwards_per_token", "exit_head_flops_per_token", "confidence_flops_per_token",
+    "acceptance_rate", "tau", "layer_forwards_per_token", "exit_head_flops_per_token", "confidence_flops_per_token",
     "kv_fill_flops_per_token", *[c for k in QUALITY for c in (k, f"{k}_q25", f"{k}_q75")], "baseline",
-    "speedup_note", "n_paired", *SPEEDUP_COLS, "latency_ratio",
+    "speedup_note", "n_paired", *SPEEDUP_COLS, "oracle_speedup", "latency_ratio",
     *[c for k in QUALITY for c in (f"delta_{k}", f"delta_{k}_ci95_low", f"delta_{k}_ci95_high", f"delta_{k}_n")],
+    *EXACT_COUNTS, "real_margin_max", "tolerance",
 ]
 
 
@@ -535,6 +584,22 @@ def control_notes(g: pd.DataFrame) -> list[str]:
             notes.append(f"WARNING: the A/A control is {100 * dev:.1f}% away from 1.0 (more than "
                          f"{100 * CONTROL_BAND:.0f}%): speedups between {1 - dev:.2f}x and {1 + dev:.2f}x cannot be "
                          "told from 1.0 in this measurement.")
+    return notes
+
+
+def exactness_notes(g: pd.DataFrame) -> list[str]:
+    """Lossless methods whose greedy output is not plain greedy decoding's: a REAL mismatch is a bug line; mismatches
+    that cannot be classified (the baseline logged no top-2 gaps) are said to be so."""
+    notes = []
+    for _, r in g.iterrows():
+        if not pd.isna(r["real"]) and r["real"] > 0:
+            notes.append(f"BUG: lossless method {_tagged(r)} differs from autoregressive at a clear margin on "
+                         f"{r['real']} example{'s' * (r['real'] > 1)} (max margin {r['real_margin_max']:.4g} >= "
+                         f"tolerance {r['tolerance']:.4g}).")
+        if not pd.isna(r["unknown"]) and r["unknown"] > 0:
+            notes.append(f"Lossless method {_tagged(r)} differs from autoregressive on {r['unknown']} "
+                         f"example{'s' * (r['unknown'] > 1)} where the baseline logged no top-2 logit gaps: near-tie "
+                         "or real cannot be told.")
     return notes
 
 
@@ -585,6 +650,15 @@ def findings(g: pd.DataFrame) -> list[str]:
 
 def _fmt(v, f: str, scale: float = 1.0) -> str:
     return "-" if v is None or pd.isna(v) else format(v * scale, f)
+
+
+def _exact_cell(r) -> str:
+    """`identical to AR`: "identical/compared", then the mismatches by kind ("8/10 (2 near-tie)", "9/10 (1 REAL)")."""
+    if pd.isna(r["n_compared"]):
+        return "-"
+    kinds = [f"{r[k]} {name}" for k, name in (("near_tie", "near-tie"), ("real", "REAL"), ("unknown", "unknown"))
+             if r[k]]
+    return f"{r['identical']}/{r['n_compared']}" + (f" ({', '.join(kinds)})" if kinds else "")
 
 
 def _speedup_cell(r) -> str:
@@ -654,7 +728,13 @@ LEGEND = ("Reading the tables: `*` after a knob = taken from the exit artifact (
           "degenerate (k/n empty): the scored prediction is empty or whitespace-only on at least half the examples; "
           "its speedup times output that is not there and is never a finding. Intervals are bootstrap 95% CIs over "
           f"paired examples (median ratio for speed, mean difference for quality), only from n = {MIN_PAIRS_FOR_CI}; "
-          "a finding is stated only when its CI excludes no effect (1.0x, +0).")
+          "a finding is stated only when its CI excludes no effect (1.0x, +0). tau = decoded tokens per full-depth "
+          "(verification) pass, Spec-Bench's mean accepted tokens (plain decoding 1.00); oracle speedup = what the "
+          "run's own acceptance would give on the cost curve measured in its invocation with no overheads "
+          "(harness/oracle.py): a large gap between it and the observed speedup is implementation overhead, a low "
+          "oracle means the drafts are too poor. identical to AR (greedy lossless methods): examples whose tokens "
+          "equal the baseline's; a mismatch is a near-tie when plain decoding's top-2 logit gap where they part is "
+          "below the dtype's tolerance (harness/exactness.py), else REAL (a bug), or unknown (no gaps logged).")
 
 
 def not_tabled_markdown(excluded: list[dict]) -> str:
@@ -666,7 +746,8 @@ def not_tabled_markdown(excluded: list[dict]) -> str:
 
 
 def markdown(df: pd.DataFrame) -> str:
-    """Compact Markdown tables, one per (model, dataset), each followed by its A/A control note and its findings;
+    """Compact Markdown tables, one per (model, dataset), each followed by any lossless method's mismatches (a REAL
+    one is a bug line), its A/A control note and its findings;
     with several tasks, a summary table first; last, the runs that are not in the tables."""
     out = []
     if df["dataset"].nunique() > 1:
@@ -685,12 +766,14 @@ def markdown(df: pd.DataFrame) -> str:
                 f"{a:.1f} [{b:.1f}-{c:.1f}]" if not pd.isna(a) else "-" for a, b, c in
                 zip(g["decode_ms_per_token_median"], g["decode_ms_per_token_q25"], g["decode_ms_per_token_q75"])],
             "decode speedup (median of per-example ratios [IQR])": [_speedup_cell(r) for _, r in g.iterrows()],
+            "oracle speedup": g["oracle_speedup"].map(lambda v: _fmt(v, ".2f") + "x" * (not pd.isna(v))),
             "spread": [_spread_cell(r) for _, r in g.iterrows()],
             "total time / baseline's (all examples)": g["latency_ratio"].map(lambda v: _fmt(v, ".3f")),
             "prefill s (median)": g["prefill_seconds_median"].map(lambda v: _fmt(v, ".3f")),
             "end-to-end tok/s (median)": g["e2e_tokens_per_second_median"].map(lambda v: _fmt(v, ".2f")),
             "avg exit (decoded)": g["avg_exit_layer"].map(lambda v: _fmt(v, ".1f")),
             "acceptance": g["acceptance_rate"].map(lambda v: _fmt(v, ".3f")),
+            "tau": g["tau"].map(lambda v: _fmt(v, ".2f")),
             "layers/token": g["layer_forwards_per_token"].map(lambda v: _fmt(v, ".1f")),
             "head MFLOP/token": g["exit_head_flops_per_token"].map(lambda v: _fmt(v, ".1f", 1e-6)),
             "confidence MFLOP/token": g["confidence_flops_per_token"].map(lambda v: _fmt(v, ".1f", 1e-6)),
@@ -699,8 +782,12 @@ def markdown(df: pd.DataFrame) -> str:
         if q:
             t[q] = [_fmt(v, ".4f") for v in g[q]]
             t[f"delta {q} [95% CI] n"] = [_delta_cell(r, q) for _, r in g.iterrows()]
-        notes = "\n".join(f"- {n}" for n in control_notes(g) + findings(g))
-        out.append(f"### {dataset} ({model})\n\n" + t.to_markdown(index=False) + "\n\n" + notes)
+        t["identical to AR"] = [_exact_cell(r) for _, r in g.iterrows()]
+        # a lossless method that changed the output is a bug: said first, before the noise floor and the findings
+        notes = "\n".join(f"- {n}" for n in exactness_notes(g) + control_notes(g) + findings(g))
+        # tau as written ("1.00"): tabulate would reprint an all-numeric column as "1"
+        table = t.to_markdown(index=False, disable_numparse=[list(t.columns).index("tau")])
+        out.append(f"### {dataset} ({model})\n\n" + table + "\n\n" + notes)
     extra = not_tabled_markdown(df.attrs.get("not_in_tables", []))
     if extra:
         out.append(extra)

@@ -69,6 +69,20 @@ def speculation_verdict(generator: Generator) -> Optional[dict]:
     return recommendation(art)
 
 
+def invocation_cost_curve(model: LayeredModel) -> Optional[dict]:
+    """The core's cost curve (k = 1, 2, 4, 8 after 400 cached positions; harness.cost_curve), measured once per
+    loaded model (~3 s here) so that every run.json says what a pass cost in this invocation; None where a pass
+    is not cheap to time (weights offloaded by a device map)."""
+    if getattr(model, "cost_curve", None) is None:
+        if model.device_map and any(v in ("cpu", "disk") for v in model.device_map.values()):
+            return None
+        from .cost_curve import measure
+
+        context = max(1, min(400, model.max_context - 16))
+        model.cost_curve = measure(model, context=context, reps=3, ks=(1, 2, 4, 8)).as_dict()
+    return model.cost_curve
+
+
 def trained_note(generator: Generator) -> str:
     """One line: which knobs a configuration took from the exit artifact, and whether its calibration never exits."""
     art = generator.model.exits
@@ -165,12 +179,17 @@ class Benchmark:
                                       else gen.temperature, top_p=LAYERSKIP_TOP_P if gen.top_p == 1.0 else gen.top_p)
         self.gen = gen
         self.examples = examples if examples is not None else load_run_examples(run, gen.seed)
-        self.model = model or load_model(run.model, run.device, run.dtype, run.device_map, run.exits)
+        self.model = model or load_model(run.model, run.device, run.dtype, run.device_map, run.exits, run.core)
         self.max_steps = gen.max_steps or (LAYERSKIP_MAX_STEPS if layerskip else self.task.max_steps)
         self.generator: Generator = build_generator(self.model, dataclasses.replace(gen, max_steps=self.max_steps))
         self.generator.timer.enabled = run.breakdown and not control  # the baseline has no components anyway
         if self.generator.trained_knobs and not control:
             print(f"{self.generator.name}: {trained_note(self.generator)}", file=sys.stderr)
+        skipped = getattr(self.generator, "skipped_thresholds", None)
+        if skipped and not control:
+            print(f"{self.generator.name}: calibrated {', '.join(sorted(skipped['knobs']))} not taken: the exit artifact "
+                  f"was calibrated in {skipped['calibrated_dtype']} and this run is {skipped['run_dtype']} (its "
+                  f"guarantee does not transfer); --dtype {skipped['calibrated_dtype']} uses it", file=sys.stderr)
         self.verdict = speculation_verdict(self.generator)  # the artifact's self-speculation verdict, if it has one
         verdict = self.verdict
         if verdict and not verdict["speculate"] and not control:
@@ -225,6 +244,10 @@ class Benchmark:
                        generation=dataclasses.asdict(self.gen), run=dataclasses.asdict(self.run), task=task,
                        model=model, environment=environment(self.model.device), control=self.control,
                        schedule=schedule)
+        skipped = getattr(self.generator, "skipped_thresholds", None)
+        if skipped:
+            info.model = dict(info.model, exit_thresholds_not_taken=skipped)
+        info.cost_curve = invocation_cost_curve(self.model)
         if verdict is not None:  # what the shipped recommendation predicted, beside what this run measures
             info.model = dict(info.model, speculation_verdict={k: verdict.get(k) for k in (
                 "speculate", "knobs", "predicted_speedup", "best", "untrained_default")})
@@ -459,7 +482,10 @@ def resume(path: str, progress: bool = True, dist: Dist = SINGLE, device: Option
             lock_run(d)
     if device is not None:
         run = dataclasses.replace(run, device=device)
-    model = load_model(run.model, run.device, run.dtype, run.device_map, run.exits)
+    # `--dtype auto` is resolved again by measurement: resume in the dtype the run actually used
+    made_in = json.loads((dirs[0] / "run.json").read_text(encoding="utf-8")).get("model", {}).get("dtype")
+    dtype = made_in if run.dtype == "auto" and made_in else run.dtype
+    model = load_model(run.model, run.device, dtype, run.device_map, run.exits, run.core)
     examples = load_run_examples(run, gens[0].seed)
     benches = [Benchmark(run, g, model, examples, control=c) for g, c in zip(gens, controls)]
     return execute_schedule(benches, dirs[0].parent if len(dirs) > 1 else None, progress, dirs, dist)
@@ -544,7 +570,7 @@ def run_many(run: RunConfig, configs: list[GenerationConfig], progress: bool = T
     configs[0] is the baseline; with `control` a second copy of it joins the rotation as the A/A control
     (marked `control` in its run log), whose speedup over the baseline is the noise floor.
     """
-    model = model or load_model(run.model, run.device, run.dtype, run.device_map, run.exits)
+    model = model or load_model(run.model, run.device, run.dtype, run.device_map, run.exits, run.core)
     examples = load_run_examples(run, configs[0].seed)
     benches = [Benchmark(run, cfg, model, examples) for cfg in configs]  # validate all before running any
     if control:

@@ -78,6 +78,14 @@ class ExitArtifact:
                 return f"{key} {self.model.get(key)} != this model's {ident[key]}"
         return None
 
+    def calibrated_dtype(self) -> Optional[str]:
+        """The dtype its thresholds were calibrated in (None: no calibration). The train CLI's `auto` is float32."""
+        cal = self.provenance.get("calibrate")
+        if not cal:
+            return None
+        dtype = cal.get("dtype") or (cal.get("config") or {}).get("dtype") or "auto"
+        return "float32" if dtype == "auto" else str(dtype).replace("bf16", "bfloat16").replace("fp32", "float32")
+
     # -- file ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file

@@ -155,23 +155,31 @@ def test_speed_quality_auc_puts_methods_on_one_scale():
 
 
 # -- rules of the report, on small synthetic run directories (no model) ------------------------------
-def _info(run_id, strategy="autoregressive", knobs=None, task="gsm8k", control=False, exits=None, schema=None):
+def _info(run_id, strategy="autoregressive", knobs=None, task="gsm8k", control=False, exits=None, schema=None,
+          dtype="float32", sample=False, num_layers=None, cost_curve=None):
+    """A run.json; num_layers / cost_curve are left out unless given (as in logs older than them)."""
     from harness.logs import SCHEMA_VERSION
 
-    return {"schema_version": SCHEMA_VERSION if schema is None else schema, "run_id": run_id,
+    info = {"schema_version": SCHEMA_VERSION if schema is None else schema, "run_id": run_id,
             "created": "2026-01-01T00:00:00", "command": [], "strategy": strategy,
             "knobs": {"exit_layer": None} if knobs is None else knobs,
-            "generation": {"seed": 0, "sample": False}, "run": {"protocol": "harness", "fixed_length": False,
-                                                                "chat_template": False},
+            "generation": {"seed": 0, "sample": sample}, "run": {"protocol": "harness", "fixed_length": False,
+                                                                 "chat_template": False},
             "task": {"name": task, "data_sha256": "d" * 64, "examples_sha256": "e" * 64, "n_shot": 0, "max_steps": 8},
-            "model": {"name": "m", "checkpoint": "c", "device": "cpu", "dtype": "float32", "exits": exits},
+            "model": {"name": "m", "checkpoint": "c", "device": "cpu", "dtype": dtype, "exits": exits},
             "environment": {"world_size": 1, "git_commit": "0" * 40}, "control": control,
             "schedule": {"invocation": f"inv_{task}"}}
+    if num_layers is not None:
+        info["model"]["num_layers"] = num_layers
+    if cost_curve is not None:
+        info["cost_curve"] = cost_curve
+    return info
 
 
-def _examples(n, ms, prediction="an answer", metric="exact_match", score=0.0, breakdown=False):
+def _examples(n, ms, prediction="an answer", metric="exact_match", score=0.0, breakdown=False, **fields):
     """n records; ms: decode ms/token (a number, or a list per example, None = nothing decoded); prediction and
-    score likewise (a value or a list)."""
+    score likewise (a value or a list). `fields`: more record fields (verify_passes, token_ids, ...), each a value for
+    every example or a function of the example's index."""
     per = lambda v, i: v[i] if isinstance(v, list) else v  # noqa: E731
     out = []
     for i in range(n):
@@ -181,7 +189,8 @@ def _examples(n, ms, prediction="an answer", metric="exact_match", score=0.0, br
                     "prefill_seconds": 0.1, "e2e_tokens_per_second": 10.0, "total_seconds": 1.0,
                     "exit_layers": [30] * 5, "new_tokens": 5 if t is not None else 1,
                     "breakdown": {"decode_seconds": 4 * t / 1e3, "components": {"layers": 3 * t / 1e3},
-                                  "calls": {"layers": 4}, "overhead_seconds": 0.0} if breakdown and t else None})
+                                  "calls": {"layers": 4}, "overhead_seconds": 0.0} if breakdown and t else None,
+                    **{k: v(i) if callable(v) else v for k, v in fields.items()}})
     return out
 
 
@@ -440,3 +449,129 @@ def test_failed_interrupted_and_empty_runs_are_listed_apart(tmp_path):
     _write(lone, _info("failed_one"), _examples(2, 10.0), status="failed")
     df2, out2 = _report(lone, tmp_path / "r2")
     assert df2.empty and "failed_one" in (out2 / "report.md").read_text()
+
+
+# -- speculation: tau, oracle speedup, exactness against the baseline -------------------------------
+# layers(k) = 0.8 + 0.1 (k - 1), head(k) = 0.2 + 0.05 (k - 1), total = their sum: one position costs 1.0
+CURVE = {"device": "cpu", "dtype": "float32", "context": 400, "points": [
+    {"k": k, "layers": 0.8 + 0.1 * (k - 1), "head": 0.2 + 0.05 * (k - 1), "total": 1.0 + 0.15 * (k - 1)}
+    for k in range(1, 5)]}
+TOKENS = [11, 12, 13, 14, 15]  # every record has new_tokens = 5: 4 decoded
+
+
+def _md_cell(md: str, dataset: str, method: str, column: str) -> str:
+    """The cell of `column` in the row of `method` of the per-task table of `dataset`."""
+    section = md.split(f"### {dataset} (")[1].split("\n### ")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| method "))
+    names = [c.strip() for c in header.strip("|").split("|")]
+    return [c.strip() for c in _md_row(md, dataset, method).strip("|").split("|")][names.index(column)]
+
+
+def test_tau_and_oracle_speedup_from_the_runs_counts_and_cost_curve(tmp_path):
+    root = tmp_path / "runs"
+    spec = {"num_layers": 10, "cost_curve": CURVE}
+    _write(root, _info("base", **spec), _examples(N, 50.0, verify_passes=4, token_ids=TOKENS, top2_gaps=[1.0] * 5))
+    _write(root, _info("ctl", control=True, **spec), _examples(N, 50.0, verify_passes=4, token_ids=TOKENS))
+    # two verification passes of 2 drafts each per example, drafted by layers 0..1 of 10
+    _write(root, _info("ss", "self_speculative", {"exit_layer": 2, "num_speculations": 2}, **spec),
+           _examples(N, 40.0, verify_passes=2, drafted=4, accepted=2, draft_passes=4, token_ids=TOKENS))
+    _write(root, _info("calm", "calm", {"threshold": 0.9}, **spec), _examples(N, 30.0, token_ids=TOKENS))
+    # the same speculative run from a log without a cost curve: tau, but no oracle
+    _write(root, _info("ss_old", "self_speculative", {"exit_layer": 2, "num_speculations": 3}, num_layers=10),
+           _examples(N, 40.0, verify_passes=2, drafted=4, accepted=2, draft_passes=4))
+    df, out = _report(root, tmp_path)
+    r = df.set_index("run_id")
+    assert r.loc["base", "tau"] == r.loc["ctl", "tau"] == 1.0 and r.loc["ss", "tau"] == 2.0
+    assert r.loc["base", "oracle_speedup"] == pytest.approx(1.0) == r.loc["ctl", "oracle_speedup"]
+    # w = 1 + 4/2 = 3: verify = layers(3) * 8/10 + head(3) = 1.1; draft = layers(1) * 2/10 + head(1) = 0.36
+    assert r.loc["ss", "oracle_speedup"] == pytest.approx(4 * N / (2 * N * 1.1 + 4 * N * 0.36))
+    assert math.isnan(r.loc["calm", "tau"]) and math.isnan(r.loc["calm", "oracle_speedup"])
+    assert r.loc["ss_old", "tau"] == 2.0 and math.isnan(r.loc["ss_old", "oracle_speedup"])
+    md = (out / "report.md").read_text()
+    assert _md_cell(md, "gsm8k", "autoregressive", "oracle speedup") == "1.00x"
+    assert _md_cell(md, "gsm8k", "autoregressive", "tau") == "1.00"
+    assert _md_cell(md, "gsm8k", "self_speculative exit_layer=2 num_speculations=2", "oracle speedup") == "1.10x"
+    assert _md_cell(md, "gsm8k", "self_speculative exit_layer=2 num_speculations=2", "tau") == "2.00"
+    assert _md_cell(md, "gsm8k", "calm threshold=0.9", "tau") == "-"
+    assert _md_cell(md, "gsm8k", "calm threshold=0.9", "oracle speedup") == "-"
+    assert "tau = decoded tokens per full-depth" in md and "oracle speedup = " in md
+    # identical greedy output of the lossless row; the lossy CALM and the A/A control are not compared
+    assert _md_cell(md, "gsm8k", "self_speculative exit_layer=2 num_speculations=2", "identical to AR") == "12/12"
+    assert _md_cell(md, "gsm8k", "calm threshold=0.9", "identical to AR") == "-"
+    assert _md_cell(md, "gsm8k", "autoregressive (A/A control)", "identical to AR") == "-"
+    # a table whose every row has a tau still prints it with 2 decimals (tabulate would print 1.00 as "1")
+    only = tmp_path / "only"
+    for d in root.rglob("run.json"):
+        if d.parent.name in ("base", "ss"):
+            shutil.copytree(d.parent, only / d.parent.name)
+    _, out2 = _report(only, tmp_path / "r2")
+    assert _md_cell((out2 / "report.md").read_text(), "gsm8k", "autoregressive", "tau") == "1.00"
+
+
+@pytest.mark.parametrize("dtype, kind", [("float32", "REAL"), ("bfloat16", "near-tie")])
+def test_exactness_near_tie_or_real_by_the_dtypes_tolerance(tmp_path, dtype, kind):
+    root = tmp_path / "runs"
+    gaps = [2.0, 0.0001, 0.3, 2.0, 2.0]  # the baseline's top-1 minus top-2 logit per token
+    _write(root, _info("base", dtype=dtype), _examples(N, 50.0, verify_passes=4, token_ids=TOKENS, top2_gaps=gaps))
+    # differs at token 1 (gap 1e-4: below either dtype's tolerance) on examples 0-1
+    near = lambda i: TOKENS[:1] + [99, 98, 97, 96] if i < 2 else TOKENS  # noqa: E731
+    _write(root, _info("ss", "self_speculative", {"exit_layer": 2, "num_speculations": 2}, dtype=dtype),
+           _examples(N, 40.0, verify_passes=2, drafted=4, accepted=2, draft_passes=4, token_ids=near))
+    # differs at token 2 (gap 0.3: above float32's 0.001, below bfloat16's 0.5) on example 5; shorter on example 6
+    real = lambda i: TOKENS[:2] + [77, 76, 75] if i == 5 else TOKENS[:3] if i == 6 else TOKENS  # noqa: E731
+    _write(root, _info("hy", "hybrid_speculative", {"exit_layer": 2, "num_speculations": 2}, dtype=dtype),
+           _examples(N, 40.0, verify_passes=2, drafted=4, accepted=2, draft_passes=4, token_ids=real))
+    # lossy: compared with nothing, however different
+    _write(root, _info("calm", "calm", {"threshold": 0.9}, dtype=dtype), _examples(N, 30.0, token_ids=[1, 2, 3]))
+    _, out = _report(root, tmp_path)
+    md = (out / "report.md").read_text()
+    assert _md_cell(md, "gsm8k", "self_speculative exit_layer=2 num_speculations=2", "identical to AR") == \
+        "10/12 (2 near-tie)"
+    assert _md_cell(md, "gsm8k", "hybrid_speculative exit_layer=2 num_speculations=2", "identical to AR") == \
+        f"11/12 (1 {kind})"
+    assert _md_cell(md, "gsm8k", "calm threshold=0.9", "identical to AR") == "-"
+    bug = [line for line in md.splitlines() if line.startswith("- BUG")]
+    if kind == "REAL":
+        assert bug == ["- BUG: lossless method hybrid E2 k2 differs from autoregressive at a clear margin on 1 example "
+                       "(max margin 0.3 >= tolerance 0.001)."]
+        assert md.split("### gsm8k (")[1].split("\n- ")[1].startswith("BUG")  # the first note under the table
+    else:
+        assert not bug
+    csv = pd.read_csv(out / "report.csv").set_index("run_id")
+    assert {"identical", "near_tie", "real", "n_compared"} <= set(csv.columns)
+    assert csv.loc["ss", ["identical", "near_tie", "real", "n_compared"]].tolist() == [10, 2, 0, 12]
+    assert csv.loc["hy", ["real", "near_tie"]].tolist() == ([1, 0] if kind == "REAL" else [0, 1])
+    assert csv.loc[["calm", "base"], "n_compared"].isna().all()
+    assert ",10,2,0,0,12," in (out / "report.csv").read_text()  # counts as integers, not 10.0
+
+
+def test_exactness_skips_sampled_runs(tmp_path):
+    root = tmp_path / "runs"
+    _write(root, _info("base", sample=True), _examples(N, 50.0, token_ids=TOKENS))
+    _write(root, _info("ss", "self_speculative", {"exit_layer": 2, "num_speculations": 2}, sample=True),
+           _examples(N, 40.0, token_ids=[1, 2, 3, 4, 5]))
+    df, out = _report(root, tmp_path)
+    assert df.set_index("run_id").loc["ss", "baseline"] == "base"  # paired (both sampled), but not compared
+    assert _md_cell((out / "report.md").read_text(), "gsm8k", "self_speculative exit_layer=2 num_speculations=2",
+                    "identical to AR") == "-"
+
+
+def test_old_logs_without_the_new_fields_still_report(tmp_path):
+    """No verify_passes / draft_passes / top2_gaps in the records, no cost curve or num_layers in run.json: the new
+    columns are blank; a mismatch the baseline logged no gaps for is "unknown" (said, not called a bug)."""
+    root = tmp_path / "runs"
+    _write(root, _info("base"), _examples(N, 50.0, token_ids=TOKENS))
+    _write(root, _info("ss", "self_speculative", {"exit_layer": 2, "num_speculations": 2}),
+           _examples(N, 40.0, drafted=4, accepted=2, token_ids=lambda i: [5, 4, 3, 2, 1] if i == 0 else TOKENS))
+    _write(root, _info("peer", "hf_generate", {}), _examples(N, 50.0))  # no token_ids at all: not compared
+    df, out = _report(root, tmp_path)
+    r = df.set_index("run_id")
+    assert r[["tau", "oracle_speedup"]].isna().all().all()
+    assert r.loc["ss", "decode_speedup"] == pytest.approx(1.25)  # the existing columns are unchanged
+    md = (out / "report.md").read_text()
+    for method in ("autoregressive", "self_speculative exit_layer=2 num_speculations=2", "hf_generate"):
+        assert _md_cell(md, "gsm8k", method, "tau") == _md_cell(md, "gsm8k", method, "oracle speedup") == "-"
+    assert _md_cell(md, "gsm8k", "self_speculative exit_layer=2 num_speculations=2", "identical to AR") == \
+        "11/12 (1 unknown)"
+    assert _md_cell(md, "gsm8k", "hf_generate", "identical to AR") == "-"
+    assert "- BUG" not in md and "- Lossless method SS E2 k2 differs from autoregressive on 1 example where" in md

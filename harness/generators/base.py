@@ -16,7 +16,7 @@ import torch
 
 from ..components import ComponentTimer
 from ..config import GenerationConfig, UsageError
-from ..model import LayeredModel, synchronize
+from ..model import LayeredModel
 from ..sampling import Sampler
 
 TokenCallback = Callable[[Sequence[int]], None]
@@ -151,10 +151,17 @@ class Generator(ABC):
         from its default) always wins; `--exits none` turns all of this off.
         """
         art = getattr(self.model, "exits", None)  # test doubles of the model core may not have trained exits
+        self.skipped_thresholds = {}
         if art is None:
             return {}
         key = self.artifact_key()
-        wanted = {**art.recommended.get(key, {}), **art.thresholds.get(key, {}).get("knobs", {})}
+        calibrated = art.thresholds.get(key, {}).get("knobs", {})
+        cal_dtype, dtype = art.calibrated_dtype(), str(self.model.dtype).removeprefix("torch.")
+        self.skipped_thresholds = {}
+        if calibrated and cal_dtype not in (None, dtype):  # a certificate holds for the arithmetic it was made in
+            self.skipped_thresholds = {"knobs": dict(calibrated), "calibrated_dtype": cal_dtype, "run_dtype": dtype}
+            calibrated = {}
+        wanted = {**art.recommended.get(key, {}), **calibrated}
         known = {f.name for f in dataclasses.fields(GenerationConfig) if not f.metadata.get("internal")}
         user = self.config.set_by_user()
         taken = {}
