@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The tested dependency set: every package but torch at the version `make test` passed with (make lock writes it).
 LOCK := constraints.txt
 
-.PHONY: setup demo test bench check costs exits shipped results clean-cache lock
+.PHONY: setup demo test bench check costs speed exits shipped results clean-cache lock
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ lock:
 
 setup: $(VENV)/.installed
 
-DEMO_STRATEGIES := autoregressive:exit_layer=15,self_speculative,hybrid_speculative,calm,free,dynamic:criteria=max_probability,policy,hf_prompt_lookup,hf_assistant_early_exit:exit_layer=8
+DEMO_STRATEGIES := autoregressive:exit_layer=15,self_speculative,hybrid_speculative,prompt_lookup,calm,free,dynamic:criteria=max_probability,policy,hf_prompt_lookup,hf_assistant_early_exit:exit_layer=8
 
 demo: setup
 	$(PY) benchmark.py --dataset cnn_dm_summarization --num_samples 3 --max_steps 48 --fixed_length --strategies $(DEMO_STRATEGIES)
@@ -52,6 +52,24 @@ check: setup
 # The core's cost curve (k = 1..16 new positions: layers, head, full pass) per dtype and the bandwidth floor.
 costs: setup
 	$(PY) bench/core_costs.py --out results/core_costs.json
+
+# The model core's figures (README "Model core"; ~15 min here, run it ALONE): the cost curve per dtype for
+# transformers' layers and ours, the near-tie drift per dtype, and the speed table: CNN/DM, 10 articles, full
+# prompts, 64 tokens, in the default dtype (--dtype auto) and in fp32, each invocation with its A/A control.
+SPEED := results/core_speed
+SPEED_RUN := --dataset cnn_dm_summarization --num_samples 10 --max_steps 64 --fixed_length --seed 0 --exits auto \
+	--breakdown false --strategies autoregressive,prompt_lookup,hf_prompt_lookup,hybrid_speculative,self_speculative
+speed: setup
+	rm -rf $(SPEED) && mkdir -p $(SPEED)
+	$(PY) bench/core_costs.py --cores transformers lean --reps 5 --out $(SPEED)/core_costs.json
+	$(PY) bench/ties.py --dtype bfloat16 > $(SPEED)/ties_bfloat16.txt
+	$(PY) bench/ties.py --dtype float32 --prompts 5 > $(SPEED)/ties_float32.txt
+	$(PY) benchmark.py $(SPEED_RUN) --output_dir $(SPEED)/runs/default_dtype
+	$(PY) benchmark.py $(SPEED_RUN) --dtype float32 --output_dir $(SPEED)/runs/float32
+	find $(SPEED)/runs -name report -type d -prune -exec rm -rf {} +
+	find $(SPEED)/runs -name examples.jsonl -exec gzip -9 -n {} +
+	find $(SPEED)/runs -name .lock -delete
+	for d in default_dtype float32; do $(PY) -m harness.report $(SPEED)/runs/$$d --out $(SPEED)/report_$$d || exit 1; done
 
 # The trained exits shipped for the embedded model (harness/data/exits/), from train/validation splits only, the
 # last 200 records of each held out (--holdout_docs), seed 0: exit adapters + candidate vocabulary + the

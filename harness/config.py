@@ -25,6 +25,7 @@ VOCAB_REDUCTIONS = ("none", "fixed", "decaying", "adaptive")
 CONTRASTIVE = ("contrastive", "jsd_contrastive")
 
 SS, CALM, FREE, DYN = ("self_speculative", "hybrid_speculative"), ("calm",), ("free",), ("dynamic",)
+LOOKUP = ("hybrid_speculative", "prompt_lookup")
 LAYERWISE = ("calm", "free", "dynamic")
 
 
@@ -60,15 +61,16 @@ class GenerationConfig:
         "recommendation, else 0", SS)
     lookup_ngram: int = _m(
         3, "hybrid_speculative: longest n-gram matched against the prompt and the text so far (prompt lookup "
-        "decoding); a match proposes the tokens that followed it, else the early exit drafts", ("hybrid_speculative",))
+        "decoding); a match proposes the tokens that followed it, else the early exit drafts (prompt_lookup: else one "
+        "plain step)", LOOKUP)
     lookup_tokens: int = _m(10, "hybrid_speculative: most tokens proposed by one prompt-lookup match (transformers' "
-                                "prompt_lookup_num_tokens default)", ("hybrid_speculative",))
+                                "prompt_lookup_num_tokens default)", LOOKUP)
     lookup_match: str = _m(
         "earliest", "hybrid_speculative: which earlier occurrence of the n-gram proposes the draft: earliest = the "
         "first, as transformers' prompt lookup (PromptLookupCandidateGenerator.get_candidates, "
         "transformers/generation/candidate_generator.py:1080-1102 in 5.24) and hf_prompt_lookup; latest = the most "
         "recent (ours before, kept to compare: the nearest context is often the one that repeats)",
-        ("hybrid_speculative",), choices=("earliest", "latest"))
+        LOOKUP, choices=("earliest", "latest"))
     sample: bool = _f(False, "sample instead of greedy decoding (self_speculative: exact speculative sampling)")
     temperature: float = _f(1.0, "sampling temperature (with --sample)")
     top_p: float = _f(1.0, "nucleus sampling mass, 1.0 = off (with --sample)")

@@ -203,7 +203,8 @@ def method_label(info: dict) -> str:
     return info["strategy"] + (" " + shown if shown else "") + trained
 
 
-SHORT = {"autoregressive": "AR", "self_speculative": "SS", "hybrid_speculative": "hybrid", "calm": "CALM",
+SHORT = {"autoregressive": "AR", "self_speculative": "SS", "hybrid_speculative": "hybrid",
+         "prompt_lookup": "lookup", "calm": "CALM",
          "free": "FREE", "dynamic": "dyn", "policy": "policy", "hf_generate": "hf", "hf_prompt_lookup": "hf lookup",
          "hf_assistant_early_exit": "hf AEE"}
 SHORT_KNOB = {"exit_layer": "E", "num_speculations": "k", "threshold": "t", "shallow_exit_layer": "S",
@@ -822,6 +823,7 @@ def _pareto(points: list[tuple[float, float]]) -> list[int]:
 FAMILIES = {  # strategy -> (family shown in the plot, colour)
     "autoregressive": ("autoregressive / static exit", "tab:gray"),
     "self_speculative": ("speculative (lossless)", "tab:blue"), "hybrid_speculative": ("speculative (lossless)", "tab:blue"),
+    "prompt_lookup": ("speculative (lossless)", "tab:blue"),
     "calm": ("per-token early exit", "tab:orange"), "free": ("per-token early exit", "tab:orange"),
     "dynamic": ("per-token early exit", "tab:orange"), "policy": ("per-token early exit", "tab:orange"),
     "hf_generate": ("transformers peers", "tab:green"), "hf_prompt_lookup": ("transformers peers", "tab:green"),

@@ -519,6 +519,7 @@ def expand_strategies(text: str, base: GenerationConfig, num_layers: int, exits=
         if item.strip() == "all":
             specs += [("autoregressive", {}), ("self_speculative", {}), ("calm", {}), ("free", {})]
             specs += [("dynamic", {"criteria": c}) for c in ([base.criteria] if base.criteria else CRITERIA)]
+            specs.append(("prompt_lookup", {}))
             if exits is not None:
                 specs.append(("hybrid_speculative", {}))
                 if any(k.startswith("consistentee.") for k in exits.tensors):

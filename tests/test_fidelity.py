@@ -84,13 +84,15 @@ def test_lookup_match_knob(model):
                                                 lookup_match="latest"))
 
 
-@pytest.mark.parametrize("match", ["earliest", "latest"])
-def test_hybrid_is_lossless_with_either_match(model, match):
+@pytest.mark.parametrize("strategy,match", [("hybrid_speculative", "earliest"), ("hybrid_speculative", "latest"),
+                                            ("prompt_lookup", "earliest")])
+def test_lookup_methods_are_lossless_with_either_match(model, strategy, match):
     from harness.tasks import load_examples
 
     ar = build_generator(model, GenerationConfig(max_steps=24))
-    hy = build_generator(model, GenerationConfig(generation_strategy="hybrid_speculative", exit_layer=8,
-                                                 lookup_match=match, max_steps=24))
+    depth = {"exit_layer": 8} if strategy == "hybrid_speculative" else {}
+    hy = build_generator(model, GenerationConfig(generation_strategy=strategy, lookup_match=match, max_steps=24,
+                                                 **depth))
     lookups = 0
     for ex in load_examples("cnn_dm_summarization", 2):
         ids = model.encode(ex.prompt)[-400:]

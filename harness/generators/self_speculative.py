@@ -252,3 +252,24 @@ class HybridSpeculative(SelfSpeculative):
     """Prompt-lookup drafts when the last n-gram recurs, else early-exit drafts; full-model verification (lossless)."""
 
     use_lookup = True
+
+
+@register("prompt_lookup")
+class PromptLookup(HybridSpeculative):
+    """Prompt lookup decoding (Saxena 2023, transformers' prompt_lookup_num_tokens) on the harness's core: n-gram
+    drafts from the prompt and the text so far, verified in one full pass; without a match, one plain step."""
+
+    def validate(self) -> None:
+        c = self.config
+        if c.exit_layer is not None:
+            raise UsageError("--exit_layer does not apply to prompt_lookup (drafts come from the text)")
+        if c.lookup_match not in LOOKUP_MATCHES:
+            raise UsageError(f"--lookup_match must be one of {', '.join(LOOKUP_MATCHES)}, got {c.lookup_match!r}")
+        self.k, self.rows, self.threshold, self.stats = 0, None, 0.0, {}
+
+    def knobs(self) -> dict:
+        c = self.config
+        return {"lookup_ngram": c.lookup_ngram, "lookup_tokens": c.lookup_tokens, "lookup_match": c.lookup_match}
+
+    def score(self, states: list, drafted: list[int], token: int, pos: int, cache) -> torch.Tensor:
+        return self.score_full(drafted, token, pos, cache)  # no early-exit states: every pass is full depth
