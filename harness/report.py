@@ -167,7 +167,12 @@ def _full_depth(info: dict) -> bool:
 
 
 def reads_exits(info: dict) -> bool:
-    """Whether the method decodes through early exits (not transformers' own decoding, not full depth)."""
+    """Whether the method decodes through early exits (the registry's `reads_exits`; full depth reads none)."""
+    from .generators import load_all
+
+    cls = load_all().get(info["strategy"])
+    if cls is not None and not cls.reads_exits:
+        return False
     return not info["strategy"].startswith("hf_") and not _full_depth(info)
 
 

@@ -126,6 +126,7 @@ class Generator(ABC):
 
     name: ClassVar[str] = "?"
     lossless: ClassVar[bool] = False  # greedy output must equal greedy autoregressive output (harness.exactness)
+    reads_exits: ClassVar[bool] = True  # decodes through early exits (trained ones when attached); full depth aside
 
     def __init__(self, model: LayeredModel, config: GenerationConfig):
         self.model = model

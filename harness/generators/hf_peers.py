@@ -95,6 +95,7 @@ class HFPeer(Generator):
     """Base class: one call of transformers' generate, timed and counted like our generators."""
 
     lossless = True  # greedy generate, with or without its candidate generators, is plain greedy decoding's output
+    reads_exits = False  # transformers' own decoding (its early exit has no adapters)
 
     def peer_kwargs(self) -> dict:
         return {}

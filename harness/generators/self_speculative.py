@@ -259,6 +259,11 @@ class PromptLookup(HybridSpeculative):
     """Prompt lookup decoding (Saxena 2023, transformers' prompt_lookup_num_tokens) on the harness's core: n-gram
     drafts from the prompt and the text so far, verified in one full pass; without a match, one plain step."""
 
+    reads_exits = False  # full-depth passes only
+
+    def artifact_key(self) -> str:
+        return self.name  # no early exit: the artifact's self-speculative recommendation is not its own
+
     def validate(self) -> None:
         c = self.config
         if c.exit_layer is not None:
