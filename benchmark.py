@@ -50,7 +50,9 @@ def main() -> int:
     multi = parser.add_argument_group("several configurations in one invocation")
     multi.add_argument("--strategies", default=None,
                        help="comma-separated strategies, each optionally with :knob=value overrides, or 'all' "
-                            "(autoregressive, self_speculative, calm, free, dynamic x every criterion); shared "
+                            "(autoregressive, self_speculative, calm, free, dynamic x every criterion, "
+                            "prompt_lookup; with trained exits also hybrid_speculative and policy; transformers' "
+                            "peers hf_generate, hf_prompt_lookup, hf_assistant_early_exit); shared "
                             "flags reach the strategies they apply to (default: %(default)s)")
     multi.add_argument("--sweep", nargs="+", default=None, metavar="KNOB=V1,V2",
                        help="grid over knobs of --generation_strategy, e.g. exit_layer=4,6,8 "

@@ -68,8 +68,10 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256, reps: int = 5) ->
 
 
 @torch.inference_mode()
-def measure(model, context: int = 400, max_k: int = 16, reps: int = 7, ks=None) -> CostCurve:
-    """Time one pass over k new positions (layers, head, both) after `context` cached positions."""
+def measure(model, context: int = 400, max_k: int = 16, reps: int = 7, ks=None, quick: bool = False) -> CostCurve:
+    """Time one pass over k new positions (layers, head, both) after `context` cached positions.
+
+    `quick` (the runner's per-invocation curve): the layers are not timed alone but taken as full pass - head."""
     m = model
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, m.vocab_size, (1, context), generator=gen).to(m.device)
@@ -93,9 +95,9 @@ def measure(model, context: int = 400, max_k: int = 16, reps: int = 7, ks=None) 
             layers()
             head()
 
-        t_layers = median_time(layers, m.synchronize, reps)
-        t_head = median_time(head, m.synchronize, reps)
         t_total = median_time(both, m.synchronize, reps)
+        t_head = median_time(head, m.synchronize, reps)
+        t_layers = t_total - t_head if quick else median_time(layers, m.synchronize, reps)
         points.append(CostPoint(k=k, layers=t_layers, head=t_head, total=t_total))
     m.reset_counters()
     weight_bytes = sum(p.numel() * p.element_size() for p in m.hf.parameters())

@@ -79,7 +79,7 @@ def invocation_cost_curve(model: LayeredModel) -> Optional[dict]:
         from .cost_curve import measure
 
         context = max(1, min(400, model.max_context - 16))
-        model.cost_curve = measure(model, context=context, reps=3, ks=(1, 2, 4, 8)).as_dict()
+        model.cost_curve = measure(model, context=context, reps=3, ks=(1, 2, 4, 8), quick=True).as_dict()
     return model.cost_curve
 
 

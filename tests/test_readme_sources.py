@@ -48,3 +48,44 @@ def test_readme_calibrated_threshold_is_the_artifacts():
     certified = float(re.search(r"threshold \*\*([\d.]+)\*\* certified", SECTION).group(1))
     assert calm["passed"] and certified == calm["knobs"]["threshold"]
     assert f"{calm['scope']['n']} held-out" in SECTION and f"{calm['max_steps']} greedy tokens" in SECTION
+
+
+# -- the model core's figures (README "Model core"): results/core_speed, written by `make speed` -----------------
+CORE = README.split("## Model core")[1].split("\n## ")[0]
+SPEED = ROOT / "results" / "core_speed"
+
+
+def _table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_readme_cost_curve_is_the_committed_one():
+    import json
+
+    curves = {(c["dtype"], c["core"]): c for c in json.loads((SPEED / "core_costs.json").read_text())["curves"]}
+    rows = [r for r in _table_rows(CORE, "float32") + _table_rows(CORE, "bfloat16") if r[1] in ("transformers", "lean")]
+    assert len(rows) == 4
+    for row in rows:
+        c = curves[(row[0], row[1])]
+        total = {p["k"]: p["total"] for p in c["points"]}
+        assert row[2] == f"{1e3 * total[1]:.1f}" and row[6] == f"{1e3 * total[8]:.1f}"
+        assert row[-1] == f"{total[1] / c['floor']:.1f}x"
+
+
+def test_readme_speed_table_is_the_committed_reports():
+    import csv
+
+    rows = [r for r in _table_rows(CORE, "float32 |") + _table_rows(CORE, "bfloat16 (auto)")
+            if r[1] not in ("transformers", "lean")]
+    assert len(rows) == 12
+    for row in rows:
+        folder = "float32" if row[0] == "float32" else "default_dtype"
+        report = {r["label"]: r for r in csv.DictReader((SPEED / f"report_{folder}" / "report.csv").open())}
+        r = report[row[1]]
+        assert row[2] == f"{float(r['decode_ms_per_token_median']):.1f}"
+        assert row[3].startswith(f"{float(r['decode_speedup']):.2f}x [{float(r['decode_speedup_ci95_low']):.2f}-")
+        assert row[5] == f"{float(r['tau']):.2f}"
+        if r["n_compared"]:
+            assert row[6].startswith(f"{int(float(r['identical']))}/{int(float(r['n_compared']))}")
+            assert "REAL" not in row[6] and float(r["real"]) == 0
