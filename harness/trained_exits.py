@@ -78,13 +78,17 @@ class ExitArtifact:
                 return f"{key} {self.model.get(key)} != this model's {ident[key]}"
         return None
 
-    def calibrated_dtype(self) -> Optional[str]:
-        """The dtype its thresholds were calibrated in (None: no calibration). The train CLI's `auto` is float32."""
-        cal = self.provenance.get("calibrate")
-        if not cal:
+    def recipe_dtype(self, recipe: str) -> Optional[str]:
+        """The dtype a recipe ran in (None: it did not run). The train CLI's `auto` is float32."""
+        prov = self.provenance.get(recipe)
+        if not prov:
             return None
-        dtype = cal.get("dtype") or (cal.get("config") or {}).get("dtype") or "auto"
+        dtype = prov.get("dtype") or (prov.get("config") or {}).get("dtype") or "auto"
         return "float32" if dtype == "auto" else str(dtype).replace("bf16", "bfloat16").replace("fp32", "float32")
+
+    def calibrated_dtype(self) -> Optional[str]:
+        """The dtype its thresholds were calibrated in (None: no calibration)."""
+        return self.recipe_dtype("calibrate")
 
     # -- file ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -64,3 +64,20 @@ def test_bf16_lossless_methods_differ_from_autoregressive_only_at_near_ties(bf16
     s = summarize(matches)
     assert s["identical"] >= len(matches) // 2  # most outputs are simply identical
     assert verified > 0
+
+
+def test_thresholds_calibrated_in_fp32_are_not_taken_in_bf16(bf16_model):
+    from harness.trained_exits import ExitArtifact, shipped_artifacts
+
+    (path,) = shipped_artifacts()
+    art = ExitArtifact.load(path)
+    assert art.calibrated_dtype() == "float32" and "threshold" in art.thresholds["calm"]["knobs"]
+    bf16_model.set_exits(art)
+    try:
+        g = build_generator(bf16_model, GenerationConfig(generation_strategy="calm"))
+        assert "threshold" not in g.trained_knobs and g.config.threshold == GenerationConfig().threshold
+        assert g.skipped_thresholds["knobs"]["threshold"] == art.thresholds["calm"]["knobs"]["threshold"]
+        assert g.skipped_thresholds["calibrated_dtype"] == "float32"
+        assert g.trained_knobs.get("min_exit_layer") == art.recommended["calm"]["min_exit_layer"]  # not a certificate
+    finally:
+        bf16_model.set_exits(None)
