@@ -1,9 +1,9 @@
 """Model loading and the layer-addressable core.
 
-`LayeredModel` is the only code in the harness that knows transformers' module paths
-(``model.model.layers``, ``norm``, ``lm_head``, ``rotary_emb``). Generators compose its five
-operations: embed, run a contiguous range of layers on a KV cache, apply the exit head at any depth,
-and read or crop the cache per layer.
+`LayeredModel` and the lean layer forward it runs (harness/lean_layers.py: a decoder layer's projections and
+norms) are the only code in the harness that knows transformers' module paths (``model.model.layers``, ``norm``,
+``lm_head``, ``rotary_emb``, ``self_attn.q_proj``...). Generators compose its five operations: embed, run a
+contiguous range of layers on a KV cache, apply the exit head at any depth, and read or crop the cache per layer.
 """
 from __future__ import annotations
 
