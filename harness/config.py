@@ -392,15 +392,18 @@ def for_strategy(base: GenerationConfig, strategy: str, **overrides: Any) -> Gen
     """`base` narrowed to one strategy: generic knobs and that strategy's own knobs are kept, the rest reset.
 
     Used when one invocation runs several strategies: --threshold 0.8 reaches calm and free but is not an
-    error for autoregressive. exit_layer is kept only for self_speculative (static exit is asked for
-    explicitly, e.g. autoregressive:exit_layer=15), so the baseline always runs full depth.
+    error for autoregressive. exit_layer is kept only for methods whose exit layer is a draft depth (the
+    generator's `draft_depth`; static exit is asked for explicitly, e.g. autoregressive:exit_layer=15), so the
+    baseline always runs full depth.
     """
     kw: dict[str, Any] = {}
     for f in dataclasses.fields(GenerationConfig):
         methods = f.metadata.get("methods")
         if f.name in GENERIC_KNOBS or (methods and strategy in methods):
             kw[f.name] = getattr(base, f.name)
-    if strategy in ("self_speculative", "hybrid_speculative", "hf_assistant_early_exit"):  # exit_layer = draft depth
+    from .generators import load_all  # the registry says whose --exit_layer is a draft depth
+
+    if getattr(load_all().get(strategy), "draft_depth", False):
         kw["exit_layer"] = base.exit_layer
     kw.update(overrides)
     kw["explicit"] = tuple((set(base.explicit) & set(kw)) | set(overrides))  # what the user named stays named

@@ -208,10 +208,14 @@ def method_label(info: dict) -> str:
     return info["strategy"] + (" " + shown if shown else "") + trained
 
 
-SHORT = {"autoregressive": "AR", "self_speculative": "SS", "hybrid_speculative": "hybrid",
-         "prompt_lookup": "lookup", "calm": "CALM",
-         "free": "FREE", "dynamic": "dyn", "policy": "policy", "hf_generate": "hf", "hf_prompt_lookup": "hf lookup",
-         "hf_assistant_early_exit": "hf AEE"}
+def method_fact(strategy: str, fact: str, default=None):
+    """A fact a registered generator class states about itself (short label, plot family, lossless...)."""
+    from .generators import load_all
+
+    value = getattr(load_all().get(strategy), fact, None)
+    return default if value in (None, "") else value
+
+
 SHORT_KNOB = {"exit_layer": "E", "num_speculations": "k", "threshold": "t", "shallow_exit_layer": "S",
               "min_exit_layer": "min", "draft_threshold": "dt", "draft_vocab": "dv", "policy_threshold": "pt",
               "max_prob_start": "start", "max_prob_end": "end", "max_prob_scale": "scale"}
@@ -246,7 +250,7 @@ def short_label(strategy: str, knobs: dict) -> str:
     parts += [(key, SHORT_KNOB.get(key, f"{key}=") + _short_value(v)) for key, v in sorted(art.items())
               if key not in shown]
     text = [t + (ARTIFACT_MARK if key in art else "") for key, t in parts]
-    return " ".join([SHORT.get(strategy, strategy), *text])
+    return " ".join([method_fact(strategy, "short", strategy), *text])
 
 
 def _identity(info: dict) -> str:
@@ -825,15 +829,15 @@ def _pareto(points: list[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
-FAMILIES = {  # strategy -> (family shown in the plot, colour)
-    "autoregressive": ("autoregressive / static exit", "tab:gray"),
-    "self_speculative": ("speculative (lossless)", "tab:blue"), "hybrid_speculative": ("speculative (lossless)", "tab:blue"),
-    "prompt_lookup": ("speculative (lossless)", "tab:blue"),
-    "calm": ("per-token early exit", "tab:orange"), "free": ("per-token early exit", "tab:orange"),
-    "dynamic": ("per-token early exit", "tab:orange"), "policy": ("per-token early exit", "tab:orange"),
-    "hf_generate": ("transformers peers", "tab:green"), "hf_prompt_lookup": ("transformers peers", "tab:green"),
-    "hf_assistant_early_exit": ("transformers peers", "tab:green"),
-}
+FAMILY_COLOURS = {"autoregressive / static exit": "tab:gray", "speculative (lossless)": "tab:blue",
+                  "per-token early exit": "tab:orange", "transformers peers": "tab:green", "other": "tab:purple"}
+
+
+def family_of(strategy: str) -> tuple[str, str]:
+    """(plot family, colour) of a method, from its class (generators' `family`)."""
+    fam = method_fact(strategy, "family", "other")
+    return fam, FAMILY_COLOURS.get(fam, "tab:purple")
+
 
 
 def _label_offsets(xs: list, ys: list, step: float = 9.0) -> list[float]:
@@ -881,7 +885,7 @@ def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
         xerr = [(g["decode_speedup"] - g["decode_speedup_q25"]).tolist(),
                 (g["decode_speedup_q75"] - g["decode_speedup"]).tolist()] if use_speedup else None
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.6", lw=0.8, zorder=2)
-        colours = [FAMILIES.get(s, ("other", "tab:purple"))[1] for s in g["strategy"]]
+        colours = [family_of(s)[1] for s in g["strategy"]]
         for marker, want in (("o", False), ("x", True)):
             idx = [i for i, b in enumerate(bad) if b == want]
             if idx:
@@ -891,7 +895,7 @@ def plot_speed_quality(df: pd.DataFrame, out: Path) -> list[Path]:
         for (x, y, text), dy in zip(zip(xs, ys, labels), _label_offsets(xs, ys)):
             ax.annotate(text, (x, y), fontsize=7.5, xytext=(4, 3 + dy), textcoords="offset points",
                         arrowprops={"arrowstyle": "-", "color": "0.7", "lw": 0.5} if dy else None)
-        for fam, colour in dict(FAMILIES.get(s, ("other", "tab:purple")) for s in g["strategy"]).items():
+        for fam, colour in dict(family_of(s) for s in g["strategy"]).items():
             ax.scatter([], [], c=colour, s=28, label=fam)
         if any(bad):
             ax.scatter([], [], c="0.3", s=28, marker="x", label="degenerate output (not a finding)")

@@ -542,8 +542,8 @@ def expand_strategies(text: str, base: GenerationConfig, num_layers: int, exits=
         if name == "autoregressive" and not over:
             continue  # the baseline is already first
         recommended = exits is not None and "exit_layer" in exits.recommended.get("self_speculative", {})
-        if name in ("self_speculative", "hybrid_speculative", "hf_assistant_early_exit") and base.exit_layer is None \
-                and "exit_layer" not in over and not (recommended and name != "hf_assistant_early_exit"):
+        if known[name].draft_depth and base.exit_layer is None \
+                and "exit_layer" not in over and not (recommended and known[name].reads_exits):
             over = {"exit_layer": max(1, num_layers // 4), **over}  # LayerSkip's typical E ~ L/4
         if name == "dynamic" and "criteria" not in over:
             over = {"criteria": base.criteria or CRITERIA[0], **over}

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from .base import GENERATORS, GenerationResult, Generator, StopCondition, build_generator, register
 
-# Modules holding registered generators; a new method adds its module name here.
-MODULES = ("autoregressive", "self_speculative", "calm", "free", "dynamic", "hf_peers", "policy")
+_LOADED = False
 
 
 def load_all() -> dict:
-    for name in MODULES:
-        importlib.import_module(f"{__name__}.{name}")
+    """Import every module of this package once (each registers its methods): a new method is a new file."""
+    global _LOADED
+    if not _LOADED:
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{info.name}")
+        _LOADED = True
     return GENERATORS
 
 

@@ -16,6 +16,8 @@ from .base import GenerationResult, Generator, Output, StopCondition, TokenCallb
 class Autoregressive(Generator):
     """Plain greedy/sampled decoding; the baseline every speedup is measured against."""
 
+    short, family = "AR", "autoregressive / static exit"
+
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], stop: StopCondition,
                  on_tokens: Optional[TokenCallback] = None) -> GenerationResult:

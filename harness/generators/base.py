@@ -127,6 +127,9 @@ class Generator(ABC):
     name: ClassVar[str] = "?"
     lossless: ClassVar[bool] = False  # greedy output must equal greedy autoregressive output (harness.exactness)
     reads_exits: ClassVar[bool] = True  # decodes through early exits (trained ones when attached); full depth aside
+    draft_depth: ClassVar[bool] = False  # --exit_layer is its draft depth: a shared --exit_layer reaches it
+    short: ClassVar[str] = ""  # its label in report tables and plots ("" = the registered name)
+    family: ClassVar[str] = "other"  # its plot family (report.FAMILY_COLOURS gives each family a colour)
 
     def __init__(self, model: LayeredModel, config: GenerationConfig):
         self.model = model

@@ -27,6 +27,8 @@ DEFAULT_THRESHOLD = 0.9
 class Calm(PerTokenExit):
     """CALM: per-token exit when confidence > (decaying) threshold; state copying for skipped layers."""
 
+    short, family = "CALM", "per-token early exit"
+
     def validate(self) -> None:
         super().validate()
         self.threshold = DEFAULT_THRESHOLD if self.config.threshold is None else self.config.threshold

@@ -33,6 +33,8 @@ from .per_token_exit import PerTokenExit
 class Dynamic(PerTokenExit):
     """Dynamic early exit: --criteria cosine_similarity|token_repeat|entropy_based|max_probability|convergence."""
 
+    short, family = "dyn", "per-token early exit"
+
     default_confidence = None
     caps_depth = True
 

@@ -67,6 +67,8 @@ class AdaptiveThreshold:
 class Free(Generator):
     """FREE: shallow-deep exit with synchronized parallel decoding and optional adaptive threshold."""
 
+    short, family = "FREE", "per-token early exit"
+
     def validate(self) -> None:
         L, c = self.model.num_layers, self.config
         s = c.shallow_exit_layer

@@ -96,6 +96,7 @@ class HFPeer(Generator):
 
     lossless = True  # greedy generate, with or without its candidate generators, is plain greedy decoding's output
     reads_exits = False  # transformers' own decoding (its early exit has no adapters)
+    family = "transformers peers"
 
     def peer_kwargs(self) -> dict:
         return {}
@@ -152,6 +153,8 @@ class HFPeer(Generator):
 class HFGenerate(HFPeer):
     """transformers' generate (greedy or sampling): the plain peer every reader knows."""
 
+    short = "hf"
+
     def validate(self) -> None:
         if self.config.exit_layer is not None:
             raise UsageError("--exit_layer does not apply to hf_generate (it always runs the full model)")
@@ -160,6 +163,9 @@ class HFGenerate(HFPeer):
 @register("hf_assistant_early_exit")
 class HFAssistantEarlyExit(HFPeer):
     """transformers' generate(assistant_early_exit=E): its own LayerSkip-style self-speculation."""
+
+    short = "hf AEE"
+    draft_depth = True
 
     speculative = True
 
@@ -180,6 +186,8 @@ class HFAssistantEarlyExit(HFPeer):
 @register("hf_prompt_lookup")
 class HFPromptLookup(HFPeer):
     """transformers' generate(prompt_lookup_num_tokens=N): drafts copied from matching n-grams of the prompt."""
+
+    short = "hf lookup"
 
     speculative = True
 

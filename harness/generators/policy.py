@@ -113,6 +113,8 @@ def policies_from_tensors(tensors: dict[str, torch.Tensor], hidden_size: int,
 class Policy(PerTokenExit):
     """ConsistentEE: a learned policy network per exit layer; exit when pi_l(h_l) > --policy_threshold."""
 
+    short, family = "policy", "per-token early exit"
+
     def validate(self) -> None:
         m = self.model
         art = m.exits

@@ -90,6 +90,8 @@ class SelfSpeculative(Generator):
 
     use_lookup = False
     lossless = True
+    short, family = "SS", "speculative (lossless)"
+    draft_depth = True
 
     def artifact_key(self) -> str:
         return "self_speculative"
@@ -252,6 +254,7 @@ class HybridSpeculative(SelfSpeculative):
     """Prompt-lookup drafts when the last n-gram recurs, else early-exit drafts; full-model verification (lossless)."""
 
     use_lookup = True
+    short = "hybrid"
 
 
 @register("prompt_lookup")
@@ -259,7 +262,8 @@ class PromptLookup(HybridSpeculative):
     """Prompt lookup decoding (Saxena 2023, transformers' prompt_lookup_num_tokens) on the harness's core: n-gram
     drafts from the prompt and the text so far, verified in one full pass; without a match, one plain step."""
 
-    reads_exits = False  # full-depth passes only
+    reads_exits = draft_depth = False  # full-depth passes only
+    short = "lookup"
 
     def artifact_key(self) -> str:
         return self.name  # no early exit: the artifact's self-speculative recommendation is not its own
