@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .model import synchronize
 from .speculation_model import median_time
 
 
@@ -53,8 +54,7 @@ class CostCurve:
 def read_bandwidth(device: torch.device, megabytes: int = 256, reps: int = 5) -> float:
     """Bytes/s read by summing a large buffer on `device` (what streaming the weights through a kernel costs)."""
     src = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32, device=device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    return src.numel() * src.element_size() / median_time(lambda: src.sum(), sync, reps)
+    return src.numel() * src.element_size() / median_time(lambda: src.sum(), lambda: synchronize(device), reps)
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 256, reps: int = 5) -> float:
@@ -62,8 +62,7 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256, reps: int = 5) ->
     n = megabytes * (1 << 20) // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    seconds = median_time(lambda: dst.copy_(src), sync, reps)
+    seconds = median_time(lambda: dst.copy_(src), lambda: synchronize(device), reps)
     return 2 * src.numel() * src.element_size() / seconds
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -47,6 +46,7 @@ def step_seconds(dtype: torch.dtype, layers: int = 30, context: int = 256, reps:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .model import LayeredModel
+    from .speculation_model import median_time
 
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                       num_hidden_layers=layers, vocab_size=49152, max_position_embeddings=2048,
@@ -64,14 +64,12 @@ def step_seconds(dtype: torch.dtype, layers: int = 30, context: int = 256, reps:
     for k in (1, 4):
         x = m.embed(torch.arange(1, k + 1).unsqueeze(0))
         rope = m.rope(x, context)
-        times = []
-        for _ in range(reps + 2):
-            t0 = time.perf_counter()
+
+        def one_pass():
             m.exit_logits(m.run_layers(x, 0, layers, cache, context, rope=rope))
-            times.append(time.perf_counter() - t0)
             m.crop(cache, context)
-        times = sorted(times[2:])
-        total += times[len(times) // 2]
+
+        total += median_time(one_pass, m.synchronize, reps)
     return total
 
 

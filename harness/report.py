@@ -48,7 +48,6 @@ across configurations; degenerate rows are left out.
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import json
 import math
@@ -168,10 +167,7 @@ def _full_depth(info: dict) -> bool:
 
 def reads_exits(info: dict) -> bool:
     """Whether the method decodes through early exits (the registry's `reads_exits`; full depth reads none)."""
-    from .generators import load_all
-
-    cls = load_all().get(info["strategy"])
-    if cls is not None and not cls.reads_exits:
+    if not method_fact(info["strategy"], "reads_exits", True):
         return False
     return not info["strategy"].startswith("hf_") and not _full_depth(info)
 
@@ -433,13 +429,9 @@ def quality_verdict(r, q: str) -> str:
     return "higher" if lo > 0.0 else "lower" if hi < 0.0 else NOT_DISTINGUISHABLE
 
 
-@functools.lru_cache(maxsize=None)
 def is_lossless(strategy: str) -> bool:
-    """The generator registry's word on whether a method's greedy output must equal greedy autoregressive output.
-    Imported only when a row needs it: the registry imports torch, which a report otherwise does without."""
-    from .generators import load_all
-
-    return bool(getattr(load_all().get(strategy), "lossless", False))
+    """The generator registry's word on whether a method's greedy output must equal greedy autoregressive output."""
+    return bool(method_fact(strategy, "lossless", False))
 
 
 EXACT_COUNTS = ("identical", "near_tie", "real", "unknown", "n_compared")  # report.csv columns (integers)

@@ -18,6 +18,11 @@ class Autoregressive(Generator):
 
     short, family = "AR", "autoregressive / static exit"
 
+    def records_gaps(self, depth: Optional[int]) -> bool:
+        """Greedy full-depth decoding logs its top-2 logit gaps: it is the reference every lossless method's output is
+        compared with, and a mismatch is classified by the gap where it starts (harness.exactness)."""
+        return self.sampler.greedy and depth in (None, self.model.num_layers)
+
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], stop: StopCondition,
                  on_tokens: Optional[TokenCallback] = None) -> GenerationResult:

@@ -221,9 +221,8 @@ class Generator(ABC):
         return cache, token, t0, t1
 
     def records_gaps(self, depth: Optional[int]) -> bool:
-        """Whether this generation logs its top-2 logit gaps: greedy, full-depth, plain decoding (the reference every
-        lossless method's output is compared with; a mismatch is classified by the gap where it starts)."""
-        return self.name == "autoregressive" and self.sampler.greedy and depth in (None, self.model.num_layers)
+        """Whether this generation logs its top-2 logit gaps (only plain decoding does: autoregressive.py)."""
+        return False
 
     def result(self, out: "Output", t_start: float, t_prefill: float, t_end: float, **extra) -> GenerationResult:
         c = self.model.counters

@@ -121,11 +121,16 @@ class SelfSpeculative(Generator):
         self.threshold = c.draft_threshold or 0.0
         if not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"--draft_threshold must be in [0, 1], got {self.threshold}")
-        if self.use_lookup and (c.lookup_ngram < 1 or c.lookup_tokens < 1):
-            raise UsageError("--lookup_ngram and --lookup_tokens must be >= 1")
-        if self.use_lookup and c.lookup_match not in LOOKUP_MATCHES:
-            raise UsageError(f"--lookup_match must be one of {', '.join(LOOKUP_MATCHES)}, got {c.lookup_match!r}")
+        if self.use_lookup:
+            self.validate_lookup()
         self.stats = {}
+
+    def validate_lookup(self) -> None:
+        c = self.config
+        if c.lookup_ngram < 1 or c.lookup_tokens < 1:
+            raise UsageError("--lookup_ngram and --lookup_tokens must be >= 1")
+        if c.lookup_match not in LOOKUP_MATCHES:
+            raise UsageError(f"--lookup_match must be one of {', '.join(LOOKUP_MATCHES)}, got {c.lookup_match!r}")
 
     def knobs(self) -> dict:
         out = {"exit_layer": self.config.exit_layer, "num_speculations": self.k,
@@ -272,8 +277,7 @@ class PromptLookup(HybridSpeculative):
         c = self.config
         if c.exit_layer is not None:
             raise UsageError("--exit_layer does not apply to prompt_lookup (drafts come from the text)")
-        if c.lookup_match not in LOOKUP_MATCHES:
-            raise UsageError(f"--lookup_match must be one of {', '.join(LOOKUP_MATCHES)}, got {c.lookup_match!r}")
+        self.validate_lookup()
         self.k, self.rows, self.threshold, self.stats = 0, None, 0.0, {}
 
     def knobs(self) -> dict:
