@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The tested dependency set: every package but torch at the version `make test` passed with (make lock writes it).
 LOCK := constraints.txt
 
-.PHONY: setup demo test bench check costs speed exits shipped results clean-cache lock
+.PHONY: setup demo test bench check gpu-check costs speed exits shipped results clean-cache lock
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench: setup
 # Is the measurement trustworthy here? Order effect, A/A control, free's null speedup: PASS/FAIL.
 check: setup
 	$(PY) bench/measurement_check.py
+
+# On a CUDA machine (make TORCH_SPEC=torch setup first): GPU tests, cost curve, near-tie drift, measurement check and
+# a speed table, logs under results/gpu_check (README "Checking the measurement on your hardware").
+gpu-check: setup
+	PY=$(PY) bash bench/gpu_check.sh results/gpu_check
 
 # The core's cost curve (k = 1..16 new positions: layers, head, full pass) per dtype and the bandwidth floor.
 costs: setup

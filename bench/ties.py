@@ -34,11 +34,11 @@ def drift(model, prompt: list[int], tokens: int, width: int) -> list[dict]:
     """Per generated position: plain decoding's margin and its change under `width`-position re-scoring."""
     m, L = model, model.num_layers
     cache = m.new_cache()
-    h = m.run_layers(m.embed(torch.tensor([prompt])), 0, L, cache, 0)
+    h = m.run_layers(m.embed(torch.tensor([prompt], device=m.device)), 0, L, cache, 0)
     logits = [m.exit_logits(h[:, -1:])[0, -1].float()]
     seq = [int(logits[0].argmax())]
     for i in range(tokens - 1):
-        h = m.run_layers(m.embed(torch.tensor([[seq[-1]]])), 0, L, cache, len(prompt) + i)
+        h = m.run_layers(m.embed(torch.tensor([[seq[-1]]], device=m.device)), 0, L, cache, len(prompt) + i)
         logits.append(m.exit_logits(h)[0, -1].float())
         seq.append(int(logits[-1].argmax()))
     # re-score: the verifier sees [token at p, drafts...] and predicts positions p+1..p+width
@@ -46,7 +46,7 @@ def drift(model, prompt: list[int], tokens: int, width: int) -> list[dict]:
     wide, pos, inputs = [logits[0]], len(prompt), seq[:-1]
     for s in range(0, len(inputs), width):
         chunk = inputs[s:s + width]
-        h = m.run_layers(m.embed(torch.tensor([chunk])), 0, L, cache, pos)
+        h = m.run_layers(m.embed(torch.tensor([chunk], device=m.device)), 0, L, cache, pos)
         wide.extend(m.exit_logits(h)[0].float())
         pos += len(chunk)
     out = []

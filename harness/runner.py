@@ -67,8 +67,9 @@ def speculation_verdict(generator: Generator) -> Optional[dict]:
     if art is None or generator.artifact_key() != "self_speculative":
         return None
     rec = recommendation(art)
-    # the prediction rests on costs timed in the recipe's dtype: say which (a run in another dtype is told so)
-    return dict(rec, fitted_dtype=art.recipe_dtype("exit_adapters")) if rec is not None else None
+    # the prediction rests on costs timed on the recipe's device in its dtype: say which (a run elsewhere is told so)
+    return dict(rec, fitted_dtype=art.recipe_dtype("exit_adapters"), fitted_device=art.recipe_device("exit_adapters"),
+                fitted_hardware=art.provenance.get("exit_adapters", {}).get("hardware")) if rec is not None else None
 
 
 def invocation_cost_curve(model: LayeredModel) -> Optional[dict]:
@@ -195,10 +196,13 @@ class Benchmark:
         self.verdict = speculation_verdict(self.generator)  # the artifact's self-speculation verdict, if it has one
         verdict = self.verdict
         dtype = str(self.model.dtype).removeprefix("torch.")
-        if verdict and verdict.get("fitted_dtype") not in (None, dtype) and not control:
-            print(f"{self.generator.name}: the exit artifact's self-speculation recommendation was timed in "
-                  f"{verdict['fitted_dtype']} (predicted {verdict.get('predicted_speedup', float('nan')):.2f}x there); "
-                  f"this run is {dtype}, where that prediction was not made", file=sys.stderr)
+        elsewhere = verdict and (verdict.get("fitted_dtype") not in (None, dtype)
+                                 or verdict.get("fitted_device") not in (None, self.model.device.type))
+        if elsewhere and not control:
+            print(f"{self.generator.name}: the exit artifact's self-speculation recommendation was timed on "
+                  f"{verdict.get('fitted_hardware') or verdict.get('fitted_device')} in {verdict['fitted_dtype']} "
+                  f"(predicted {verdict.get('predicted_speedup', float('nan')):.2f}x there); this run is "
+                  f"{self.model.device.type} {dtype}, where that prediction was not made", file=sys.stderr)
         if verdict and not verdict["speculate"] and not control:
             print(f"{self.generator.name}: the exit artifact's recommender predicts no self-speculative setting at or "
                   f"above 1.0x on this machine (best {verdict['best'].get('predicted_speedup', float('nan')):.2f}x): "
@@ -257,7 +261,8 @@ class Benchmark:
         info.cost_curve = invocation_cost_curve(self.model)
         if verdict is not None:  # what the shipped recommendation predicted, beside what this run measures
             info.model = dict(info.model, speculation_verdict={k: verdict.get(k) for k in (
-                "speculate", "knobs", "predicted_speedup", "best", "untrained_default", "fitted_dtype")})
+                "speculate", "knobs", "predicted_speedup", "best", "untrained_default", "fitted_dtype",
+                "fitted_device", "fitted_hardware")})
         info.config_sha256 = config_sha256(info)
         return info
 

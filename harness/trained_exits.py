@@ -86,6 +86,13 @@ class ExitArtifact:
         dtype = prov.get("dtype") or (prov.get("config") or {}).get("dtype") or "auto"
         return "float32" if dtype == "auto" else str(dtype).replace("bf16", "bfloat16").replace("fp32", "float32")
 
+    def recipe_device(self, recipe: str) -> Optional[str]:
+        """The device type a recipe ran on, cpu or cuda (None: it did not run; older artifacts: read off `hardware`)."""
+        prov = self.provenance.get(recipe)
+        if not prov:
+            return None
+        return prov.get("device_type") or ("cpu" if " CPU x" in str(prov.get("hardware", "")) else "cuda")
+
     def calibrated_dtype(self) -> Optional[str]:
         """The dtype its thresholds were calibrated in (None: no calibration)."""
         return self.recipe_dtype("calibrate")

@@ -89,3 +89,30 @@ def test_readme_speed_table_is_the_committed_reports():
         if r["n_compared"]:
             assert row[6].startswith(f"{int(float(r['identical']))}/{int(float(r['n_compared']))}")
             assert "REAL" not in row[6] and float(r["real"]) == 0
+
+
+# -- the GPU check's figures (README "Checking the measurement on your hardware"): results/gpu_h200 -----------------
+GPU = ROOT / "results" / "gpu_h200"
+GPU_TEXT = README.split("**GPU.** `make gpu-check`")[1].split("\n### ")[0]
+
+
+def test_readme_gpu_figures_are_the_committed_gpu_check():
+    import csv
+    import json
+
+    block = GPU_TEXT.split("```")[1]
+    logs = (GPU / "tests.log").read_text() + (GPU / "measurement_check.log").read_text()
+    for line in block.strip().splitlines():
+        assert line.split("  #")[0].strip() in logs, line
+    report = {(r["strategy"], r["control"]): r for r in csv.DictReader((GPU / "speed/runs/report/report.csv").open())}
+    for name, control in (("autoregressive", "True"), ("hybrid_speculative", "False"), ("prompt_lookup", "False"),
+                          ("hf_prompt_lookup", "False"), ("self_speculative", "False")):
+        r = report[(name, control)]
+        figure = (f"{float(r['decode_speedup']):.2f}x [{float(r['decode_speedup_ci95_low']):.2f}-"
+                  f"{float(r['decode_speedup_ci95_high']):.2f}]")
+        assert figure in " ".join(GPU_TEXT.split()), (name, figure)  # wrapped lines read as one
+    curves = {(c["dtype"], c["core"]): c for c in json.loads((GPU / "core_costs.json").read_text())["curves"]}
+    for core in ("lean", "transformers"):
+        total = {p["k"]: p["total"] for p in curves[("bfloat16", core)]["points"]}
+        assert f"{1e3 * total[1]:.1f}" in GPU_TEXT and f"{1e3 * total[8]:.1f}" in GPU_TEXT
+    assert "max 0.3750" in (GPU / "ties_bfloat16.log").read_text() and "0.375 logit" in GPU_TEXT

@@ -254,3 +254,13 @@ def test_shipped_self_speculation_recommendation_is_honest():
         trained = art.provenance["exit_adapters"]["training_data"]
         for source, docs in rec["fitted_on"]["documents"].items():
             assert not set(docs["records"]) & set(trained.get(source, {}).get("records", [])), (path.name, source)
+
+
+def test_the_recommendation_names_the_device_and_dtype_it_was_timed_on():
+    """A run on another device or dtype than the recommender's timings is told so (runner.speculation_verdict)."""
+    art = ExitArtifact(model={}, provenance={"exit_adapters": {"hardware": "x86_64 CPU x2", "config": {}}})
+    assert (art.recipe_device("exit_adapters"), art.recipe_dtype("exit_adapters")) == ("cpu", "float32")
+    art.provenance["exit_adapters"] = {"hardware": "NVIDIA H200", "config": {"dtype": "bfloat16"}}
+    assert (art.recipe_device("exit_adapters"), art.recipe_dtype("exit_adapters")) == ("cuda", "bfloat16")
+    art.provenance["exit_adapters"]["device_type"] = "cpu"  # recorded since recipes resolve --device auto
+    assert art.recipe_device("exit_adapters") == "cpu" and art.recipe_device("calibrate") is None

@@ -325,10 +325,13 @@ def provenance(cfg: TrainConfig, seconds: float, metrics: dict, **extra) -> dict
     """How an artifact part was made: enough to reproduce it and to judge it."""
     from ..runner import git_commit
 
-    dev = torch.device("cuda") if cfg.device.startswith("cuda") and torch.cuda.is_available() else None
+    # `auto` resolves as load_model does: a recipe run on a GPU by default must not be recorded as a CPU run
+    wanted = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(wanted) if wanted.startswith("cuda") and torch.cuda.is_available() else None
     return {"command": "python -m harness.train " + " ".join(sys.argv[1:]), "config": asdict(cfg),
             "seconds": round(seconds, 1), "hardware": torch.cuda.get_device_name(dev) if dev else
             f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}",
+            "device_type": "cuda" if dev else "cpu",
             "torch": torch.__version__, "commit": git_commit(), "metrics": metrics, **extra}
 
 
