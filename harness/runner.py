@@ -67,9 +67,13 @@ def speculation_verdict(generator: Generator) -> Optional[dict]:
     if art is None or generator.artifact_key() != "self_speculative":
         return None
     rec = recommendation(art)
-    # the prediction rests on costs timed on the recipe's device in its dtype: say which (a run elsewhere is told so)
-    return dict(rec, fitted_dtype=art.recipe_dtype("exit_adapters"), fitted_device=art.recipe_device("exit_adapters"),
-                fitted_hardware=art.provenance.get("exit_adapters", {}).get("hardware")) if rec is not None else None
+    if rec is None:
+        return None
+    # the prediction rests on costs timed on one device in one dtype: say which (a run elsewhere is told so); a
+    # verdict re-costed where this run happens (trained_exits.recost_where_run) names its own
+    on = rec.get("costed_on") or {"device": art.recipe_device("exit_adapters"), "dtype": art.recipe_dtype("exit_adapters")}
+    hardware = None if "recosted_from" in rec else art.provenance.get("exit_adapters", {}).get("hardware")
+    return dict(rec, fitted_dtype=on["dtype"], fitted_device=on["device"], fitted_hardware=hardware)
 
 
 def invocation_cost_curve(model: LayeredModel) -> Optional[dict]:
@@ -262,7 +266,7 @@ class Benchmark:
         if verdict is not None:  # what the shipped recommendation predicted, beside what this run measures
             info.model = dict(info.model, speculation_verdict={k: verdict.get(k) for k in (
                 "speculate", "knobs", "predicted_speedup", "best", "untrained_default", "fitted_dtype",
-                "fitted_device", "fitted_hardware")})
+                "fitted_device", "fitted_hardware", "recosted_from")})
         info.config_sha256 = config_sha256(info)
         return info
 

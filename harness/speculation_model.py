@@ -196,3 +196,99 @@ def recommendation(art) -> Optional[dict]:
     runs with this artifact and no explicit knobs, "fitted_on": the prompts and continuations it was fitted on}."""
     rec = ((getattr(art, "provenance", None) or {}).get("exit_adapters") or {}).get("recommendation")
     return rec if isinstance(rec, dict) and "speculate" in rec else None
+
+
+# -- the acceptance pattern kept in the artifact, and the verdict re-costed where a run happens ----------------------
+# A verdict = acceptance pattern x costs. The pattern (which drafts the full model accepted on the fit's greedy
+# continuations, and the drafts' confidences) is a property of the adapters; the costs belong to a device and dtype.
+# Keeping the pattern lets a run on another device or dtype re-cost the verdict where it runs instead of taking
+# one timed elsewhere (a GPU is host-bound: a draft pass there costs nearly a full pass).
+PATTERN = "exit_adapters.fit"  # tensor-name prefix in the artifact
+
+
+def pack_pattern(per_exit: dict, default: tuple, untrained_layer: int) -> dict:
+    """Tensors for the artifact: per draft exit (and the untrained full-head default) the flat agree / conf of every
+    sequence, and the sequences' lengths (the same for every exit)."""
+    lengths = [len(a) for a in default[0]]
+    out = {f"{PATTERN}.lengths": torch.tensor(lengths, dtype=torch.int32),
+           f"{PATTERN}.untrained_layer": torch.tensor([untrained_layer], dtype=torch.int32)}
+    for key, (ag, cf) in list(per_exit.items()) + [(("untrained", 0), default)]:
+        d, rows = key
+        assert [len(a) for a in ag] == lengths
+        out[f"{PATTERN}.agree.{d}.{rows}"] = torch.tensor([x for a in ag for x in a], dtype=torch.bool)
+        out[f"{PATTERN}.conf.{d}.{rows}"] = torch.tensor([x for c in cf for x in c], dtype=torch.float32)
+    return out
+
+
+def unpack_pattern(tensors: dict) -> Optional[tuple[dict, tuple, int]]:
+    """(per_exit, untrained default, its layer) from an artifact's tensors; None when it holds no pattern."""
+    if f"{PATTERN}.lengths" not in tensors:
+        return None
+    lengths = tensors[f"{PATTERN}.lengths"].tolist()
+
+    def split(flat):
+        out, i = [], 0
+        for n in lengths:
+            out.append(flat[i:i + n].tolist())
+            i += n
+        return out
+
+    per_exit, default = {}, None
+    for name in tensors:
+        if name.startswith(f"{PATTERN}.agree."):
+            d, rows = name[len(f"{PATTERN}.agree."):].split(".")
+            pair = (split(tensors[name]), split(tensors[f"{PATTERN}.conf.{d}.{rows}"]))
+            if d == "untrained":
+                default = pair
+            else:
+                per_exit[(int(d), int(rows))] = pair
+    return per_exit, default, int(tensors[f"{PATTERN}.untrained_layer"][0])
+
+
+def verdict(per_exit: dict, default: tuple, untrained_layer: int, costs: Costs, k_default: int) -> tuple[dict, list]:
+    """The self-speculation record (speculate, knobs, best, untrained_default, predicted_speedup) from an acceptance
+    pattern and costs, and every setting's prediction."""
+    best, table = best_setting(per_exit, costs)
+    untrained = simulate(default[0], default[1], untrained_layer, k_default, 0.0, costs, draft_vocab=0)
+    # uncertainty from the few fitted prompts (resampled whole); the verdict itself is the point prediction's
+    best["predicted_speedup_ci95"] = speedup_interval(*per_exit[(best["exit_layer"], best["draft_vocab"])],
+                                                      best["exit_layer"], best["num_speculations"],
+                                                      best["draft_threshold"], costs, best["draft_vocab"])
+    untrained["predicted_speedup_ci95"] = speedup_interval(default[0], default[1], untrained_layer, k_default, 0.0,
+                                                           costs, draft_vocab=0)
+    knobs = {k: best[k] for k in ("exit_layer", "num_speculations", "draft_threshold", "draft_vocab")} \
+        if best["speculate"] else {}
+    return {"speculate": best["speculate"], "rule": "speculate iff the best predicted speedup is >= 1.0",
+            "knobs": knobs, "best": {k: v for k, v in best.items() if k != "speculate"},
+            "untrained_default": untrained,
+            "predicted_speedup": best["predicted_speedup"] if best["speculate"] else untrained["predicted_speedup"],
+            }, table
+
+
+def costs_record(costs: Costs) -> dict:
+    """The costs a verdict rests on, in milliseconds (for provenance and run.json)."""
+    return {"layer": costs.layer * 1e3, "head": costs.head[1] * 1e3, "head_rows": costs.head_rows * 1e3,
+            "adapter": costs.adapter * 1e3}
+
+
+def recost(art, model) -> Optional[dict]:
+    """The artifact's self-speculation verdict re-costed on `model`'s device and dtype (costs timed now, the stored
+    acceptance pattern), or None when the artifact keeps no pattern. The fit's own record is kept under
+    `recosted_from`."""
+    from .generators.self_speculative import DEFAULT_SPECULATIONS
+
+    old = recommendation(art)
+    unpacked = unpack_pattern(art.tensors)
+    if old is None or unpacked is None:
+        return None
+    per_exit, default, E0 = unpacked
+    if any(rows not in (0, int(model.exit_vocab.numel()) if model.exit_vocab is not None else 0)
+           for _, rows in per_exit):
+        return None  # drafted on another candidate vocabulary than the attached one: not this artifact's pattern
+    context = old.get("fitted_on", {}).get("cost_context", 512)
+    costs = measure_costs(model, model.exit_vocab, context=context)
+    rec, _ = verdict(per_exit, default, E0, costs, DEFAULT_SPECULATIONS)
+    rec["fitted_on"] = dict(old.get("fitted_on", {}), costs_ms=costs_record(costs))
+    rec["costed_on"] = {"device": model.device.type, "dtype": str(model.dtype).removeprefix("torch.")}
+    rec["recosted_from"] = {k: old.get(k) for k in ("speculate", "knobs", "predicted_speedup", "costed_on")}
+    return rec

@@ -212,4 +212,33 @@ def attach(model, spec: Optional[str]) -> Optional[ExitArtifact]:
             raise UsageError(f"--exits {spec} was trained for another model ({why}); pass --exits none or an artifact "
                              "made for this model")
     model.set_exits(art)
+    if art is not None:
+        recost_where_run(model, art)
     return art
+
+
+def recost_where_run(model, art: ExitArtifact) -> None:
+    """A self-speculation verdict timed on another device or dtype than this model's is re-costed here, from the
+    acceptance pattern the artifact keeps (speculation_model.recost), and replaces the artifact's in memory (the
+    fit's own stays under `recosted_from`; one stderr line). Without a pattern the verdict stays as it was, and the
+    runner says where it was timed."""
+    from .speculation_model import recommendation, recost
+
+    rec = recommendation(art)
+    if rec is None:
+        return
+    was = rec.get("costed_on") or {"device": art.recipe_device("exit_adapters"),
+                                   "dtype": art.recipe_dtype("exit_adapters")}
+    here = {"device": model.device.type, "dtype": str(model.dtype).removeprefix("torch.")}
+    if was == here or model.device_map:
+        return
+    new = recost(art, model)
+    if new is None:
+        return
+    new["recosted_from"]["costed_on"] = was
+    art.provenance["exit_adapters"] = dict(art.provenance["exit_adapters"], recommendation=new)
+    art.recommended["self_speculative"] = dict(new["knobs"])
+    said = (f"{new['knobs']} predicted {new['predicted_speedup']:.2f}x" if new["speculate"] else
+            f"don't speculate (best {new['best']['predicted_speedup']:.2f}x)")
+    print(f"--exits: the self-speculation recommendation was timed on {was['device']} {was['dtype']}; re-costed on "
+          f"{here['device']} {here['dtype']} from the artifact's acceptance pattern: {said}", file=sys.stderr)

@@ -116,3 +116,22 @@ def test_readme_gpu_figures_are_the_committed_gpu_check():
         total = {p["k"]: p["total"] for p in curves[("bfloat16", core)]["points"]}
         assert f"{1e3 * total[1]:.1f}" in GPU_TEXT and f"{1e3 * total[8]:.1f}" in GPU_TEXT
     assert "max 0.3750" in (GPU / "ties_bfloat16.log").read_text() and "0.375 logit" in GPU_TEXT
+
+
+def test_readme_recosted_self_speculation_figures_are_the_committed_run():
+    import csv
+    import json
+
+    flat = " ".join(CORE.split())
+    report = {r["strategy"]: r for r in csv.DictReader((SPEED / "report_recosted_bf16" / "report.csv").open())
+              if r["control"] == "False"}
+    r = report["self_speculative"]
+    assert (f"{float(r['decode_speedup']):.2f}x [{float(r['decode_speedup_ci95_low']):.2f}-"
+            f"{float(r['decode_speedup_ci95_high']):.2f}] (oracle {float(r['oracle_speedup']):.2f}x)") in flat
+    assert f"acceptance there was {float(r['acceptance_rate']):.2f}" in flat
+    (run,) = (SPEED / "runs" / "recosted_bf16").rglob("*self_speculative*/run.json")
+    v = json.loads(run.read_text())["model"]["speculation_verdict"]
+    lo, hi = v["best"]["predicted_speedup_ci95"]
+    assert f"predicted {v['predicted_speedup']:.2f}x [{lo:.2f}-{hi:.2f}]" in flat
+    assert f"against {v['best']['acceptance']:.2f} on the fit's continuations" in flat
+    assert v["fitted_dtype"] == "bfloat16" and v["recosted_from"]["costed_on"]["dtype"] == "float32"

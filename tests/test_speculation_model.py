@@ -104,3 +104,37 @@ def test_speedup_interval_resamples_whole_sequences():
     # 1/4, 1/2, 1/4, so the 2.5% and 97.5% quantiles are BB's 1.0 and AA's 25 / 16 (AB pools to 30 / 21)
     lo, hi = speedup_interval([seq, [True]], [conf, [1.0]], 1, 2, 0.0, unit_costs())
     assert (lo, hi) == pytest.approx((1.0, 25 / 16))
+
+
+def test_the_acceptance_pattern_round_trips_and_gives_the_same_verdict():
+    from harness.speculation_model import pack_pattern, unpack_pattern, verdict
+
+    per_exit = {(1, 100): ([[True, False, True], [True]], [[0.875, 0.25, 0.75], [0.625]]),
+                (2, 100): ([[True, True, True], [False]], [[0.9375, 0.875, 0.5], [0.125]])}
+    default = ([[False, True, False], [True]], [[0.25, 0.875, 0.125], [0.5]])  # float32-exact: stored as such
+    back = unpack_pattern(pack_pattern(per_exit, default, 1))
+    assert back is not None and back[0] == per_exit and back[1] == default and back[2] == 1
+    assert unpack_pattern({}) is None
+    a, _ = verdict(per_exit, default, 1, unit_costs(), 3)
+    b, _ = verdict(*back, unit_costs(), 3)
+    assert a == b and a["speculate"] == bool(a["knobs"])
+
+
+def test_a_verdict_timed_elsewhere_is_recosted_where_the_run_happens(capsys):
+    """The shipped artifact keeps its fit's acceptance pattern: a bf16 run re-costs the fp32 verdict on its own
+    device and dtype (stderr says so, the fit's own is kept); a run where it was timed keeps it as it is."""
+    from harness.model import load_model
+    from harness.trained_exits import shipped_artifacts
+
+    (path,) = shipped_artifacts()
+    shipped = recommendation(ExitArtifact.load(path))
+    m = load_model(None, "cpu", "bfloat16", exits="auto")
+    rec = recommendation(m.exits)
+    assert rec["costed_on"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert rec["recosted_from"]["knobs"] == shipped["knobs"]
+    assert rec["recosted_from"]["costed_on"] == {"device": "cpu", "dtype": "float32"}
+    assert m.exits.recommended["self_speculative"] == rec["knobs"] and rec["speculate"] == bool(rec["knobs"])
+    assert rec["fitted_on"]["decode_positions"] == shipped["fitted_on"]["decode_positions"]
+    assert "re-costed on cpu bfloat16" in capsys.readouterr().err
+    fp32 = load_model(None, "cpu", "float32", exits="auto")
+    assert recommendation(fp32.exits) == shipped and "re-costed" not in capsys.readouterr().err

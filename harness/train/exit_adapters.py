@@ -25,6 +25,7 @@ The provenance records the documents trained on (`training_data`: per source, re
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -179,12 +180,15 @@ def run(cfg: TrainConfig, opts: AdapterOptions, model):
     stored = held_out_agreement(lambda d, x: model.norm(model.adapt(x.to(model.dtype), d)).float(), held, held_target,
                                 W, vocab, layers)  # the attached, fp16-rounded adapters: what the file holds
     metrics.update({f"stored_{k}": v for k, v in stored.items()})
-    rec, table = recommend(model, cfg, opts, layers, training_data) if opts.adapters_fit_prompts else (None, [])
+    rec, table, pattern = recommend(model, cfg, opts, layers, training_data) if opts.adapters_fit_prompts \
+        else (None, [], {})
     # {} = don't speculate: self_speculative keeps its untrained defaults; no fit = no recommendation (a previous
     # one was fitted to other adapters)
     art.recommended.pop("self_speculative", None)
+    art.tensors = {k: v for k, v in art.tensors.items() if not k.startswith("exit_adapters.fit.")}
     if rec is not None:
         art.recommended["self_speculative"] = dict(rec["knobs"])
+        art.tensors.update(pattern)
     art.recommended.update(per_token_defaults(metrics, layers, model.num_layers))
     art.provenance["exit_adapters"] = provenance(
         cfg, time.perf_counter() - t_start, metrics, options=opts.__dict__, train_tokens=int(len(tokens)),
@@ -314,7 +318,7 @@ def recommend(model, cfg: TrainConfig, opts: AdapterOptions, layers: list[int], 
     rows); the target at each decode position is the full model's top-1 in the same teacher-forced pass (on
     these sequences it is the greedy token, up to float ties: `target_is_greedy` says how often)."""
     from ..generators.self_speculative import DEFAULT_SPECULATIONS
-    from ..speculation_model import best_setting, measure_costs, simulate, speedup_interval
+    from ..speculation_model import costs_record, measure_costs, pack_pattern, verdict
 
     seqs, fitted_on = greedy_continuations(model, cfg, opts)
     for s, rec in fitted_on["documents"].items():  # the held-out tail is never trained on; checked, not assumed
@@ -342,22 +346,46 @@ def recommend(model, cfg: TrainConfig, opts: AdapterOptions, layers: list[int], 
         default[1].append(cf)
     context = round(sum(len(ids) for ids, _ in seqs) / len(seqs))
     costs = measure_costs(model, rows, context=context)
-    best, table = best_setting(per_exit, costs)
-    untrained = simulate(default[0], default[1], E0, DEFAULT_SPECULATIONS, 0.0, costs, draft_vocab=0)
-    # uncertainty from the few fitted prompts (resampled whole); the verdict itself is the point prediction's
-    best["predicted_speedup_ci95"] = speedup_interval(*per_exit[(best["exit_layer"], best["draft_vocab"])],
-                                                      best["exit_layer"], best["num_speculations"],
-                                                      best["draft_threshold"], costs, best["draft_vocab"])
-    untrained["predicted_speedup_ci95"] = speedup_interval(default[0], default[1], E0, DEFAULT_SPECULATIONS, 0.0,
-                                                           costs, draft_vocab=0)
-    knobs = {k: best[k] for k in ("exit_layer", "num_speculations", "draft_threshold", "draft_vocab")} \
-        if best["speculate"] else {}
+    record, table = verdict(per_exit, default, E0, costs, DEFAULT_SPECULATIONS)
     fitted_on.update(target_is_greedy=same / total if total else 1.0, cost_context=context,
-                     costs_ms={"layer": costs.layer * 1e3, "head": costs.head[1] * 1e3,
-                               "head_rows": costs.head_rows * 1e3, "adapter": costs.adapter * 1e3})
-    record = {"speculate": best["speculate"], "rule": "speculate iff the best predicted speedup is >= 1.0",
-              "knobs": knobs, "best": {k: v for k, v in best.items() if k != "speculate"},
-              "untrained_default": untrained,
-              "predicted_speedup": best["predicted_speedup"] if best["speculate"] else untrained["predicted_speedup"],
-              "fitted_on": fitted_on}
-    return record, table
+                     costs_ms=costs_record(costs))
+    record["fitted_on"] = fitted_on
+    record["costed_on"] = {"device": model.device.type, "dtype": str(model.dtype).removeprefix("torch.")}
+    # the acceptance pattern is kept with the artifact: a run on another device or dtype re-costs the verdict
+    return record, table, pack_pattern(per_exit, default, E0)
+
+
+@recipe("speculation_pattern")
+def speculation_pattern(cfg: TrainConfig, _opts, model):
+    """Add the self-speculation fit's acceptance pattern to an artifact whose fit predates keeping it (the verdict
+    is not changed): the fit is replayed with the options it recorded and must reach the same prompts and tokens."""
+    t0 = time.perf_counter()
+    art = start_artifact(cfg, model)
+    prov = art.provenance.get("exit_adapters") or {}
+    old = prov.get("recommendation")
+    if not art.adapters or not isinstance(old, dict):
+        raise UsageError("--exits: this artifact has no exit adapters with a self-speculation fit to replay")
+    fields = {f.name for f in dataclasses.fields(AdapterOptions)}
+    opts = AdapterOptions(**{k: v for k, v in (prov.get("options") or {}).items() if k in fields})
+    made = prov.get("config") or {}
+    fit_cfg = dataclasses.replace(cfg, data=made.get("data", cfg.data), holdout_docs=made.get("holdout_docs",
+                                                                                             cfg.holdout_docs))
+    if str(model.dtype).removeprefix("torch.") != art.recipe_dtype("exit_adapters"):
+        raise UsageError(f"--dtype: replay the fit in the dtype it was made in ({art.recipe_dtype('exit_adapters')})")
+    layers = sorted(art.adapters)
+    rec, _, pattern = recommend(model, fit_cfg, opts, layers, prov.get("training_data") or {})
+    same = {k: (rec["fitted_on"].get(k), old["fitted_on"].get(k))
+            for k in ("documents", "decode_positions", "target_is_greedy")}
+    if any(a != b for a, b in same.values()):
+        raise UsageError("the replayed fit differs from the recorded one ("
+                         + ", ".join(k for k, (a, b) in same.items() if a != b) + "): retrain with make exits")
+    art.tensors.update(pattern)
+    art.provenance["speculation_pattern"] = provenance(
+        cfg, time.perf_counter() - t0, {"decode_positions": rec["fitted_on"]["decode_positions"]},
+        note="the exit_adapters fit replayed with its recorded options: same prompts, same greedy tokens; its "
+             "verdict is unchanged (this replay's own verdict is not used)")
+    _, out = cfg.paths()
+    art.save(out)
+    print(f"speculation_pattern: kept the acceptance pattern of {rec['fitted_on']['decode_positions']} decode "
+          f"positions x {len(layers)} exits in {out}")
+    return art
