@@ -60,7 +60,8 @@ costs: setup
 
 # The model core's figures (README "Model core"; ~15 min here, run it ALONE): the cost curve per dtype for
 # transformers' layers and ours, the near-tie drift per dtype, and the speed table: CNN/DM, 10 articles, full
-# prompts, 64 tokens, in the default dtype (--dtype auto) and in fp32, each invocation with its A/A control.
+# prompts, 64 tokens, in the default dtype (--dtype auto) and in fp32, each invocation with its A/A control; then
+# self-speculation with the verdict re-costed in the default dtype (README: the prediction against the measurement).
 SPEED := results/core_speed
 SPEED_RUN := --dataset cnn_dm_summarization --num_samples 10 --max_steps 64 --fixed_length --seed 0 --exits auto \
 	--breakdown false --strategies autoregressive,prompt_lookup,hf_prompt_lookup,hybrid_speculative,self_speculative
@@ -71,10 +72,12 @@ speed: setup
 	$(PY) bench/ties.py --dtype float32 --prompts 5 > $(SPEED)/ties_float32.txt
 	$(PY) benchmark.py $(SPEED_RUN) --output_dir $(SPEED)/runs/default_dtype
 	$(PY) benchmark.py $(SPEED_RUN) --dtype float32 --output_dir $(SPEED)/runs/float32
+	$(PY) benchmark.py $(filter-out --strategies autoregressive%,$(SPEED_RUN)) \
+		--strategies autoregressive,self_speculative,hybrid_speculative --output_dir $(SPEED)/runs/recosted_bf16
 	find $(SPEED)/runs -name report -type d -prune -exec rm -rf {} +
 	find $(SPEED)/runs -name examples.jsonl -exec gzip -9 -n {} +
 	find $(SPEED)/runs -name .lock -delete
-	for d in default_dtype float32; do $(PY) -m harness.report $(SPEED)/runs/$$d --out $(SPEED)/report_$$d || exit 1; done
+	for d in default_dtype float32 recosted_bf16; do $(PY) -m harness.report $(SPEED)/runs/$$d --out $(SPEED)/report_$$d || exit 1; done
 
 # The trained exits shipped for the embedded model (harness/data/exits/), from train/validation splits only, the
 # last 200 records of each held out (--holdout_docs), seed 0: exit adapters + candidate vocabulary + the
