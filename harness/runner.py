@@ -202,6 +202,14 @@ class Benchmark:
         dtype = str(self.model.dtype).removeprefix("torch.")
         elsewhere = verdict and (verdict.get("fitted_dtype") not in (None, dtype)
                                  or verdict.get("fitted_device") not in (None, self.model.device.type))
+        if verdict and "recosted_from" in verdict and not control:
+            was = verdict["recosted_from"]
+            said = (f"{verdict['knobs']} predicted {verdict['predicted_speedup']:.2f}x" if verdict["speculate"] else
+                    f"don't speculate (best {verdict['best']['predicted_speedup']:.2f}x)")
+            print(f"{self.generator.name}: the exit artifact's self-speculation recommendation was timed on "
+                  f"{(was.get('costed_on') or {}).get('device')} {(was.get('costed_on') or {}).get('dtype')} "
+                  f"({was.get('knobs')}); re-costed on {self.model.device.type} {dtype} from its acceptance pattern: "
+                  f"{said}", file=sys.stderr)
         if elsewhere and not control:
             print(f"{self.generator.name}: the exit artifact's self-speculation recommendation was timed on "
                   f"{verdict.get('fitted_hardware') or verdict.get('fitted_device')} in {verdict['fitted_dtype']} "

@@ -220,8 +220,8 @@ def attach(model, spec: Optional[str]) -> Optional[ExitArtifact]:
 def recost_where_run(model, art: ExitArtifact) -> None:
     """A self-speculation verdict timed on another device or dtype than this model's is re-costed here, from the
     acceptance pattern the artifact keeps (speculation_model.recost), and replaces the artifact's in memory (the
-    fit's own stays under `recosted_from`; one stderr line). Without a pattern the verdict stays as it was, and the
-    runner says where it was timed."""
+    fit's own stays under `recosted_from`; the runner says so on stderr for each method that reads it, after the
+    command line was checked). Without a pattern the verdict stays as it was, and the runner says where it was timed."""
     from .speculation_model import recommendation, recost
 
     rec = recommendation(art)
@@ -238,7 +238,3 @@ def recost_where_run(model, art: ExitArtifact) -> None:
     new["recosted_from"]["costed_on"] = was
     art.provenance["exit_adapters"] = dict(art.provenance["exit_adapters"], recommendation=new)
     art.recommended["self_speculative"] = dict(new["knobs"])
-    said = (f"{new['knobs']} predicted {new['predicted_speedup']:.2f}x" if new["speculate"] else
-            f"don't speculate (best {new['best']['predicted_speedup']:.2f}x)")
-    print(f"--exits: the self-speculation recommendation was timed on {was['device']} {was['dtype']}; re-costed on "
-          f"{here['device']} {here['dtype']} from the artifact's acceptance pattern: {said}", file=sys.stderr)

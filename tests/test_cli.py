@@ -241,3 +241,16 @@ def test_bad_model_files_and_output_dirs_get_one_line_and_exit_2(case, needle, t
     else:
         args += ["--output_dir", "/proc/not-writable-here"]
     assert_one_line_error(run("benchmark.py", *args), needle)
+
+
+def test_a_run_says_when_the_self_speculation_verdict_was_recosted_for_it(tmp_path):
+    proc = run("benchmark.py", "--generation_strategy", "self_speculative", "--exits", "auto", "--num_samples", "1",
+               "--max_steps", "6", "--dataset", "cnn_dm_lm", "--output_dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = tmp_path.iterdir()
+    info = json.loads((run_dir / "run.json").read_text())
+    verdict, dtype = info["model"]["speculation_verdict"], info["model"]["dtype"].removeprefix("torch.")
+    assert verdict["fitted_dtype"] == dtype  # timed in the run's dtype: by the fit itself, or re-costed here
+    recosted = dtype != "float32"  # the shipped fit was timed on a CPU in fp32
+    assert ("recosted_from" in verdict and verdict["recosted_from"]) if recosted else not verdict["recosted_from"]
+    assert (f"re-costed on cpu {dtype}" in proc.stderr) == recosted, proc.stderr
