@@ -64,7 +64,8 @@ def test_readme_cost_curve_is_the_committed_one():
     import json
 
     curves = {(c["dtype"], c["core"]): c for c in json.loads((SPEED / "core_costs.json").read_text())["curves"]}
-    rows = [r for r in _table_rows(CORE, "float32") + _table_rows(CORE, "bfloat16") if r[1] in ("transformers", "lean")]
+    rows = [r for r in _table_rows(CORE, "float32") + _table_rows(CORE, "bfloat16")
+            if r[1] in ("transformers", "lean") and len(r) == 12]
     assert len(rows) == 4
     for row in rows:
         c = curves[(row[0], row[1])]
@@ -135,3 +136,17 @@ def test_readme_recosted_self_speculation_figures_are_the_committed_run():
     assert f"predicted {v['predicted_speedup']:.2f}x [{lo:.2f}-{hi:.2f}]" in flat
     assert f"against {v['best']['acceptance']:.2f} on the fit's continuations" in flat
     assert v["fitted_dtype"] == "bfloat16" and v["recosted_from"]["costed_on"]["dtype"] == "float32"
+
+
+def test_readme_step_profile_is_the_committed_one():
+    import json
+
+    rows = [r for r in _table_rows(CORE, "float32") + _table_rows(CORE, "bfloat16") if len(r) == 8]
+    assert len(rows) == 4
+    for dtype, core, wall, products, attention, other, python, calls in rows:
+        j = json.loads((SPEED / f"step_profile_{core}_{dtype}.json").read_text())
+        g = j["groups"]
+        assert wall == f"{j['wall_ms']:.1f}" and products == f"{g['matrix products']['ms']:.1f}"
+        assert attention == f"{g['attention']['ms']:.1f}" and python == f"{j['wall_ms'] - j['operators_ms']:.1f}"
+        assert other == f"{sum(v['ms'] for k, v in g.items() if k not in ('matrix products', 'attention')):.1f}"
+        assert calls == f"{sum(v['calls'] for v in g.values()):.0f}"
