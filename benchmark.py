@@ -46,14 +46,14 @@ def format_summary(s) -> str:
 
 
 def main() -> int:
+    from harness.runner import all_members
+
     parser = make_parser(__doc__)
     multi = parser.add_argument_group("several configurations in one invocation")
     multi.add_argument("--strategies", default=None,
                        help="comma-separated strategies, each optionally with :knob=value overrides, or 'all' "
-                            "(autoregressive, self_speculative, calm, free, dynamic x every criterion, "
-                            "prompt_lookup; with trained exits also hybrid_speculative and policy; transformers' "
-                            "peers hf_generate, hf_prompt_lookup, hf_assistant_early_exit); shared "
-                            "flags reach the strategies they apply to (default: %(default)s)")
+                            f"({all_members()}); shared flags reach the strategies they apply to "
+                            "(default: %(default)s)")
     multi.add_argument("--sweep", nargs="+", default=None, metavar="KNOB=V1,V2",
                        help="grid over knobs of --generation_strategy, e.g. exit_layer=4,6,8 "
                             "num_speculations=2,4,6 (default: %(default)s)")

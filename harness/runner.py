@@ -528,6 +528,14 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
+def all_members() -> str:
+    """What `--strategies all` runs, in order, from the registry (for --help)."""
+    from .generators import load_all
+
+    members = sorted((c.in_all, n, c.all_note) for n, c in load_all().items() if c.in_all is not None)
+    return ", ".join(f"{n} ({note})" if note else n for _, n, note in members)
+
+
 def expand_strategies(text: str, base: GenerationConfig, num_layers: int, exits=None) -> list[GenerationConfig]:
     """--strategies a,b:k=v,... or all -> configs, the full-depth autoregressive baseline first.
 
@@ -540,15 +548,9 @@ def expand_strategies(text: str, base: GenerationConfig, num_layers: int, exits=
 
     specs: list[tuple[str, dict]] = []
     for item in text.split(","):
-        if item.strip() == "all":
-            specs += [("autoregressive", {}), ("self_speculative", {}), ("calm", {}), ("free", {})]
-            specs += [("dynamic", {"criteria": c}) for c in ([base.criteria] if base.criteria else CRITERIA)]
-            specs.append(("prompt_lookup", {}))
-            if exits is not None:
-                specs.append(("hybrid_speculative", {}))
-                if any(k.startswith("consistentee.") for k in exits.tensors):
-                    specs.append(("policy", {}))
-            specs += [("hf_generate", {}), ("hf_prompt_lookup", {}), ("hf_assistant_early_exit", {})]  # peers
+        if item.strip() == "all":  # every method that places itself in `all`, with the configurations it asks for
+            members = sorted((c.in_all, n) for n, c in load_all().items() if c.in_all is not None)
+            specs += [(n, over) for _, n in members for over in load_all()[n].all_specs(base, exits)]
         elif item.strip():
             specs.append(parse_spec(item))
     known = load_all()

@@ -81,3 +81,18 @@ def test_every_registered_method_keeps_the_contract(trained, prompt, reference, 
     again = g.generate(prompt, StopCondition(m, N, (stop,), eos_ids=set()))
     assert again.stop_reason == "stop_string" and again.tokens == res.tokens[:cut], (stop, again.tokens, res.tokens)
     assert len(again.exit_layers) == len(again.tokens)
+
+
+def test_strategies_all_is_what_the_classes_say():
+    """`--strategies all` holds every method that places itself in it, in its place, as often as it asks."""
+    from harness.runner import all_members, expand_strategies
+    from harness.trained_exits import ExitArtifact, shipped_artifacts
+
+    art = ExitArtifact.load(shipped_artifacts()[0])
+    for exits in (None, art):
+        got = [c.generation_strategy for c in expand_strategies("all", GenerationConfig(), 30, exits=exits)]
+        members = sorted((c.in_all, n) for n, c in load_all().items() if c.in_all is not None)
+        want = [n for _, n in members for _ in load_all()[n].all_specs(GenerationConfig(), exits)]
+        assert got == want and got[0] == "autoregressive"
+    assert "hybrid_speculative" not in [c.generation_strategy for c in expand_strategies("all", GenerationConfig(), 30)]
+    assert all(n in all_members() for _, n in members)

@@ -17,6 +17,7 @@ class Autoregressive(Generator):
     """Plain greedy/sampled decoding; the baseline every speedup is measured against."""
 
     short, family = "AR", "autoregressive / static exit"
+    in_all = 0  # the baseline
 
     def records_gaps(self, depth: Optional[int]) -> bool:
         """Greedy full-depth decoding logs its top-2 logit gaps: it is the reference every lossless method's output is

@@ -130,6 +130,14 @@ class Generator(ABC):
     draft_depth: ClassVar[bool] = False  # --exit_layer is its draft depth: a shared --exit_layer reaches it
     short: ClassVar[str] = ""  # its label in report tables and plots ("" = the registered name)
     family: ClassVar[str] = "other"  # its plot family (report.FAMILY_COLOURS gives each family a colour)
+    in_all: ClassVar[Optional[int]] = None  # its place in `--strategies all` (None: not in it)
+    all_note: ClassVar[str] = ""  # when `all` runs it other than once (for --help)
+
+    @classmethod
+    def all_specs(cls, base: GenerationConfig, exits) -> list[dict]:
+        """Its configurations in `--strategies all`, as knob overrides (one by default; none without what it needs:
+        `exits` is the attached exit artifact or None)."""
+        return [{}]
 
     def __init__(self, model: LayeredModel, config: GenerationConfig):
         self.model = model

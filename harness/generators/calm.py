@@ -28,6 +28,7 @@ class Calm(PerTokenExit):
     """CALM: per-token exit when confidence > (decaying) threshold; state copying for skipped layers."""
 
     short, family = "CALM", "per-token early exit"
+    in_all = 2
 
     def validate(self) -> None:
         super().validate()

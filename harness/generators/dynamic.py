@@ -23,7 +23,7 @@ entropy_based and convergence read with the contrastive distribution (our extens
 from __future__ import annotations
 
 from .. import exits
-from ..config import UsageError
+from ..config import CRITERIA, GenerationConfig, UsageError
 from .base import register
 from .exit_probe import ExitProbe
 from .per_token_exit import PerTokenExit
@@ -34,6 +34,12 @@ class Dynamic(PerTokenExit):
     """Dynamic early exit: --criteria cosine_similarity|token_repeat|entropy_based|max_probability|convergence."""
 
     short, family = "dyn", "per-token early exit"
+    in_all, all_note = 4, "x every criterion"
+
+    @classmethod
+    def all_specs(cls, base: GenerationConfig, exits) -> list[dict]:
+        """One configuration per criterion (only the one asked for with --criteria)."""
+        return [{"criteria": c} for c in ([base.criteria] if base.criteria else CRITERIA)]
 
     default_confidence = None
     caps_depth = True

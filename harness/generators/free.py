@@ -68,6 +68,7 @@ class Free(Generator):
     """FREE: shallow-deep exit with synchronized parallel decoding and optional adaptive threshold."""
 
     short, family = "FREE", "per-token early exit"
+    in_all = 3
 
     def validate(self) -> None:
         L, c = self.model.num_layers, self.config

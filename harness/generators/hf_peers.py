@@ -154,6 +154,7 @@ class HFGenerate(HFPeer):
     """transformers' generate (greedy or sampling): the plain peer every reader knows."""
 
     short = "hf"
+    in_all = 8
 
     def validate(self) -> None:
         if self.config.exit_layer is not None:
@@ -165,6 +166,7 @@ class HFAssistantEarlyExit(HFPeer):
     """transformers' generate(assistant_early_exit=E): its own LayerSkip-style self-speculation."""
 
     short = "hf AEE"
+    in_all = 10
     draft_depth = True
 
     speculative = True
@@ -188,6 +190,7 @@ class HFPromptLookup(HFPeer):
     """transformers' generate(prompt_lookup_num_tokens=N): drafts copied from matching n-grams of the prompt."""
 
     short = "hf lookup"
+    in_all = 9
 
     speculative = True
 

@@ -114,6 +114,12 @@ class Policy(PerTokenExit):
     """ConsistentEE: a learned policy network per exit layer; exit when pi_l(h_l) > --policy_threshold."""
 
     short, family = "policy", "per-token early exit"
+    in_all, all_note = 7, "with ConsistentEE policies in the exit artifact"
+
+    @classmethod
+    def all_specs(cls, base, exits) -> list[dict]:
+        """In `all` only when the attached artifact holds ConsistentEE policies."""
+        return [{}] if exits is not None and any(k.startswith(PREFIX) for k in exits.tensors) else []
 
     def validate(self) -> None:
         m = self.model

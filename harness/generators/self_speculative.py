@@ -91,6 +91,7 @@ class SelfSpeculative(Generator):
     use_lookup = False
     lossless = True
     short, family = "SS", "speculative (lossless)"
+    in_all = 1
     draft_depth = True
 
     def artifact_key(self) -> str:
@@ -260,6 +261,12 @@ class HybridSpeculative(SelfSpeculative):
 
     use_lookup = True
     short = "hybrid"
+    in_all, all_note = 6, "with trained exits"
+
+    @classmethod
+    def all_specs(cls, base, exits) -> list[dict]:
+        """In `all` only with trained exits attached (its early-exit drafts need them to be worth running)."""
+        return [{}] if exits is not None else []
 
 
 @register("prompt_lookup")
@@ -269,6 +276,11 @@ class PromptLookup(HybridSpeculative):
 
     reads_exits = draft_depth = False  # full-depth passes only
     short = "lookup"
+    in_all, all_note = 5, ""
+
+    @classmethod
+    def all_specs(cls, base, exits) -> list[dict]:
+        return [{}]
 
     def artifact_key(self) -> str:
         return self.name  # no early exit: the artifact's self-speculative recommendation is not its own
