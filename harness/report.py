@@ -228,13 +228,14 @@ def short_label(strategy: str, knobs: dict) -> str:
     parts: list[tuple[Optional[str], str]] = []
     if k.get("exit_layer") is not None:
         parts.append(("exit_layer", f"E{k['exit_layer']}"))
-    if strategy in ("self_speculative", "hybrid_speculative") and k.get("num_speculations"):
+    shows = method_fact(strategy, "label_knobs", ())
+    if "num_speculations" in shows and k.get("num_speculations"):
         parts.append(("num_speculations", f"k{k['num_speculations']}"))
     if k.get("criteria"):
         parts.append(("criteria", {"cosine_similarity": "cos", "token_repeat": "repeat", "entropy_based": "entropy",
                                    "max_probability": "maxprob", "convergence": "conv"}.get(k["criteria"],
                                                                                             k["criteria"])))
-    if strategy in ("calm", "free") and k.get("threshold") is not None:
+    if "threshold" in shows and k.get("threshold") is not None:
         parts.append(("threshold", f"t{_short_value(k['threshold'])}"))
     if k.get("shallow_exit_layer") is not None:
         parts.append(("shallow_exit_layer", f"S{k['shallow_exit_layer']}"))

@@ -132,6 +132,10 @@ class Generator(ABC):
     family: ClassVar[str] = "other"  # its plot family (report.FAMILY_COLOURS gives each family a colour)
     in_all: ClassVar[Optional[int]] = None  # its place in `--strategies all` (None: not in it)
     all_note: ClassVar[str] = ""  # when `all` runs it other than once (for --help)
+    label_knobs: ClassVar[tuple] = ()  # knobs its short report label shows beyond exit layer, criteria, confidence
+    # what `--recipe calibrate` can certify: (criteria or None, knob names set together, never-exit value, most
+    # aggressive value or None = ln(vocab size)); keyed in the artifact as NAME or NAME:criteria
+    calibratable: ClassVar[tuple] = ()
 
     @classmethod
     def all_specs(cls, base: GenerationConfig, exits) -> list[dict]:

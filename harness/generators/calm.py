@@ -28,6 +28,8 @@ class Calm(PerTokenExit):
     """CALM: per-token exit when confidence > (decaying) threshold; state copying for skipped layers."""
 
     short, family = "CALM", "per-token early exit"
+    label_knobs = ("threshold",)
+    calibratable = ((None, ("threshold",), 1.0, 0.0),)
     in_all = 2
 
     def validate(self) -> None:

@@ -35,6 +35,8 @@ class Dynamic(PerTokenExit):
 
     short, family = "dyn", "per-token early exit"
     in_all, all_note = 4, "x every criterion"
+    calibratable = (("max_probability", ("max_prob_start", "max_prob_end"), 1.0, 0.0),
+                    ("entropy_based", ("entropy_start", "entropy_end"), 0.0, None))
 
     @classmethod
     def all_specs(cls, base: GenerationConfig, exits) -> list[dict]:

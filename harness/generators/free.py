@@ -68,6 +68,8 @@ class Free(Generator):
     """FREE: shallow-deep exit with synchronized parallel decoding and optional adaptive threshold."""
 
     short, family = "FREE", "per-token early exit"
+    label_knobs = ("threshold",)
+    calibratable = ((None, ("threshold",), 1.0, 0.0),)
     in_all = 3
 
     def validate(self) -> None:

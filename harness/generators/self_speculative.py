@@ -91,6 +91,7 @@ class SelfSpeculative(Generator):
     use_lookup = False
     lossless = True
     short, family = "SS", "speculative (lossless)"
+    label_knobs = ("num_speculations",)
     in_all = 1
     draft_depth = True
 
@@ -277,6 +278,7 @@ class PromptLookup(HybridSpeculative):
     reads_exits = draft_depth = False  # full-depth passes only
     short = "lookup"
     in_all, all_note = 5, ""
+    label_knobs = ()  # its draft length is lookup_tokens, shown with the other lookup knobs
 
     @classmethod
     def all_specs(cls, base, exits) -> list[dict]:

@@ -143,12 +143,15 @@ class Knob:
                                 **{n: value for n in self.names})
 
 
-KNOBS: dict[str, Knob] = {
-    "calm": Knob("calm", None, ("threshold",), 1.0, 0.0),
-    "free": Knob("free", None, ("threshold",), 1.0, 0.0),
-    "dynamic:max_probability": Knob("dynamic", "max_probability", ("max_prob_start", "max_prob_end"), 1.0, 0.0),
-    "dynamic:entropy_based": Knob("dynamic", "entropy_based", ("entropy_start", "entropy_end"), 0.0, None),
-}
+def _knobs() -> dict[str, Knob]:
+    """Artifact key -> what is calibrated, from each method's `calibratable` (the registry is the one source)."""
+    from ..generators import load_all
+
+    return {f"{name}:{c}" if c else name: Knob(name, c, names, never, aggressive)
+            for name, cls in load_all().items() for c, names, never, aggressive in cls.calibratable}
+
+
+KNOBS: dict[str, Knob] = _knobs()
 
 
 @dataclass
