@@ -50,7 +50,7 @@ check: setup
 	$(PY) bench/measurement_check.py
 
 # On a CUDA machine (make TORCH_SPEC=torch setup first): GPU tests, cost curve, near-tie drift, measurement check and
-# a speed table, logs under results/gpu_check (README "Checking the measurement on your hardware").
+# a speed table, logs under results/gpu_check (docs/usage.md "Checking the measurement on your hardware").
 gpu-check: setup
 	PY=$(PY) bash bench/gpu_check.sh results/gpu_check
 
@@ -58,10 +58,10 @@ gpu-check: setup
 costs: setup
 	$(PY) bench/core_costs.py --out results/core_costs.json
 
-# The model core's figures (README "Model core"; ~15 min here, run it ALONE): the cost curve per dtype for
+# The model core's figures (docs/model_core.md; ~15 min here, run it ALONE): the cost curve per dtype for
 # transformers' layers and ours, the near-tie drift per dtype, and the speed table: CNN/DM, 10 articles, full
 # prompts, 64 tokens, in the default dtype (--dtype auto) and in fp32, each invocation with its A/A control; then
-# self-speculation with the verdict re-costed in the default dtype (README: the prediction against the measurement).
+# self-speculation with the verdict re-costed in the default dtype (docs/model_core.md: the prediction against the measurement).
 SPEED := results/core_speed
 SPEED_RUN := --dataset cnn_dm_summarization --num_samples 10 --max_steps 64 --fixed_length --seed 0 --exits auto \
 	--breakdown false --strategies autoregressive,prompt_lookup,hf_prompt_lookup,hybrid_speculative,self_speculative
@@ -109,7 +109,7 @@ exits: setup
 		--calibrate_max_steps 24 --calibrate_max_prompt_tokens 384 --calibrate_delta 0.25 --calibrate_epsilon 0.1 \
 		--calibrate_methods $(CALIBRATE_METHODS)
 
-# What the shipped exits buy, measured against the recommender's prediction (README "Trained exits on the embedded
+# What the shipped exits buy, measured against the recommender's prediction (docs/trained_exits.md "Trained exits on the embedded
 # model"): full test prompts, 64 greedy tokens, one invocation with its A/A control; logs and report committed.
 SHIPPED := results/shipped_exits
 SHIPPED_STRATEGIES ?= self_speculative,hybrid_speculative,free,policy,hf_prompt_lookup
@@ -122,7 +122,7 @@ shipped: setup
 	find $(SHIPPED)/runs -name .lock -delete
 	$(PY) -m harness.report $(SHIPPED)/runs --out $(SHIPPED)/report
 
-# Reference results on the embedded model (README "Reference results"; hours on a 2-core CPU): every method and
+# Reference results on the embedded model (docs/reference_results.md; hours on a 2-core CPU): every method and
 # transformers peer on the four tasks, 20 examples each, with the shipped trained exits and without them (the
 # methods that read exits), then the report (regenerable byte for byte from the logs: tests/test_reference.py)
 # and exit diagnostics. Logs are gzipped (deterministically) to keep the committed folder small.
