@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.cli import run_main  # noqa: E402
 from harness.model import load_model  # noqa: E402
-from harness.speculation_model import median_time  # noqa: E402
+from harness.speedup_model import median_time  # noqa: E402
 
 # operator name fragments -> group (first match wins; everything else is "other tensor ops")
 GROUPS = (("matrix products", ("linear", "addmm", "mm", "matmul", "mkldnn", "bmm")),

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .model import synchronize
-from .speculation_model import median_time
+from .speedup_model import median_time
 
 
 @dataclass

@@ -11,7 +11,7 @@ positions), for every layer d = 1..L-1 (through its trained adapter when an exit
 - calibration.csv / calibration.png: max-prob confidence (10 bins) vs agreement, per layer;
 - static_exit.csv / static_exit.png: the task metric of greedy static exit at a grid of layers (generated);
 - speculation.csv: for each exit layer E, predicted self-speculative acceptance and speedup from this machine's
-  measured layer and head costs (harness/speculation_model.py); with --measure_exit_layer E, the measured decode
+  measured layer and head costs (harness/speedup_model.py); with --measure_exit_layer E, the measured decode
   speedup of self_speculative at E against autoregressive on the same prompts (interleaved, harness protocol).
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def speculation(model, tf: pd.DataFrame, layers: list[int]) -> pd.DataFrame:
     """Predicted self-speculative settings per exit layer from measured costs and teacher-forced agreement."""
     import pandas as pd
 
-    from .speculation_model import best_setting, measure_costs, simulate
+    from .speedup_model import best_setting, measure_costs, simulate
 
     vocab = model.exits.vocab.to(model.device) if model.exits is not None and model.exits.vocab is not None else None
     costs = measure_costs(model, vocab)

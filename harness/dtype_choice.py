@@ -46,7 +46,7 @@ def step_seconds(dtype: torch.dtype, layers: int = 30, context: int = 256, reps:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .model import LayeredModel
-    from .speculation_model import median_time
+    from .speedup_model import median_time
 
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                       num_hidden_layers=layers, vocab_size=49152, max_position_embeddings=2048,

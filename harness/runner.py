@@ -61,7 +61,7 @@ def environment(device: torch.device) -> dict:
 
 def speculation_verdict(generator: Generator) -> Optional[dict]:
     """The attached artifact's self-speculation recommendation, for the methods it is about (else None)."""
-    from .speculation_model import recommendation
+    from .speedup_model import recommendation
 
     art = getattr(generator.model, "exits", None)
     if art is None or generator.artifact_key() != "self_speculative":

@@ -219,10 +219,10 @@ def attach(model, spec: Optional[str]) -> Optional[ExitArtifact]:
 
 def recost_where_run(model, art: ExitArtifact) -> None:
     """A self-speculation verdict timed on another device or dtype than this model's is re-costed here, from the
-    acceptance pattern the artifact keeps (speculation_model.recost), and replaces the artifact's in memory (the
+    acceptance pattern the artifact keeps (speedup_model.recost), and replaces the artifact's in memory (the
     fit's own stays under `recosted_from`; the runner says so on stderr for each method that reads it, after the
     command line was checked). Without a pattern the verdict stays as it was, and the runner says where it was timed."""
-    from .speculation_model import recommendation, recost
+    from .speedup_model import recommendation, recost
 
     rec = recommendation(art)
     if rec is None:

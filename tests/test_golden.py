@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness import exits
+from harness import exit_rules
 from harness.config import GenerationConfig
 from harness.generators.calm import Calm
 from harness.generators.dynamic import Dynamic
@@ -147,8 +147,8 @@ def test_dynamic_default_entropy_schedule_fires_at_the_first_layer_below_ln_v():
     # 11.0*sqrt(r) + 10.5*(1 - sqrt(r)) >= 10.5 > ln 64: the fork's defaults exit at once on a small vocabulary
     gen = Dynamic(TinyModel(0), GenerationConfig(criteria="entropy_based"))
     assert our_exit(gen, stack(0)) == 1
-    assert exits.fork_schedule(0, 30, 11.0, 10.5, 0.5) == 11.0
-    assert abs(exits.fork_schedule(20, 30, 11.0, 10.5, 0.5) - (10.5 + 0.5 * math.sqrt(10 / 30))) < 1e-12
+    assert exit_rules.fork_schedule(0, 30, 11.0, 10.5, 0.5) == 11.0
+    assert abs(exit_rules.fork_schedule(20, 30, 11.0, 10.5, 0.5) - (10.5 + 0.5 * math.sqrt(10 / 30))) < 1e-12
 
 
 def test_dynamic_exit_layer_caps_the_depth():
@@ -167,14 +167,14 @@ def test_softmax_margin_and_max_prob_match_free():
     for logits in fixtures():
         probs = torch.softmax(logits, dim=-1)
         top_2 = torch.topk(probs, dim=-1, k=2)[0]  # FREE util/skip_conf.py 13-16
-        assert exits.softmax_margin(probs) == pytest.approx(float(top_2[..., 0] - top_2[..., 1]), abs=1e-7)
-        assert exits.max_prob(probs) == pytest.approx(float(probs.max()), abs=1e-7)
+        assert exit_rules.softmax_margin(probs) == pytest.approx(float(top_2[..., 0] - top_2[..., 1]), abs=1e-7)
+        assert exit_rules.max_prob(probs) == pytest.approx(float(probs.max()), abs=1e-7)
 
 
 def test_exit_rule_is_strictly_above_the_threshold():
     for conf, thr in [(0.5, 0.5), (0.50001, 0.5), (0.2, 0.9)]:
         mask = torch.where(torch.tensor(conf) <= thr, 0., 1.).bool()  # FREE util/skip_conf.py 76
-        assert exits.exit_fires(conf, thr) == bool(mask.item())
+        assert exit_rules.exit_fires(conf, thr) == bool(mask.item())
 
 
 def test_calm_decaying_threshold_both_forms():
@@ -184,8 +184,8 @@ def test_calm_decaying_threshold_both_forms():
                 n = 48
                 free_code = lam * np.exp(-tau * t / n) / 10 + 9 * lam / 10  # FREE util/skip_conf.py 60-62
                 paper = float(np.clip(0.9 * lam + 0.1 * np.exp(-tau * t / n), 0, 1))  # CALM paper
-                assert exits.free_code_threshold(lam, t, n, tau) == pytest.approx(free_code, abs=1e-12)
-                assert exits.calm_paper_threshold(lam, t, n, tau) == pytest.approx(paper, abs=1e-12)
+                assert exit_rules.free_code_threshold(lam, t, n, tau) == pytest.approx(free_code, abs=1e-12)
+                assert exit_rules.calm_paper_threshold(lam, t, n, tau) == pytest.approx(paper, abs=1e-12)
 
 
 def test_calm_threshold_uses_the_position_and_the_real_n():
@@ -271,10 +271,10 @@ def func_inverse(i, k1, k2, num_layers):
 def test_k_schedules_match_the_fork():
     for layers in (12, 24, 30):
         for i in range(1, layers):
-            assert exits.decaying_k(i, layers) == func_inverse(i, 35000, 250, layers)
-            assert exits.decaying_k(i, layers) == max(250, int(35000 / (1 + 139 * i / layers)))
+            assert exit_rules.decaying_k(i, layers) == func_inverse(i, 35000, 250, layers)
+            assert exit_rules.decaying_k(i, layers) == max(250, int(35000 / (1 + 139 * i / layers)))
     for conf in (0.0, 0.13, 0.5, 0.97, 1.0):
-        assert exits.adaptive_k(49152, conf) == int(49152 * (1 - conf * 0.9))
+        assert exit_rules.adaptive_k(49152, conf) == int(49152 * (1 - conf * 0.9))
 
 
 @pytest.mark.parametrize("mode", ["fixed", "decaying", "adaptive"])
@@ -340,13 +340,13 @@ def deep_token_pairs(seed: int, n: int, agree_rate: float, threshold: float):
 @pytest.mark.parametrize("seed,rate", [(0, 0.5), (1, 0.5), (2, 0.2), (3, 0.8), (4, 0.05)])
 def test_beta_mixture_threshold_matches_free(seed, rate):
     conf, agree = deep_token_pairs(seed, 400, rate, 0.9)
-    assert exits.bmm_threshold(conf, agree) == pytest.approx(free_threshold(conf, agree), abs=1e-9)
+    assert exit_rules.bmm_threshold(conf, agree) == pytest.approx(free_threshold(conf, agree), abs=1e-9)
     w = torch.rand(400, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     x = torch.tensor(conf, dtype=torch.float64)
     x_bar = float((w * x).sum() / w.sum())
     s2 = float((w * (x - x_bar) ** 2).sum() / w.sum())
     a = x_bar * ((x_bar * (1 - x_bar)) / s2 - 1)
-    assert exits.fit_beta_weighted(x, w) == pytest.approx((a, a * (1 - x_bar) / x_bar), rel=1e-12)
+    assert exit_rules.fit_beta_weighted(x, w) == pytest.approx((a, a * (1 - x_bar) / x_bar), rel=1e-12)
 
 
 def test_beta_mixture_never_sticks_at_one_with_half_agreement():
@@ -362,7 +362,7 @@ def test_beta_mixture_never_sticks_at_one_with_half_agreement():
             for _ in range(40):
                 agreed = rng.random() < 0.5
                 c = float(rng.beta(5, 2) if agreed else rng.beta(2, 4))
-                if exits.exit_fires(c, threshold):
+                if exit_rules.exit_fires(c, threshold):
                     queue.append((c, agreed))
                 else:
                     for qc, qa in queue + [(c, agreed)]:

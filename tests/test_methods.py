@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import exits
+from harness import exit_rules
 from harness.config import GenerationConfig, UsageError
 from harness.generators import StopCondition, build_generator
 from harness.generators.self_speculative import verify_sampling
@@ -262,7 +262,7 @@ def test_free_adaptive_threshold_refits_per_sequence_on_pairs_of_the_whole_run(m
     assert all(0.3 <= t["threshold"] <= 0.9 for t in traj)  # FREE's grid: never stuck at 1.0
     # every deep-processed token gives a pair, the current deep token too (below-threshold confidences)
     assert min(g.adaptive.confidences) < 0.5 and len(g.adaptive.confidences) >= 11
-    assert traj[1]["threshold"] == exits.bmm_threshold(g.adaptive.confidences[:traj[1]["pairs"]],
+    assert traj[1]["threshold"] == exit_rules.bmm_threshold(g.adaptive.confidences[:traj[1]["pairs"]],
                                                        g.adaptive.agree[:traj[1]["pairs"]])
     g.reset_state()
     assert g.threshold_trajectory == [] and g.adaptive.confidences == []
@@ -281,7 +281,7 @@ def test_vocabulary_reduction_cuts_confidence_flops(model, real_mix):
 def test_vocabulary_reduction_exits_pick_the_right_token_ids(model, real_mix, mode):
     """Exits on reduced rows happen, and each emitted token is the argmax of the full head restricted to the
     rows the schedule keeps (a prefix of the first exit's ranking), i.e. row indices map back to vocabulary ids."""
-    from harness.exits import adaptive_k, decaying_k, softmax_margin
+    from harness.exit_rules import adaptive_k, decaying_k, softmax_margin
 
     g = gen(model, generation_strategy="calm", min_exit_layer=4, threshold=0.3, vocab_reduction=mode)
     ids = model.encode(real_mix[8])

@@ -8,7 +8,7 @@ import torch
 
 from harness.config import GenerationConfig, UsageError
 from harness.generators import StopCondition, build_generator
-from harness.generators.policy import ExitPolicy, policies_from_tensors, policy_tensors
+from harness.generators.consistentee import ExitPolicy, policies_from_tensors, policy_tensors
 from harness.train import load_all, make_parser, split_args
 from harness.train.common import TrainConfig
 from harness.train.consistentee import (ConsistentEEOptions, exit_distribution, features, memorized_layer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from harness.speculation_model import recommendation
+from harness.speedup_model import recommendation
 from harness.trained_exits import ExitArtifact, shipped_artifacts
 
 ROOT = Path(__file__).resolve().parents[1]

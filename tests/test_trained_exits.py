@@ -152,7 +152,7 @@ def test_cli_refuses_foreign_artifact(model, tmp_path):
 def test_exit_adapters_recipe_lowers_loss_and_resumes(model, tmp_path, monkeypatch):
     """Training lowers its objective on held-out text and raises candidate-row agreement there; it records what it
     trained on and fits the self-speculation verdict on held-out prompts it never trained on."""
-    from harness import speculation_model
+    from harness import speedup_model
     from harness.train import RECIPES, load_all, make_parser, split_args
     from harness.train.common import heldout_documents
 
@@ -181,7 +181,7 @@ def test_exit_adapters_recipe_lowers_loss_and_resumes(model, tmp_path, monkeypat
         assert trained["xsum_validation"]["documents"] > 0 and trained["gsm8k_train"]["documents"] > 0
         for source, rec in trained.items():
             assert not set(rec["records"]) & set(heldout_documents(source, cfg.holdout_docs))
-        rec = speculation_model.recommendation(art)
+        rec = speedup_model.recommendation(art)
         fitted = rec["fitted_on"]["documents"]
         assert fitted and all(set(r["records"]) <= set(heldout_documents(s, cfg.holdout_docs))
                               for s, r in fitted.items())
@@ -194,19 +194,19 @@ def test_exit_adapters_recipe_lowers_loss_and_resumes(model, tmp_path, monkeypat
 
         # a restart with the same work dir resumes at step 12; with drafting made prohibitively slow the
         # recommender must say "don't speculate" and leave self_speculative at its untrained defaults
-        measured = speculation_model.measure_costs
+        measured = speedup_model.measure_costs
 
         def slow_drafts(*a, **kw):
             c = measured(*a, **kw)
             c.adapter = 100 * c.step()
             return c
 
-        monkeypatch.setattr(speculation_model, "measure_costs", slow_drafts)
+        monkeypatch.setattr(speedup_model, "measure_costs", slow_drafts)
         cfg.steps = 14
         art = RECIPES["exit_adapters"].run(cfg, opts, model)
         log = [json.loads(x) for x in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
         assert [x["step"] for x in log[12:]] == [13, 14]
-        rec = speculation_model.recommendation(art)
+        rec = speedup_model.recommendation(art)
         assert rec["speculate"] is False and rec["knobs"] == {} and rec["best"]["predicted_speedup"] < 1.0
         assert art.recommended["self_speculative"] == {}
         assert rec["predicted_speedup"] == rec["untrained_default"]["predicted_speedup"]
@@ -239,7 +239,7 @@ def test_shipped_exits_improved_on_held_out_text():
 def test_shipped_self_speculation_recommendation_is_honest():
     """The shipped artifact's self-speculation verdict was fitted on greedy continuations of held-out prompts,
     recommends knobs only when they are predicted at or above 1.0x, and says so otherwise."""
-    from harness.speculation_model import recommendation
+    from harness.speedup_model import recommendation
     from harness.trained_exits import shipped_artifacts
 
     for path in shipped_artifacts():

@@ -14,7 +14,7 @@ from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 
-from ..components import ComponentTimer
+from ..component_timer import ComponentTimer
 from ..config import GenerationConfig, UsageError
 from ..model import LayeredModel
 from ..sampling import Sampler

@@ -14,7 +14,7 @@ costs 2 * hidden FLOPs per check, and depths without one are never exits. Skippe
 """
 from __future__ import annotations
 
-from .. import exits
+from .. import exit_rules
 from ..config import UsageError
 from .base import register
 from .exit_probe import ExitProbe, classifier_at, classifier_depths
@@ -35,7 +35,7 @@ class Calm(PerTokenExit):
     def validate(self) -> None:
         super().validate()
         self.threshold = DEFAULT_THRESHOLD if self.config.threshold is None else self.config.threshold
-        self.decay = exits.DECAY_FORMS[self.config.threshold_decay_form]
+        self.decay = exit_rules.DECAY_FORMS[self.config.threshold_decay_form]
         if self.measure == "classifier":
             self.check_classifier()
 
@@ -58,7 +58,7 @@ class Calm(PerTokenExit):
 
     def first_check(self) -> int:
         # the amateur layer must exist: i//2 >= 1 for contrastive, a layer in 2..i-1 for jsd_contrastive
-        return max(self.min_exit, exits.CONTRASTIVE_MIN_DEPTH.get(self.measure, 1))
+        return max(self.min_exit, exit_rules.CONTRASTIVE_MIN_DEPTH.get(self.measure, 1))
 
     def knobs(self) -> dict:
         c = self.config
@@ -75,4 +75,4 @@ class Calm(PerTokenExit):
         return self.decay(self.threshold, step + 1, max_steps, self.config.threshold_decay)
 
     def should_exit(self, depth: int, probe: ExitProbe, step: int, max_steps: int) -> bool:
-        return exits.exit_fires(probe.confidence(depth, self.measure), self.threshold_at(step, max_steps))
+        return exit_rules.exit_fires(probe.confidence(depth, self.measure), self.threshold_at(step, max_steps))

@@ -22,7 +22,7 @@ entropy_based and convergence read with the contrastive distribution (our extens
 """
 from __future__ import annotations
 
-from .. import exits
+from .. import exit_rules
 from ..config import CRITERIA, GenerationConfig, UsageError
 from .base import register
 from .exit_probe import ExitProbe
@@ -47,7 +47,7 @@ class Dynamic(PerTokenExit):
     caps_depth = True
 
     def validate(self) -> None:
-        if self.config.confidence not in (None, *exits.CONTRASTIVE_MIN_DEPTH):
+        if self.config.confidence not in (None, *exit_rules.CONTRASTIVE_MIN_DEPTH):
             raise UsageError("dynamic reads its own criterion; --confidence may only be contrastive or jsd_contrastive")
         if self.config.token_repeats < 1:
             raise UsageError(f"--token_repeats must be >= 1, got {self.config.token_repeats}")
@@ -56,7 +56,7 @@ class Dynamic(PerTokenExit):
 
     def first_check(self) -> int:
         c, m = self.config.criteria, self.min_exit
-        amateur = exits.CONTRASTIVE_MIN_DEPTH.get(self.measure, 1)
+        amateur = exit_rules.CONTRASTIVE_MIN_DEPTH.get(self.measure, 1)
         if c == "cosine_similarity":
             return max(m, 2)  # needs a previous layer's state, not the embeddings
         if c == "convergence":
@@ -84,24 +84,24 @@ class Dynamic(PerTokenExit):
         return self.check(depth, probe)
 
     def _schedule(self, depth: int, start: float, end: float, power: float) -> float:
-        return exits.fork_schedule(depth - 1, self.model.num_layers, start, end, power)
+        return exit_rules.fork_schedule(depth - 1, self.model.num_layers, start, end, power)
 
     def _max(self, depth: int, probe: ExitProbe) -> float:
-        return probe.record(depth, exits.max_prob(probe.distribution(depth)))
+        return probe.record(depth, exit_rules.max_prob(probe.distribution(depth)))
 
     def _cosine_similarity(self, depth: int, probe: ExitProbe) -> bool:
         h = probe.hidden
-        return exits.cosine(self.model.norm(h[depth]), h[depth - 1]) > self.config.cosine_threshold
+        return exit_rules.cosine(self.model.norm(h[depth]), h[depth - 1]) > self.config.cosine_threshold
 
     def _token_repeat(self, depth: int, probe: ExitProbe) -> bool:
         state = probe.state
         top = probe.top_token(depth)
-        count = exits.token_repeat_count(state.get("count", 0), state.get("previous"), top)
+        count = exit_rules.token_repeat_count(state.get("count", 0), state.get("previous"), top)
         state.update(count=count, previous=top)
         return count >= self.config.token_repeats
 
     def _convergence(self, depth: int, probe: ExitProbe) -> bool:
-        return exits.convergence_fires(self._max(depth, probe), self._max(depth - 1, probe),
+        return exit_rules.convergence_fires(self._max(depth, probe), self._max(depth - 1, probe),
                                        self.config.convergence_delta)
 
     def _max_probability(self, depth: int, probe: ExitProbe) -> bool:
@@ -111,7 +111,7 @@ class Dynamic(PerTokenExit):
     def _entropy_based(self, depth: int, probe: ExitProbe) -> bool:
         c = self.config
         if self.measure is None:
-            ent = exits.fork_entropy(probe.logits(depth)[0], c.entropy_temperature)
+            ent = exit_rules.fork_entropy(probe.logits(depth)[0], c.entropy_temperature)
         else:
-            ent = exits.entropy(probe.distribution(depth))
-        return ent < self._schedule(depth, c.entropy_start, c.entropy_end, exits.ENTROPY_STEEPNESS)
+            ent = exit_rules.entropy(probe.distribution(depth))
+        return ent < self._schedule(depth, c.entropy_start, c.entropy_end, exit_rules.ENTROPY_STEEPNESS)

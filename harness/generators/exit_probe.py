@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .. import exits
+from .. import exit_rules
 from ..config import GenerationConfig
 from ..model import LayeredModel
 
@@ -71,7 +71,7 @@ class ExitProbe:
         self.model = model
         self.config = config
         self.first_exit = first_exit  # first depth whose exit is considered: the full head there starts the ranking
-        self.contrastive = measure if measure in exits.CONTRASTIVE_MIN_DEPTH else None
+        self.contrastive = measure if measure in exit_rules.CONTRASTIVE_MIN_DEPTH else None
         self.hidden: dict[int, torch.Tensor] = {}
         self.ranking: Optional[torch.Tensor] = None  # vocabulary ids by the first exit's logits, descending
         self.layer_conf: dict[int, float] = {}  # confidence read at each depth (adaptive reduction uses depth-1)
@@ -99,11 +99,11 @@ class ExitProbe:
         if mode == "fixed":
             return k0
         if mode == "decaying":
-            return min(k0, exits.decaying_k(depth, self.model.num_layers, c.vocab_k, c.vocab_k_min))
+            return min(k0, exit_rules.decaying_k(depth, self.model.num_layers, c.vocab_k, c.vocab_k_min))
         prev = self.layer_conf.get(depth - 1)
         if prev is None and depth - 1 in self._expert:
-            prev = self.record(depth - 1, exits.max_prob(self.distribution(depth - 1)))
-        return k0 if prev is None else min(k0, max(2, exits.adaptive_k(self.model.vocab_size, prev)))
+            prev = self.record(depth - 1, exit_rules.max_prob(self.distribution(depth - 1)))
+        return k0 if prev is None else min(k0, max(2, exit_rules.adaptive_k(self.model.vocab_size, prev)))
 
     def logits(self, depth: int) -> Logits:
         """The exit logits at `depth` as the expert (evaluated once)."""
@@ -115,7 +115,7 @@ class ExitProbe:
             c = self.config
             if c.vocab_reduction != "none" and self.ranking is None and depth >= self.first_exit:
                 k0 = min(self.model.vocab_size,
-                         exits.decaying_k(depth, self.model.num_layers, c.vocab_k, c.vocab_k_min))
+                         exit_rules.decaying_k(depth, self.model.num_layers, c.vocab_k, c.vocab_k_min))
                 self.ranking = out.topk(k0, sorted=True).indices  # by logit, highest first
         return self._expert[depth]
 
@@ -138,11 +138,11 @@ class ExitProbe:
             p = torch.softmax(logits.float(), dim=-1)
             if self.contrastive == "contrastive":  # amateur = depth // 2 (deploying_t5.py: layer_am = i//2)
                 p_am = torch.softmax(self._amateur_logits(depth // 2, k).float(), dim=-1)
-                p = exits.contrastive_distribution(p, p_am, self.config.contrastive_alpha)
+                p = exit_rules.contrastive_distribution(p, p_am, self.config.contrastive_alpha)
             elif self.contrastive == "jsd_contrastive":
                 am = {d: torch.softmax(self._amateur_logits(d, k).float(), dim=-1) for d in range(2, depth)}
-                best = exits.jsd_amateur(p, am, depth, self.config.contrastive_alpha)
-                p = exits.jsd_contrastive_distribution(p, am[best], self.config.contrastive_alpha)
+                best = exit_rules.jsd_amateur(p, am, depth, self.config.contrastive_alpha)
+                p = exit_rules.jsd_contrastive_distribution(p, am[best], self.config.contrastive_alpha)
             self._dist[depth] = p
         return self._dist[depth]
 
@@ -155,7 +155,7 @@ class ExitProbe:
         the contrastive distribution (Confidently_Exiting util/skip_conf.py 131, 170), or CALM's trained
         classifier sigmoid(w . h + b) (-inf where the artifact has none at `depth`: the token never exits there)."""
         if measure == "hidden_state":
-            value = exits.cosine(self.hidden[depth], self.hidden[depth - 1])
+            value = exit_rules.cosine(self.hidden[depth], self.hidden[depth - 1])
         elif measure == "classifier":
             clf = classifier_at(self.model, depth)
             if clf is None:
@@ -165,9 +165,9 @@ class ExitProbe:
                 value = float(torch.sigmoid(h @ clf[0] + clf[1]))
                 self._flops += 2 * self.model.hidden_size  # one dot product: tiny next to an exit head
         elif measure == "max_prob":
-            value = exits.max_prob(self.distribution(depth))
+            value = exit_rules.max_prob(self.distribution(depth))
         else:
-            value = exits.softmax_margin(self.distribution(depth))
+            value = exit_rules.softmax_margin(self.distribution(depth))
         return self.record(depth, value)
 
     def _id(self, depth: int, index: int) -> int:

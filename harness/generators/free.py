@@ -12,7 +12,7 @@ Adaptive threshold (--adaptive_threshold): every token that reaches the deep lay
 the current deep token, the only source of below-threshold confidences) gives a pair (shallow confidence,
 shallow argmax == deep argmax). The pairs accumulate over the whole run on this generator object; at the
 start of each new sequence, for at most 300 sequences, the threshold is refit on all of them (FREE
-models/deploying_t5.py ~1049, ~1208-1214) with FREE's Beta mixture (exits.bmm_threshold) or our posterior
+models/deploying_t5.py ~1049, ~1208-1214) with FREE's Beta mixture (exit_rules.bmm_threshold) or our posterior
 rule (--adaptive_estimator posterior). `threshold_trajectory` lists the threshold used by each sequence.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import exits
+from .. import exit_rules
 from ..config import UsageError
 from .base import GenerationResult, Generator, Output, StopCondition, TokenCallback, register
 from .exit_probe import ExitProbe
@@ -50,9 +50,9 @@ class AdaptiveThreshold:
         refit = bool(self.confidences) and self.refits < MAX_REFITS
         if refit:
             if self.estimator == "beta_mixture":
-                self.value = exits.bmm_threshold(self.confidences, self.agree)
+                self.value = exit_rules.bmm_threshold(self.confidences, self.agree)
             else:
-                self.value = exits.posterior_threshold(self.confidences, self.agree, self.tolerance)
+                self.value = exit_rules.posterior_threshold(self.confidences, self.agree, self.tolerance)
             self.refits += 1
         self.trajectory.append({"sequence": len(self.trajectory), "pairs": len(self.confidences),
                                 "agree": int(sum(self.agree)), "refit": refit, "threshold": self.value})
@@ -86,7 +86,7 @@ class Free(Generator):
             raise UsageError(f"--adaptive_tolerance must be in (0, 1), got {c.adaptive_tolerance}")
         self.S = s or max(1, L // 4)
         self.measure = c.confidence or "softmax"
-        need = exits.CONTRASTIVE_MIN_DEPTH.get(self.measure, 1)
+        need = exit_rules.CONTRASTIVE_MIN_DEPTH.get(self.measure, 1)
         if self.S < need:
             raise UsageError(f"--confidence {self.measure} needs --shallow_exit_layer >= {need} (an amateur layer "
                              "below the shallow exit)")
@@ -141,7 +141,7 @@ class Free(Generator):
                 h = probe.hidden[S] = self.shallow(probe, h, cache, pos)
                 conf = probe.confidence(S, self.measure)
                 shallow_top = probe.top_token(S)
-                fire = exits.exit_fires(conf, threshold)
+                fire = exit_rules.exit_fires(conf, threshold)
                 if fire:
                     token = probe.pick(S, self.sampler)
             if fire:

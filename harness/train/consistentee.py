@@ -6,7 +6,7 @@ named option.
 
 The trunk (and any exit adapters of the --exits artifact, which `model.exit_logits(h, layer=l)` applies) stays
 frozen. Each exit layer l of --exit_layers gets a policy network pi_l on the final norm of h_l, giving P(exit after
-l) (harness/generators/policy.py). `--consistentee_policy linear` (default): sigmoid(Linear(hidden, 1)), the
+l) (harness/generators/consistentee.py). `--consistentee_policy linear` (default): sigmoid(Linear(hidden, 1)), the
 reference's `Policy_networks_{idx} = nn.Linear(config.hidden_size, 1)` (modeling_llama.py:526-557); `mlp`: ours,
 Linear(hidden, --consistentee_hidden) -> ReLU -> Linear(., 1). Teacher-forced on training rows, every token walks
 the exits in order and samples exit/continue from pi_l; the episode ends at the first exit taken, or at the last
@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UsageError, _f
-from ..generators.policy import PREFIX, ExitPolicy, policy_tensors
+from ..generators.consistentee import PREFIX, ExitPolicy, policy_tensors
 from ..trained_exits import ExitArtifact
 from . import recipe
 from .common import Loop, TrainConfig, autocast, hidden_states, provenance, start_artifact, train_eval_split

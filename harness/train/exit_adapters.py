@@ -13,10 +13,10 @@ so that the shared LM head reads the shallow state as if it came from the last l
 - at the end it measures this machine's layer and head costs, generates the full model's greedy continuations
   of held-out prompts (the last --holdout_docs documents of each --data source, which no recipe trains on) and
   recommends the self-speculative exit layer, draft length, draft-confidence threshold and draft vocabulary with
-  the highest predicted speedup on them (harness/speculation_model.py), or recommends not to speculate when no
+  the highest predicted speedup on them (harness/speedup_model.py), or recommends not to speculate when no
   setting is predicted at or above 1.0x. `self_speculative` uses the recommendation when no --exit_layer is
   given; "don't speculate" leaves it at its untrained defaults (recommended.self_speculative = {}) and is
-  recorded with the predictions in provenance.exit_adapters.recommendation (speculation_model.recommendation).
+  recorded with the predictions in provenance.exit_adapters.recommendation (speedup_model.recommendation).
 The final layer is untouched by construction. Trained exits are candidate-vocabulary exits (the model scores
 only the candidate rows at a layer with an adapter), so what training is judged by is the held-out KL on the
 candidate rows (heldout_kl_d, the objective) and candidate-row agreement (agree_vocab_d); agree_d, through the
@@ -318,7 +318,7 @@ def recommend(model, cfg: TrainConfig, opts: AdapterOptions, layers: list[int], 
     rows); the target at each decode position is the full model's top-1 in the same teacher-forced pass (on
     these sequences it is the greedy token, up to float ties: `target_is_greedy` says how often)."""
     from ..generators.self_speculative import DEFAULT_SPECULATIONS
-    from ..speculation_model import costs_record, measure_costs, pack_pattern, verdict
+    from ..speedup_model import costs_record, measure_costs, pack_pattern, verdict
 
     seqs, fitted_on = greedy_continuations(model, cfg, opts)
     for s, rec in fitted_on["documents"].items():  # the held-out tail is never trained on; checked, not assumed

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.components import ComponentTimer, measure_section_cost
+from harness.component_timer import ComponentTimer, measure_section_cost
 from harness.config import GenerationConfig
 from harness.generators import StopCondition, build_generator
 

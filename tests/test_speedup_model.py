@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.speculation_model import Costs, best_setting, recommendation, simulate
+from harness.speedup_model import Costs, best_setting, recommendation, simulate
 from harness.trained_exits import ExitArtifact
 
 
@@ -95,7 +95,7 @@ def test_recommendation_reads_the_recorded_verdict():
 
 
 def test_speedup_interval_resamples_whole_sequences():
-    from harness.speculation_model import speedup_interval
+    from harness.speedup_model import speedup_interval
 
     seq, conf = [True, True, True, True, False], [1.0] * 5
     # one sequence, or copies of it: every resample predicts 25 / 16
@@ -107,7 +107,7 @@ def test_speedup_interval_resamples_whole_sequences():
 
 
 def test_the_acceptance_pattern_round_trips_and_gives_the_same_verdict():
-    from harness.speculation_model import pack_pattern, unpack_pattern, verdict
+    from harness.speedup_model import pack_pattern, unpack_pattern, verdict
 
     per_exit = {(1, 100): ([[True, False, True], [True]], [[0.875, 0.25, 0.75], [0.625]]),
                 (2, 100): ([[True, True, True], [False]], [[0.9375, 0.875, 0.5], [0.125]])}

@@ -1,0 +1,21 @@
+"""Hybrid speculation: prompt-lookup drafts when the last n-gram recurs in the prompt or the text so far, early-exit
+drafts otherwise, every draft verified by the full model in one pass (lossless). The drafting and verification
+loop is self-speculation's (self_speculative.py); this method turns its lookup proposer on."""
+from __future__ import annotations
+
+from .base import register
+from .self_speculative import SelfSpeculative
+
+
+@register("hybrid_speculative")
+class HybridSpeculative(SelfSpeculative):
+    """Prompt-lookup drafts when the last n-gram recurs, else early-exit drafts; full-model verification (lossless)."""
+
+    use_lookup = True
+    short = "hybrid"
+    in_all, all_note = 6, "with trained exits"
+
+    @classmethod
+    def all_specs(cls, base, exits) -> list[dict]:
+        """In `all` only with trained exits attached (its early-exit drafts need them to be worth running)."""
+        return [{}] if exits is not None else []
