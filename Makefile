@@ -39,8 +39,10 @@ DEMO_STRATEGIES := autoregressive:exit_layer=15,self_speculative,hybrid_speculat
 demo: setup
 	$(PY) benchmark.py --dataset cnn_dm_summarization --num_samples 3 --max_steps 48 --fixed_length --strategies $(DEMO_STRATEGIES)
 
+# Two workers (pytest-xdist), each module on one worker; tests/conftest.py gives each its share of the cores.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PY) bench/autoregressive_vs_hf.py

@@ -1,6 +1,7 @@
 """Shared fixtures: the real embedded model (loaded once) and real prompts from the bundled data."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Under pytest-xdist (make test runs two workers) the cores are shared: each worker and the CLIs it spawns get
+# their share of threads, so that OpenMP does not oversubscribe them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _share = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _share
+    torch.set_num_threads(int(_share))
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
