@@ -26,9 +26,10 @@ from pathlib import Path
 
 from harness.cli import Parser, at_least, require_single_process, run_main, writable_folder
 from harness.config import GenerationConfig, add_dataclass_args
+from harness.tasks import LM_EVAL_TASKS
 
 TASK_DIR = Path(__file__).resolve().parent / "harness" / "lm_eval_tasks"
-BUNDLED = ("gsm8k", "humaneval", "cnn_dailymail", "xsum")
+BUNDLED = LM_EVAL_TASKS  # the task registry's offline lm-eval tasks (harness/lm_eval_tasks)
 
 
 def build_parser() -> Parser:

@@ -60,6 +60,8 @@ class Task:
     chat_stop: tuple = ()  # stop strings with --chat_template (an instruct model answers in its own format)
     chat_metric: Optional[str] = None  # metric with --chat_template, when the answer format differs
     scores_reference: bool = True  # the metric compares against the reference (pass@1 runs the tests instead)
+    in_all: bool = True  # `--dataset all` runs it
+    lm_eval_task: Optional[str] = None  # its bundled offline lm-eval task (harness/lm_eval_tasks), if any
 
 
 def _summary_shot(doc: str, ref: str) -> Callable[[dict], str]:
@@ -78,25 +80,32 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("cnn_dm_summarization", "cnn_dailymail_3.0.0_test.jsonl.gz", ("cnn_dailymail", "3.0.0", "test"),
          ("article", "highlights"), lambda r: f"Article: {r['article']}\nSummary:", lambda r: r["highlights"],
          _summary_shot("article", "highlights"), "rouge", stop=("\nArticle:", "\n\n"), max_steps=128,
-         hf_shot_split="train", shot_sep="\n", id_field="id"),
+         hf_shot_split="train", shot_sep="\n", id_field="id", lm_eval_task="cnn_dailymail"),
     Task("xsum_summarization", "xsum_test.jsonl.gz", ("xsum", None, "test"),
          ("document", "summary"), lambda r: f"Article: {r['document']}\nSummary:", lambda r: r["summary"],
          _summary_shot("document", "summary"), "rouge", stop=("\nArticle:", "\n"), max_steps=64,
-         shot_file="xsum_validation.jsonl.gz", hf_shot_split="validation", shot_sep="\n", id_field="id"),
+         shot_file="xsum_validation.jsonl.gz", hf_shot_split="validation", shot_sep="\n", id_field="id",
+         lm_eval_task="xsum"),
     Task("cnn_dm_lm", "cnn_dailymail_3.0.0_test.jsonl.gz", ("cnn_dailymail", "3.0.0", "test"),
-         ("article",), _lm_prompt, _lm_reference, None, "rouge", stop=(), max_steps=128, id_field="id"),
+         ("article",), _lm_prompt, _lm_reference, None, "rouge", stop=(), max_steps=128, id_field="id",
+         in_all=False),  # LayerSkip's language-modelling variant of CNN/DM, not a task of its own
     Task("human_eval", "openai_humaneval_test.jsonl", ("openai_humaneval", None, "test"),
          ("task_id", "prompt", "test", "entry_point"), lambda r: r["prompt"], lambda r: r.get("canonical_solution", ""),
          None, "pass_at_1", stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"), max_steps=256,
          id_field="task_id", meta_fields=("test", "entry_point"),
          # with the chat template the model writes a markdown answer: stop after the closing fence of a code
          # block and run the extracted block (pass_at_1_chat), not prompt + markdown
-         chat_stop=("\n```\n",), chat_metric="pass_at_1_chat", scores_reference=False),
+         chat_stop=("\n```\n",), chat_metric="pass_at_1_chat", scores_reference=False, lm_eval_task="humaneval"),
     Task("gsm8k", "gsm8k_main_test.jsonl", ("gsm8k", "main", "test"), ("question", "answer"),
          lambda r: f"Question: {r['question']}\nAnswer:", lambda r: r["answer"],
          lambda r: f"Question: {r['question']}\nAnswer: {r['answer']}\n\n", "gsm8k_exact_match",
-         stop=("Question:", "\n\n"), max_steps=256, shot_file="gsm8k_main_train.jsonl.gz", hf_shot_split="train"),
+         stop=("Question:", "\n\n"), max_steps=256, shot_file="gsm8k_main_train.jsonl.gz", hf_shot_split="train",
+         lm_eval_task="gsm8k"),
 ]}
+
+
+ALL_TASKS = tuple(name for name, t in TASKS.items() if t.in_all)  # `--dataset all`, in registry order
+LM_EVAL_TASKS = tuple(t.lm_eval_task for t in TASKS.values() if t.lm_eval_task)  # eval.py's bundled offline tasks
 
 
 def get_task(name: str) -> Task:

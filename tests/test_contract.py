@@ -96,3 +96,19 @@ def test_strategies_all_is_what_the_classes_say():
         assert got == want and got[0] == "autoregressive"
     assert "hybrid_speculative" not in [c.generation_strategy for c in expand_strategies("all", GenerationConfig(), 30)]
     assert all(n in all_members() for _, n in members)
+
+
+def test_dataset_all_and_evals_bundled_tasks_are_the_task_registrys():
+    """`--dataset all` and eval.py's offline tasks are read from the Task entries, and each offline task has its
+    lm-eval definition in harness/lm_eval_tasks."""
+    from pathlib import Path
+
+    import benchmark
+    import eval as eval_cli
+    from harness.tasks import TASKS
+
+    assert benchmark.task_list("all") == [n for n, t in TASKS.items() if t.in_all] and "cnn_dm_lm" not in \
+        benchmark.task_list("all")
+    assert set(eval_cli.BUNDLED) == {t.lm_eval_task for t in TASKS.values() if t.lm_eval_task}
+    folder = Path(eval_cli.TASK_DIR)
+    assert all((folder / f"{name}.yaml").is_file() for name in eval_cli.BUNDLED)
