@@ -61,7 +61,7 @@ def environment(device: torch.device) -> dict:
 
 def speculation_verdict(generator: Generator) -> Optional[dict]:
     """The attached artifact's self-speculation recommendation, for the methods it is about (else None)."""
-    from .speedup_model import recommendation
+    from .speedup_model import costed_on, recommendation
 
     art = getattr(generator.model, "exits", None)
     if art is None or generator.artifact_key() != "self_speculative":
@@ -71,7 +71,7 @@ def speculation_verdict(generator: Generator) -> Optional[dict]:
         return None
     # the prediction rests on costs timed on one device in one dtype: say which (a run elsewhere is told so); a
     # verdict re-costed where this run happens (trained_exits.recost_where_run) names its own
-    on = rec.get("costed_on") or {"device": art.recipe_device("exit_adapters"), "dtype": art.recipe_dtype("exit_adapters")}
+    on = costed_on(art, rec)
     hardware = None if "recosted_from" in rec else art.provenance.get("exit_adapters", {}).get("hardware")
     return dict(rec, fitted_dtype=on["dtype"], fitted_device=on["device"], fitted_hardware=hardware)
 
@@ -207,8 +207,7 @@ class Benchmark:
             said = (f"{verdict['knobs']} predicted {verdict['predicted_speedup']:.2f}x" if verdict["speculate"] else
                     f"don't speculate (best {verdict['best']['predicted_speedup']:.2f}x)")
             print(f"{self.generator.name}: the exit artifact's self-speculation recommendation was timed on "
-                  f"{(was.get('costed_on') or {}).get('device')} {(was.get('costed_on') or {}).get('dtype')} "
-                  f"({was.get('knobs')}); re-costed on {self.model.device.type} {dtype} from its acceptance pattern: "
+                  f"{was['costed_on']['device']} {was['costed_on']['dtype']} ({was.get('knobs')}); re-costed on {self.model.device.type} {dtype} from its acceptance pattern: "
                   f"{said}", file=sys.stderr)
         if elsewhere and not control:
             print(f"{self.generator.name}: the exit artifact's self-speculation recommendation was timed on "
@@ -528,12 +527,16 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def all_members() -> str:
-    """What `--strategies all` runs, in order, from the registry (for --help)."""
+def _in_all() -> list[tuple[str, type]]:
+    """(name, class) of every method that places itself in `--strategies all`, in its place."""
     from .generators import load_all
 
-    members = sorted((c.in_all, n, c.all_note) for n, c in load_all().items() if c.in_all is not None)
-    return ", ".join(f"{n} ({note})" if note else n for _, n, note in members)
+    return sorted(((n, c) for n, c in load_all().items() if c.in_all is not None), key=lambda nc: nc[1].in_all)
+
+
+def all_members() -> str:
+    """What `--strategies all` runs, in order, from the registry (for --help)."""
+    return ", ".join(f"{n} ({c.all_note})" if c.all_note else n for n, c in _in_all())
 
 
 def expand_strategies(text: str, base: GenerationConfig, num_layers: int, exits=None) -> list[GenerationConfig]:
@@ -549,8 +552,7 @@ def expand_strategies(text: str, base: GenerationConfig, num_layers: int, exits=
     specs: list[tuple[str, dict]] = []
     for item in text.split(","):
         if item.strip() == "all":  # every method that places itself in `all`, with the configurations it asks for
-            members = sorted((c.in_all, n) for n, c in load_all().items() if c.in_all is not None)
-            specs += [(n, over) for _, n in members for over in load_all()[n].all_specs(base, exits)]
+            specs += [(n, over) for n, c in _in_all() for over in c.all_specs(base, exits)]
         elif item.strip():
             specs.append(parse_spec(item))
     known = load_all()

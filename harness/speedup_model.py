@@ -265,6 +265,17 @@ def verdict(per_exit: dict, default: tuple, untrained_layer: int, costs: Costs, 
             }, table
 
 
+def where(model) -> dict:
+    """The device type and dtype a model runs in: what a verdict's costs belong to."""
+    return {"device": model.device.type, "dtype": str(model.dtype).removeprefix("torch.")}
+
+
+def costed_on(art, rec: dict) -> dict:
+    """Where a verdict's costs were timed: its own record, else (older artifacts) the exit_adapters recipe's run."""
+    return rec.get("costed_on") or {"device": art.recipe_device("exit_adapters"),
+                                    "dtype": art.recipe_dtype("exit_adapters")}
+
+
 def costs_record(costs: Costs) -> dict:
     """The costs a verdict rests on, in milliseconds (for provenance and run.json)."""
     return {"layer": costs.layer * 1e3, "head": costs.head[1] * 1e3, "head_rows": costs.head_rows * 1e3,
@@ -289,6 +300,7 @@ def recost(art, model) -> Optional[dict]:
     costs = measure_costs(model, model.exit_vocab, context=context)
     rec, _ = verdict(per_exit, default, E0, costs, DEFAULT_SPECULATIONS)
     rec["fitted_on"] = dict(old.get("fitted_on", {}), costs_ms=costs_record(costs))
-    rec["costed_on"] = {"device": model.device.type, "dtype": str(model.dtype).removeprefix("torch.")}
-    rec["recosted_from"] = {k: old.get(k) for k in ("speculate", "knobs", "predicted_speedup", "costed_on")}
+    rec["costed_on"] = where(model)
+    rec["recosted_from"] = dict({k: old.get(k) for k in ("speculate", "knobs", "predicted_speedup")},
+                                costed_on=costed_on(art, old))
     return rec

@@ -222,19 +222,13 @@ def recost_where_run(model, art: ExitArtifact) -> None:
     acceptance pattern the artifact keeps (speedup_model.recost), and replaces the artifact's in memory (the
     fit's own stays under `recosted_from`; the runner says so on stderr for each method that reads it, after the
     command line was checked). Without a pattern the verdict stays as it was, and the runner says where it was timed."""
-    from .speedup_model import recommendation, recost
+    from .speedup_model import costed_on, recommendation, recost, where
 
     rec = recommendation(art)
-    if rec is None:
-        return
-    was = rec.get("costed_on") or {"device": art.recipe_device("exit_adapters"),
-                                   "dtype": art.recipe_dtype("exit_adapters")}
-    here = {"device": model.device.type, "dtype": str(model.dtype).removeprefix("torch.")}
-    if was == here or model.device_map:
+    if rec is None or costed_on(art, rec) == where(model) or model.device_map:
         return
     new = recost(art, model)
     if new is None:
         return
-    new["recosted_from"]["costed_on"] = was
     art.provenance["exit_adapters"] = dict(art.provenance["exit_adapters"], recommendation=new)
     art.recommended["self_speculative"] = dict(new["knobs"])

@@ -318,7 +318,7 @@ def recommend(model, cfg: TrainConfig, opts: AdapterOptions, layers: list[int], 
     rows); the target at each decode position is the full model's top-1 in the same teacher-forced pass (on
     these sequences it is the greedy token, up to float ties: `target_is_greedy` says how often)."""
     from ..generators.self_speculative import DEFAULT_SPECULATIONS
-    from ..speedup_model import costs_record, measure_costs, pack_pattern, verdict
+    from ..speedup_model import costs_record, measure_costs, pack_pattern, verdict, where
 
     seqs, fitted_on = greedy_continuations(model, cfg, opts)
     for s, rec in fitted_on["documents"].items():  # the held-out tail is never trained on; checked, not assumed
@@ -350,7 +350,7 @@ def recommend(model, cfg: TrainConfig, opts: AdapterOptions, layers: list[int], 
     fitted_on.update(target_is_greedy=same / total if total else 1.0, cost_context=context,
                      costs_ms=costs_record(costs))
     record["fitted_on"] = fitted_on
-    record["costed_on"] = {"device": model.device.type, "dtype": str(model.dtype).removeprefix("torch.")}
+    record["costed_on"] = where(model)
     # the acceptance pattern is kept with the artifact: a run on another device or dtype re-costs the verdict
     return record, table, pack_pattern(per_exit, default, E0)
 
