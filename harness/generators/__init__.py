@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import GENERATORS, GenerationResult, Generator, StopCondition, build_generator, register
+from .base import (GENERATORS, GenerationResult, Generator, StopCondition, baseline_name, build_generator,
+                   register)
 
 _LOADED = False
 
@@ -19,4 +20,5 @@ def load_all() -> dict:
     return GENERATORS
 
 
-__all__ = ["GENERATORS", "GenerationResult", "Generator", "StopCondition", "build_generator", "register", "load_all"]
+__all__ = ["GENERATORS", "GenerationResult", "Generator", "StopCondition", "baseline_name", "build_generator", "register",
+           "load_all"]

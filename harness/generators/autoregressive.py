@@ -18,6 +18,7 @@ class Autoregressive(Generator):
 
     short, family = "AR", "autoregressive / static exit"
     in_all = 0  # the baseline
+    baseline = True
 
     def records_gaps(self, depth: Optional[int]) -> bool:
         """Greedy full-depth decoding logs its top-2 logit gaps: it is the reference every lossless method's output is

@@ -110,6 +110,15 @@ def register(name: str):
     return wrap
 
 
+def baseline_name() -> str:
+    """The registered method that is the speed and quality baseline (the class with `baseline = True`)."""
+    from . import load_all
+
+    names = [n for n, c in load_all().items() if c.baseline]
+    assert len(names) == 1, f"exactly one generator must declare baseline = True, found {names}"
+    return names[0]
+
+
 def build_generator(model: LayeredModel, config: GenerationConfig) -> "Generator":
     from . import load_all
 
@@ -136,6 +145,8 @@ class Generator(ABC):
     # what `--recipe calibrate` can certify: (criteria or None, knob names set together, never-exit value, most
     # aggressive value or None = ln(vocab size)); keyed in the artifact as NAME or NAME:criteria
     calibratable: ClassVar[tuple] = ()
+    baseline: ClassVar[bool] = False  # the plain full-depth decoding every speedup is a ratio to (one method only)
+    sweep_knobs: ClassVar[tuple] = ()  # two knobs whose grid the report draws as a heatmap (LayerSkip's sweep view)
 
     @classmethod
     def all_specs(cls, base: GenerationConfig, exits) -> list[dict]:

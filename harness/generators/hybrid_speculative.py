@@ -13,6 +13,7 @@ class HybridSpeculative(SelfSpeculative):
 
     use_lookup = True
     short = "hybrid"
+    sweep_knobs = ()  # the sweep heatmap is self-speculation's (LayerSkip's view)
     in_all, all_note = 6, "with trained exits"
 
     @classmethod

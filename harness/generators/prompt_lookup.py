@@ -17,6 +17,7 @@ class PromptLookup(HybridSpeculative):
 
     reads_exits = draft_depth = False  # full-depth passes only
     short = "lookup"
+    sweep_knobs = ()  # the sweep heatmap is self-speculation's (LayerSkip's view)
     in_all, all_note = 5, ""
     label_knobs = ()  # its draft length is lookup_tokens, shown with the other lookup knobs
 

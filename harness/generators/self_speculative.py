@@ -93,6 +93,7 @@ class SelfSpeculative(Generator):
     short, family = "SS", "speculative (lossless)"
     label_knobs = ("num_speculations",)
     in_all = 1
+    sweep_knobs = ("exit_layer", "num_speculations")
     draft_depth = True
 
     def artifact_key(self) -> str:
