@@ -11,7 +11,7 @@ Compare configurations in ONE invocation (--strategies or --sweep): every exampl
 configuration back to back, in an order rotated per example (a Latin square), after an untimed
 full-model warm-up on that prompt, with the baseline run twice (the second copy is the A/A control
 that shows the noise floor). Each configuration gets its own run directory inside one folder, followed
-by the report (report.csv, report.md, PNG plots; see harness/report.py). Speed is decode time per
+by the report (report.csv, report.md, PNG plots; see harness/report/). Speed is decode time per
 token (prefill excluded); use --fixed_length for pure speed comparisons:
 
     benchmark.py --strategies all --num_samples 10 --fixed_length --max_steps 48

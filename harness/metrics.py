@@ -127,3 +127,5 @@ METRICS: dict[str, Callable[[str, Example], dict]] = {
 
 # Which keys of a metric's output are scores to average in summaries (others are diagnostics).
 SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "exact_match", "pass_at_1")
+# A report table's main quality metric is the first of these it has: one per task family (summaries: ROUGE-L).
+PRIMARY_ORDER = ("rougeL", "exact_match", "pass_at_1")

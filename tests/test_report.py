@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 
 from harness.config import UsageError
-from harness.report import _bootstrap_median, _pareto, build_table, load_runs, write_report
+from harness.report import build_table, load_runs, write_report
+from harness.report.plots import pareto
+from harness.report.stats import bootstrap_median
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,8 +129,8 @@ def test_strategies_all_knob_routing_and_errors(tmp_path):
 
 
 def test_pareto_and_bootstrap_helpers():
-    assert _pareto([(1.0, 0.5), (2.0, 0.4), (1.5, 0.3), (0.5, 0.6)]) == [3, 0, 1]
-    lo, hi = _bootstrap_median(np.array([1.0, 1.1, 0.9, 1.2, 1.05]))
+    assert pareto([(1.0, 0.5), (2.0, 0.4), (1.5, 0.3), (0.5, 0.6)]) == [3, 0, 1]
+    lo, hi = bootstrap_median(np.array([1.0, 1.1, 0.9, 1.2, 1.05]))
     assert 0.9 <= lo <= 1.05 <= hi <= 1.2
 
 

@@ -5,8 +5,8 @@ synchronized seconds of each component of the first timed repeat, divided by tha
 `other` is decode time no component covers (stop checks, bookkeeping, Python between sections);
 `timer overhead` is the measured cost of the timed sections themselves (calls x the cost of one empty
 section), part of the method's measured decode time. Medians over examples, with the IQR of each share.
-A configuration whose output is degenerate (see harness/report.py: empty or whitespace-only predictions on at
-least half its examples) carries its flag in the CSV's `flag` column, the Markdown and the plot.
+A configuration whose output is degenerate (harness.report.table.output_flag: empty or whitespace-only predictions
+on at least half its examples) carries its flag in the CSV's `flag` column, the Markdown and the plot.
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+
+from .pairing import is_baseline_row
+from .plots import pyplot, save
 
 ORDER = ("lookup", "draft", "verify", "accept", "shallow", "deep", "parallel", "layers", "confidence", "head",
          "state_copy")  # components in reading order; any other name follows
@@ -76,8 +79,10 @@ def breakdown_table(runs: list[dict], label) -> pd.DataFrame:
 def markdown(bt: pd.DataFrame, baseline_ms: dict) -> str:
     """One table per dataset: per method, ms/token of each component (share of decode time in brackets).
 
-    `baseline_ms`: (model, dataset) -> the autoregressive baseline's median decode ms/token, for scale.
+    `baseline_ms`: (model, dataset) -> the baseline's median decode ms/token, for scale.
     """
+    from ..generators import baseline_name
+
     if bt.empty:
         return ""
     out = ["### Where the decode time goes (per-component breakdown, synchronized timers)\n\n"
@@ -96,16 +101,17 @@ def markdown(bt: pd.DataFrame, baseline_ms: dict) -> str:
             table.append(row)
         t = pd.DataFrame(table, columns=["method", *comps]).fillna("-")
         base = baseline_ms.get((model, dataset))
-        note = f"\n\nAutoregressive baseline: {base:.1f} ms/token." if base and not math.isnan(base) else ""
+        note = (f"\n\n{baseline_name().capitalize()} baseline: {base:.1f} ms/token."
+                if base and not math.isnan(base) else "")
         out.append(f"#### {dataset} ({model})\n\n" + t.to_markdown(index=False) + note)
     return "\n\n".join(out)
 
 
 def plot(bt: pd.DataFrame, out: Path, baseline_ms: dict) -> list[Path]:
     """Stacked horizontal bars per dataset: ms per decoded token by component, the baseline as a line."""
-    from .report import _pyplot, _save
+    from ..generators import baseline_name
 
-    plt = _pyplot()
+    plt = pyplot()
     files = []
     for (model, dataset), g in bt.groupby(["model", "dataset"], sort=False):
         methods = list(dict.fromkeys(g["run_id"]))
@@ -124,21 +130,19 @@ def plot(bt: pd.DataFrame, out: Path, baseline_ms: dict) -> list[Path]:
             left += vals
         base = baseline_ms.get((model, dataset))
         if base and not math.isnan(base):
-            ax.axvline(base, color="k", ls="--", lw=1, label="autoregressive baseline")
+            ax.axvline(base, color="k", ls="--", lw=1, label=f"{baseline_name()} baseline")
         ax.set_yticks(range(len(methods)), shorts, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("decode ms per token (median per component, stacked)")
         ax.set_title(f"where the decode time goes: {dataset} ({model})")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         fig.tight_layout()
-        files.append(_save(fig, out / f"time_breakdown_{dataset}.png"))
+        files.append(save(fig, out / f"time_breakdown_{dataset}.png"))
     return files
 
 
 def baseline_ms(df: pd.DataFrame) -> dict:
     """(model, dataset) -> the baseline's median decode ms/token from the main report table."""
-    from .report import is_baseline_row
-
     return {(r["model"], r["dataset"]): float(r["decode_ms_per_token_median"]) for _, r in df.iterrows()
             if is_baseline_row(r)}
 
