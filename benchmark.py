@@ -133,6 +133,7 @@ def run_tasks(run_cfg: RunConfig, gen_cfg: GenerationConfig, datasets: list[str]
     from pathlib import Path
 
     from harness.config import UsageError, for_strategy
+    from harness.generators import baseline_name
     from harness.logs import new_run_dir
     from harness.model import load_model
     from harness.runner import broadcast, expand_strategies, expand_sweep, run_many
@@ -147,8 +148,8 @@ def run_tasks(run_cfg: RunConfig, gen_cfg: GenerationConfig, datasets: list[str]
     elif sweep:
         configs = expand_sweep(sweep, gen_cfg)
     else:
-        configs = [for_strategy(gen_cfg, "autoregressive")]
-        if gen_cfg.generation_strategy != "autoregressive" or gen_cfg.exit_layer is not None:
+        configs = [for_strategy(gen_cfg, baseline_name())]
+        if gen_cfg.generation_strategy != baseline_name() or gen_cfg.exit_layer is not None:
             configs.append(gen_cfg)
     parent = Path(broadcast(str(new_run_dir(run_cfg.output_dir, "tasks")) if dist.rank == 0 else None, dist))
     ok = True
@@ -163,12 +164,13 @@ def run_tasks(run_cfg: RunConfig, gen_cfg: GenerationConfig, datasets: list[str]
 
 def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep, dist, control=True) -> int:
     from harness.config import UsageError
+    from harness.generators import baseline_name
     from harness.model import load_model
     from harness.runner import expand_strategies, expand_sweep, run_many
 
     if strategies and sweep:
         raise UsageError("use either --strategies or --sweep, not both")
-    if sweep and gen_cfg.generation_strategy == "autoregressive" and not gen_cfg.criteria:
+    if sweep and gen_cfg.generation_strategy == baseline_name():
         raise UsageError("--sweep needs --generation_strategy (the method whose knobs are swept)")
     model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype, run_cfg.device_map, run_cfg.exits, run_cfg.core)
     configs = (expand_strategies(strategies, gen_cfg, model.num_layers, model.exits) if strategies

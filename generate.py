@@ -15,14 +15,17 @@ import sys
 from typing import Iterator, Optional
 
 from harness.cli import Parser, require_single_process, run_main, strategies_epilog
-from harness.config import GenerationConfig, UsageError, add_dataclass_args, from_args
+from harness.config import GenerationConfig, RunConfig, UsageError, add_dataclass_args, from_args
 
 DEFAULT_MAX_STEPS = 128
+# benchmark.py's model flags, the same RunConfig fields; an interactive prompt is a chat turn, so the chat template is
+# on by default here (benchmark.py feeds raw prompts, as LayerSkip does)
+MODEL_FLAGS = ("model", "device", "dtype", "core", "exits", "device_map", "chat_template")
+MODEL_DEFAULTS = {"chat_template": True}
 
 
 class _Parser(Parser):
-    """The strategy list (--help's epilog) imports every generator: built only when help is shown, so that bad
-    input is refused in a fraction of a second."""
+    """The strategy list (--help's epilog) is built only when help is shown."""
 
     def format_help(self) -> str:
         self.epilog = strategies_epilog()
@@ -76,15 +79,9 @@ def build_parser() -> Parser:
     import argparse
 
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("input and model")
+    g = p.add_argument_group("input")
     g.add_argument("--prompt", default=None, help="generate once for this text and exit; omitted = interactive mode (default: %(default)s)")
-    g.add_argument("--model", default=None, help="as in benchmark.py; omitted = embedded SmolLM2-135M-Instruct (default: %(default)s)")
-    g.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
-    g.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: %(default)s)")
-    g.add_argument("--exits", default="auto", help="trained exits: auto (shipped for this model), none, or an exit "
-                   "artifact path (default: %(default)s)")
-    g.add_argument("--chat_template", action=argparse.BooleanOptionalAction, default=True,
-                   help="wrap the prompt in the tokenizer's chat template when it has one (default: %(default)s)")
+    add_dataclass_args(p, RunConfig, "model (as benchmark.py)", only=MODEL_FLAGS, defaults=MODEL_DEFAULTS)
     add_dataclass_args(p, GenerationConfig, "generation (strategy and its knobs)")
     return p
 
@@ -104,7 +101,7 @@ def main() -> int:
     from harness.generators import StopCondition, build_generator
     from harness.model import load_model
 
-    model = load_model(args.model, args.device, args.dtype, getattr(args, "device_map", None), args.exits)
+    model = load_model(args.model, args.device, args.dtype, args.device_map, args.exits, args.core)
     generator = build_generator(model, gen_cfg)
 
     def once(text: str) -> None:

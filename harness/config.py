@@ -2,6 +2,13 @@
 
 Every field's ``metadata["help"]`` becomes its ``--help`` line, so flags, defaults and docs cannot drift
 apart. Names follow LayerSkip's where LayerSkip has one.
+
+A method's own knobs are declared by the method: each generator class names an options dataclass
+(``options = ...``, fields made with ``knob``), and ``GenerationConfig`` is assembled from the knobs every
+method shares (``DecodingOptions``) plus every registered method's options. A knob declared in one options class
+and inherited by several methods' classes is one flag that reaches all of them. From the assembly come the CLI
+flags and their help groups, ``name:knob=value`` parsing, the refusal of a knob the chosen method would ignore,
+lm-eval's ``model_args`` and the knobs calibration can set.
 """
 from __future__ import annotations
 
@@ -19,198 +26,80 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-CRITERIA = ("cosine_similarity", "token_repeat", "entropy_based", "max_probability", "convergence")
-CONFIDENCES = ("softmax", "max_prob", "hidden_state", "contrastive", "jsd_contrastive", "classifier")
-VOCAB_REDUCTIONS = ("none", "fixed", "decaying", "adaptive")
-CONTRASTIVE = ("contrastive", "jsd_contrastive")
-
-SS, CALM, FREE, DYN = ("self_speculative", "hybrid_speculative"), ("calm",), ("free",), ("dynamic",)
-LOOKUP = ("hybrid_speculative", "prompt_lookup")
-LAYERWISE = ("calm", "free", "dynamic")
-
-
-def _m(default: Any, help: str, methods: tuple, **kw: Any) -> Any:
-    """A method knob: only the strategies in `methods` accept a non-default value."""
-    return _f(default, help, methods=methods, **kw)
+def knob(default: Any, help: str, **kw: Any) -> Any:
+    """A knob of a method's options dataclass. Keywords: choices, aliases (a reference's spellings), range = (lowest,
+    highest, lowest included; None = unbounded), when = (predicate on the config, "where it applies") for knobs of a
+    sub-mode, selects = True for a knob that alone selects its method (which then requires it)."""
+    return _f(default, help, **kw)
 
 
 @dataclass
-class GenerationConfig:
-    """How to decode: the strategy and all of its knobs."""
+class DecodingOptions:
+    """The knobs every method reads: strategy, length, depth, sampling."""
 
     generation_strategy: Optional[str] = _f(
-        None, "decoding method (see the list below); omitted = autoregressive, or dynamic when --criteria is given")
-    max_steps: Optional[int] = _f(None, "maximum new tokens; default: the task's own limit (128 for generate.py)")
+        None, "decoding method (see the list below); omitted = autoregressive, or the method a knob of its own selects "
+        "(dynamic when --criteria is given)")
+    max_steps: Optional[int] = _f(
+        None,
+        "maximum new tokens; default: the task's own limit (128 for generate.py)",
+        range=(1, None, True))
     exit_layer: Optional[int] = _f(
         None,
         "number of layers used before the exit head, 1..L. With autoregressive: static exit "
         "(only the first E layers). With self_speculative: the draft depth E < L (LayerSkip, arXiv 2404.16710). "
         "With dynamic: the deepest exit (the fork's loop over layers[:exit_layer])",
-    )
-    num_speculations: Optional[int] = _m(
-        None, "self_speculative: tokens drafted per step, >= 1; omitted = the attached exit artifact's recommendation, "
-        "else 6 (LayerSkip's num_speculations). "
-        "hf_prompt_lookup: transformers' prompt_lookup_num_tokens; omitted = 10", SS + ("hf_prompt_lookup",))
-    draft_vocab: Optional[int] = _m(
-        None, "self_speculative: draft with the exit head on this many candidate rows: 0 = the full vocabulary, N = "
-        "the attached exit artifact's candidate vocabulary (its size N); omitted = the artifact's recommendation, "
-        "else 0. Verification always uses the full head, so greedy output is unchanged", SS)
-    draft_threshold: Optional[float] = _m(
-        None, "self_speculative: stop drafting at the first draft whose top-1 probability is below this (adaptive "
-        "draft length, Kangaroo arXiv 2404.18911); 0 = always draft num_speculations; omitted = the artifact's "
-        "recommendation, else 0", SS)
-    lookup_ngram: int = _m(
-        3, "hybrid_speculative: longest n-gram matched against the prompt and the text so far (prompt lookup "
-        "decoding); a match proposes the tokens that followed it, else the early exit drafts (prompt_lookup: else one "
-        "plain step)", LOOKUP)
-    lookup_tokens: int = _m(10, "hybrid_speculative: most tokens proposed by one prompt-lookup match (transformers' "
-                                "prompt_lookup_num_tokens default)", LOOKUP)
-    lookup_match: str = _m(
-        "earliest", "hybrid_speculative: which earlier occurrence of the n-gram proposes the draft: earliest = the "
-        "first, as transformers' prompt lookup (PromptLookupCandidateGenerator.get_candidates, "
-        "transformers/generation/candidate_generator.py:1080-1102 in 5.24) and hf_prompt_lookup; latest = the most "
-        "recent (ours before, kept to compare: the nearest context is often the one that repeats)",
-        LOOKUP, choices=("earliest", "latest"))
-    sample: bool = _f(False, "sample instead of greedy decoding (self_speculative: exact speculative sampling)")
-    temperature: float = _f(1.0, "sampling temperature (with --sample)")
-    top_p: float = _f(1.0, "nucleus sampling mass, 1.0 = off (with --sample)")
-    top_k: int = _f(0, "top-k sampling, 0 = off (with --sample)")
-    seed: int = _f(42, "random seed for sampling and few-shot selection")
-    # -- per-token exit rules: calm / free / dynamic ------------------------------------------------
-    criteria: Optional[str] = _m(
-        None, "dynamic: exit criterion of the Dynamic Early Exit fork of LayerSkip (Amir-Voloshin/DynamicEarlyExit "
-        "self_speculation/llama_early_exit_utils.py); alone it selects dynamic", DYN, choices=CRITERIA)
-    confidence: Optional[str] = _m(
-        None, "confidence measure: softmax = top-1 minus top-2 probability (calm's and free's default: FREE "
-        "util/skip_conf.py 7-16, its scripts' --shallow2deep_conf_type softmax), max_prob = top-1 probability, "
-        "hidden_state = cosine of consecutive layers' states (CALM's state saturation; calm only), contrastive | "
-        "jsd_contrastive = top-1 minus top-2 of the contrastive distribution against the amateur layer i//2 | "
-        "the layer of largest JSD/(i-l) in 2..i-1 (Confidently_Exiting util/skip_conf.py 124-135 | 159-170). With "
-        "dynamic, contrastive* replaces the softmax that max_probability, entropy_based and convergence read. "
-        "classifier = sigmoid of CALM's trained early-exit classifier on the layer's hidden state (calm only; needs "
-        "an exit artifact from `python -m harness.train --recipe calm`; depths without a classifier never exit)",
-        LAYERWISE, choices=CONFIDENCES,
-        when=(lambda c: (c.confidence != "classifier" or c.generation_strategy == "calm") and (
-            c.generation_strategy != "dynamic" or (c.confidence in CONTRASTIVE and c.criteria in (
-                "max_probability", "entropy_based", "convergence"))),
-            ("with dynamic only as contrastive or jsd_contrastive, and only for max_probability, entropy_based or "
-             "convergence; as classifier only with calm")))
-    threshold: Optional[float] = _m(
-        None, "calm/free: exit when confidence > threshold (FREE util/skip_conf.py 76); omitted = 0.9 (our "
-        "default; a value >= 1 never exits)", CALM + FREE)
-    threshold_decay: Optional[float] = _m(
-        None, "calm: decay the threshold over the generated position t with temperature tau (N = the generation's "
-        "max_steps); omitted = constant threshold", CALM)
-    threshold_decay_form: str = _m(
-        "calm_paper", "calm --threshold_decay: calm_paper = clip(0.9*lambda + 0.1*exp(-tau*t/N)) (CALM paper, "
-        "Schuster et al. 2022), free_code = lambda*exp(-tau*t/N)/10 + 9*lambda/10 (FREE's CALM code, "
-        "util/skip_conf.py 58-63)", CALM, choices=("calm_paper", "free_code"),
-        when=(lambda c: c.threshold_decay is not None, "with --threshold_decay"))
-    policy_threshold: float = _m(
-        0.5, "policy: exit at a layer that has a ConsistentEE policy network when its exit probability pi(h) > this "
-        "(greedy policy; the reference code exits when pi > 0.5); 1.0 never exits, 0.0 exits at the first policy "
-        "layer", ("policy",))
-    min_exit_layer: Optional[int] = _m(
-        None, "calm/dynamic: first layer whose exit may be taken, 1..L-1; omitted = 1 (FREE's CALM code checks "
-        "from the first layer; contrastive needs >= 2, jsd_contrastive >= 3, dynamic cosine_similarity starts "
-        "at 2 and convergence at 3, as the references do)", CALM + DYN)
-    shallow_exit_layer: Optional[int] = _m(
-        None, "free: depth of the shallow module, 1..L-1; omitted = L // 4 (our default)", FREE)
-    adaptive_threshold: bool = _m(
-        False, "free: refit the threshold at the start of every sequence (at most 300) on the (shallow "
-        "confidence, shallow == deep) pairs of every deep-processed token so far in the run (FREE "
-        "models/deploying_t5.py ~1049, ~1208-1214)", FREE)
-    adaptive_estimator: str = _m(
-        "beta_mixture", "free --adaptive_threshold: beta_mixture = FREE's per-class Beta fits by weighted moments, "
-        "threshold where P(agree | confidence) > 0.4 on 10 points in [0.3, 0.9] (util/bmm.py 6-15, 49-84, "
-        "110-116); posterior = our rule: smallest confidence with P(disagree | confidence) <= --adaptive_tolerance "
-        "(clipped to [0.3, 0.9])", FREE, choices=("beta_mixture", "posterior"),
-        when=(lambda c: c.adaptive_threshold, "with --adaptive_threshold"))
-    adaptive_tolerance: float = _m(
-        0.1, "free --adaptive_estimator posterior: exit when the estimated P(shallow != deep | confidence) <= this",
-        FREE, when=(lambda c: c.adaptive_threshold and c.adaptive_estimator == "posterior",
-                    "with --adaptive_threshold --adaptive_estimator posterior"))
-    cosine_threshold: float = _m(
-        0.95, "dynamic cosine_similarity: exit when cos(final_norm(h_l), h_l-1) > this (fork's conf, "
-        "generator_base.py 48)", DYN, aliases=("--conf",),
-        when=(lambda c: c.criteria == "cosine_similarity", "with --criteria cosine_similarity"))
-    token_repeats: int = _m(
-        4, "dynamic token_repeat: exit when the count of consecutive layers repeating the previous layer's argmax "
-        "reaches this, i.e. this+1 equal layers (fork's repeats: generator_base.py 47, llama_early_exit_utils.py "
-        "54-60)", DYN, when=(lambda c: c.criteria == "token_repeat", "with --criteria token_repeat"))
-    convergence_delta: float = _m(
-        0.01, "dynamic convergence: exit when |maxprob_l - maxprob_l-1| <= this (fork's delta_threshold, "
-        "llama_early_exit_utils.py 136-179)", DYN, aliases=("--delta_threshold",),
-        when=(lambda c: c.criteria == "convergence", "with --criteria convergence"))
-    max_prob_start: float = _m(
-        0.99, "dynamic max_probability: exit when maxprob > start*r^scale + end*(1-r^scale), r = (L-l)/L, l the "
-        "0-based layer (llama_early_exit_utils.py 191-222)", DYN,
-        when=(lambda c: c.criteria == "max_probability", "with --criteria max_probability"))
-    max_prob_end: float = _m(0.75, "dynamic max_probability: end of that schedule", DYN,
-                             when=(lambda c: c.criteria == "max_probability", "with --criteria max_probability"))
-    max_prob_scale: float = _m(
-        0.75, "dynamic max_probability: exponent of that schedule (fork: llama_model_utils.py ~275)", DYN,
-        when=(lambda c: c.criteria == "max_probability", "with --criteria max_probability"))
-    entropy_temperature: float = _m(
-        3.0, "dynamic entropy_based: entropy of softmax((logits - max)/T) (llama_early_exit_utils.py 305-314)", DYN,
-        when=(lambda c: c.criteria == "entropy_based" and c.confidence not in CONTRASTIVE,
-              "with --criteria entropy_based and no contrastive confidence"))
-    entropy_start: float = _m(
-        11.0, "dynamic entropy_based: exit when entropy < start*sqrt(r) + end*(1-sqrt(r)), r = (L-l)/L "
-        "(llama_early_exit_utils.py 293-317, defaults llama_model_utils.py ~270-272; ln V = 10.8 for a 49k "
-        "vocabulary, so it fires unconditionally wherever r >= 0.36)", DYN,
-        when=(lambda c: c.criteria == "entropy_based", "with --criteria entropy_based"))
-    entropy_end: float = _m(10.5, "dynamic entropy_based: end of that schedule (nats)", DYN,
-                            when=(lambda c: c.criteria == "entropy_based", "with --criteria entropy_based"))
-    vocab_reduction: str = _m(
-        "none", "calm/dynamic: score exits after the first one considered on rows of its full head, ranked by "
-        "logit: fixed = its top k = max(vocab_k_min, vocab_k/(1 + (vocab_k-vocab_k_min)/vocab_k_min * i/L)) rows, "
-        "decaying = the top k_i of them with that k at each layer i, adaptive = the top V*(1 - 0.9*confidence of "
-        "the previous layer) (Confidently_Exiting models/deploying_t5.py ~751-752, ~1008-1066)", CALM + DYN,
-        choices=VOCAB_REDUCTIONS,
-        when=(lambda c: c.confidence not in ("hidden_state", "classifier") and c.criteria != "cosine_similarity",
-              "where exits read the exit head (not with --confidence hidden_state or classifier, or --criteria "
-              "cosine_similarity)"))
-    vocab_k: int = _m(35000, "--vocab_reduction fixed/decaying: k_max of that schedule (fork's maximum_k_size)",
-                      CALM + DYN, when=(lambda c: c.vocab_reduction in ("fixed", "decaying"),
-                                        "with --vocab_reduction fixed or decaying"))
-    vocab_k_min: int = _m(250, "--vocab_reduction fixed/decaying: k_min of that schedule (fork's minimum_k_size)",
-                          CALM + DYN, when=(lambda c: c.vocab_reduction in ("fixed", "decaying"),
-                                            "with --vocab_reduction fixed or decaying"))
-    contrastive_alpha: float = _m(
-        0.1, "contrastive confidence: plausibility mask keeps tokens with p >= alpha * max p of the expert layer "
-        "(Confidently_Exiting: alpha = 0.1 at every call)", LAYERWISE,
-        when=(lambda c: c.confidence in CONTRASTIVE, "with --confidence contrastive or jsd_contrastive"))
+        range=(1, None, True))
+    sample: bool = _f(
+        False,
+        "sample instead of greedy decoding (self_speculative: exact speculative sampling)")
+    temperature: float = _f(
+        1.0,
+        "sampling temperature (with --sample)",
+        range=(0.0, None, False))
+    top_p: float = _f(
+        1.0,
+        "nucleus sampling mass, 1.0 = off (with --sample)",
+        range=(0.0, 1.0, False))
+    top_k: int = _f(
+        0,
+        "top-k sampling, 0 = off (with --sample)",
+        range=(0, None, True))
+    seed: int = _f(
+        42,
+        "random seed for sampling and few-shot selection")
 
     explicit: tuple = field(default=(), compare=False, repr=False, metadata={
         "help": "knobs the user set explicitly (command line, strategy spec, model_args): these always win over an "
                 "exit artifact's recommended or calibrated values", "internal": True})
 
+
+class _Generation:
+    """What GenerationConfig does besides holding knobs (the fields come from the assembly below)."""
+
     def __post_init__(self) -> None:
         self.explicit = tuple(sorted(set(self.explicit)))
-        check_values(self, GENERATION_RANGES)
+        check_values(self, ranges_of(type(self)))
+        fields = dataclasses.fields(self)
+        selecting = [f for f in fields if f.metadata.get("selects")]
+        chosen = [f for f in selecting if getattr(self, f.name) is not None]
         if self.generation_strategy is None:
-            self.generation_strategy = "dynamic" if self.criteria else "autoregressive"
-        elif self.criteria and self.generation_strategy != "dynamic":
-            raise UsageError(f"--criteria applies to the dynamic strategy, not {self.generation_strategy}")
-        if self.generation_strategy == "dynamic" and not self.criteria:
-            raise UsageError(f"dynamic needs --criteria, one of: {', '.join(CRITERIA)}")
+            from .generators import baseline_name
+
+            self.generation_strategy = chosen[0].metadata["methods"][0] if chosen else baseline_name()
+        for f in chosen:
+            if self.generation_strategy not in f.metadata["methods"]:
+                raise UsageError(f"--{f.name} applies to the {' / '.join(f.metadata['methods'])} strategy, not "
+                                 f"{self.generation_strategy}")
+        for f in selecting:
+            if self.generation_strategy in f.metadata["methods"] and getattr(self, f.name) is None:
+                raise UsageError(f"{self.generation_strategy} needs --{f.name}, one of: "
+                                 f"{', '.join(f.metadata['choices'])}")
 
     def set_by_user(self) -> set[str]:
         """Knobs the user chose: named explicitly, or (for configs built in code) set away from their default."""
         return set(self.explicit) | {f.name for f in dataclasses.fields(self) if not f.metadata.get("internal")
                                      and getattr(self, f.name) != f.default}
-
-    def reduction_knobs(self) -> dict:
-        """Vocabulary-reduction and contrastive knobs, only where they change behaviour (for run logs)."""
-        out: dict[str, Any] = {}
-        if self.vocab_reduction != "none":
-            out["vocab_reduction"] = self.vocab_reduction
-            if self.vocab_reduction != "adaptive":
-                out.update(vocab_k=self.vocab_k, vocab_k_min=self.vocab_k_min)
-        if self.confidence in CONTRASTIVE:
-            out["contrastive_alpha"] = self.contrastive_alpha
-        return out
 
     def ignored_knobs(self) -> list[str]:
         """Knobs set away from their default that this configuration's sub-mode would ignore."""
@@ -226,6 +115,75 @@ class GenerationConfig:
         for name in self.ignored_knobs():
             f = next(f for f in dataclasses.fields(self) if f.name == name)
             raise UsageError(f"--{name} applies only {f.metadata['when'][1]} ({strategy} would ignore it)")
+
+
+def assemble(generators: dict) -> type:
+    """GenerationConfig: DecodingOptions' fields, then every method's own knobs, each knob once with the methods
+    that accept it (`methods`) and its help group (the methods' names)."""
+    owners: dict[str, list[str]] = {}
+    declared: dict[str, tuple] = {}
+    opts_of: dict[str, type] = {}
+    for name, cls in generators.items():
+        opts = getattr(cls, "options", None)
+        if opts is None:
+            continue
+        hints = get_type_hints(opts)
+        for f in dataclasses.fields(opts):
+            if f.name in {g.name for g in dataclasses.fields(DecodingOptions)}:
+                raise TypeError(f"{cls.__name__}.options redeclares --{f.name}, which every method shares")
+            if f.name in declared and declared[f.name][0] is not f:
+                raise TypeError(f"--{f.name} is declared twice ({declared[f.name][2]} and {name}): declare it once in "
+                                "an options class both inherit")
+            declared.setdefault(f.name, (f, hints[f.name], name))
+            opts_of.setdefault(f.name, opts)
+            owners.setdefault(f.name, []).append(name)
+    hints = get_type_hints(DecodingOptions)
+    spec = [(f.name, hints[f.name], field(default=f.default, compare=f.compare, repr=f.repr,
+                                          metadata=f.metadata)) for f in dataclasses.fields(DecodingOptions)]
+    for knob_name, (f, typ, _) in declared.items():
+        methods = tuple(owners[knob_name])
+        group = f"{', '.join(methods)} ({_declared_by(opts_of[knob_name], knob_name)})"
+        meta = {**f.metadata, "methods": methods, "group": group}
+        spec.append((knob_name, typ, field(default=f.default, metadata=meta)))
+    cls = dataclasses.make_dataclass("GenerationConfig", spec, bases=(_Generation,))
+    cls.__module__, cls.__doc__ = __name__, "How to decode: the strategy and all of its knobs (assembled: see above)."
+    return cls
+
+
+def _declared_by(opts: type, name: str) -> str:
+    """The first docstring line of the options class that declares knob `name` (its help group's title)."""
+    klass = next(k for k in reversed(opts.__mro__) if name in k.__dict__.get("__annotations__", {}))
+    return (klass.__doc__ or klass.__name__).strip().splitlines()[0].split(";")[0].rstrip(".")
+
+
+_ASSEMBLING = False
+
+
+def __getattr__(name: str) -> Any:
+    """`from harness.config import GenerationConfig` assembles it on first use, after every generator module has
+    registered itself (generator modules import this module, so it cannot be built at import time)."""
+    if name != "GenerationConfig":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return generation_config()
+
+
+def generation_config() -> type:
+    """The assembled GenerationConfig class (built once)."""
+    global _ASSEMBLING
+    if "GenerationConfig" in globals():
+        return globals()["GenerationConfig"]
+    if _ASSEMBLING:
+        raise ImportError("GenerationConfig was asked for while the generators were being imported: a generator "
+                          "module must not use it at import time (annotate with a string, import it in functions)")
+    _ASSEMBLING = True
+    try:
+        from .generators import load_all
+
+        cls = assemble(load_all())
+    finally:
+        _ASSEMBLING = False
+    globals()["GenerationConfig"] = cls
+    return cls
 
 
 @dataclass
@@ -296,20 +254,13 @@ class RunConfig:
 # Where each number may lie: (field, lowest, highest, lowest included; None = unbounded). A None value means
 # "omitted" and is not checked here; every float must also be finite (NaN compares false with everything and would
 # pass any range). Thresholds may lie beyond what their measure reaches: that is how a rule is told never to fire.
-GENERATION_RANGES = (
-    ("max_steps", 1, None, True), ("exit_layer", 1, None, True), ("num_speculations", 1, None, True),
-    ("draft_vocab", 0, None, True), ("draft_threshold", 0.0, 1.0, True), ("lookup_ngram", 1, None, True),
-    ("lookup_tokens", 1, None, True), ("temperature", 0.0, None, False), ("top_p", 0.0, 1.0, False),
-    ("top_k", 0, None, True), ("threshold", 0.0, None, True), ("threshold_decay", 0.0, None, True),
-    ("policy_threshold", 0.0, 1.0, True), ("min_exit_layer", 1, None, True), ("shallow_exit_layer", 1, None, True),
-    ("adaptive_tolerance", 0.0, 1.0, True), ("cosine_threshold", None, None, True), ("token_repeats", 1, None, True),
-    ("convergence_delta", None, None, True), ("max_prob_start", None, None, True), ("max_prob_end", None, None, True),
-    ("max_prob_scale", 0.0, None, True), ("entropy_temperature", 0.0, None, False), ("entropy_start", None, None, True),
-    ("entropy_end", None, None, True), ("vocab_k", 1, None, True), ("vocab_k_min", 1, None, True),
-    ("contrastive_alpha", 0.0, 1.0, True),
-)
 RUN_RANGES = (("num_samples", 0, None, True), ("n_shot", 0, None, True), ("warmup", 0, None, True),
               ("repeats", 1, None, True), ("max_prompt_tokens", 1, None, True))
+
+
+def ranges_of(cls: type) -> tuple:
+    """The (field, lowest, highest, lowest included) of every field that declares a `range`."""
+    return tuple((f.name, *f.metadata["range"]) for f in dataclasses.fields(cls) if "range" in f.metadata)
 
 
 def check_values(obj: Any, ranges: tuple) -> None:
@@ -328,14 +279,22 @@ def check_values(obj: Any, ranges: tuple) -> None:
             raise UsageError(f"--{name} must be {' and '.join(x for x in (low, high) if x)}, got {v}")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple = ()) -> None:
-    """Add one flag per dataclass field (but `skip`), typed and documented from the field itself."""
-    group = parser.add_argument_group(title)
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple = (),
+                       only: Optional[tuple] = None, defaults: Optional[dict] = None) -> None:
+    """Add one flag per dataclass field (but `skip`; only those in `only` if given), typed and documented from the
+    field itself, its default replaced where `defaults` says; a field with a `group` (a method's own knob) goes in a
+    help group of its own."""
+    groups = {None: parser.add_argument_group(title)}
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.metadata.get("internal"):
+        if f.name in skip or f.metadata.get("internal") or (only is not None and f.name not in only):
             continue
-        kw: dict[str, Any] = {"default": f.default, "help": f.metadata["help"] + " (default: %(default)s)"}
+        name = f.metadata.get("group")
+        if name not in groups:
+            groups[name] = parser.add_argument_group(f"knobs of {name}")
+        group = groups[name]
+        default = (defaults or {}).get(f.name, f.default)
+        kw: dict[str, Any] = {"default": default, "help": f.metadata["help"] + " (default: %(default)s)"}
         typ = hints[f.name]
         if typ is bool:  # --flag, --flag true|false (LayerSkip's spelling), --no-flag
             kw.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
@@ -368,12 +327,14 @@ def from_args(cls: type, args: argparse.Namespace) -> Any:
     return cls(**kw)
 
 
-GENERIC_KNOBS = ("max_steps", "sample", "temperature", "top_p", "top_k", "seed")
+# what every method reads and a narrowed config keeps (exit_layer only where it is a draft depth: for_strategy)
+GENERIC_KNOBS = tuple(f.name for f in dataclasses.fields(DecodingOptions)
+                      if f.name not in ("generation_strategy", "exit_layer", "explicit"))
 
 
 def parse_value(name: str, text: str) -> Any:
     """Convert `text` to the type of GenerationConfig field `name` (for --strategies / --sweep specs)."""
-    hints = get_type_hints(GenerationConfig)
+    hints = get_type_hints(generation_config())
     if name not in hints or name == "explicit":
         raise UsageError(f"unknown knob {name!r} in a strategy or sweep spec")
     typ = hints[name]
@@ -388,7 +349,7 @@ def parse_value(name: str, text: str) -> Any:
         raise UsageError(f"knob {name} expects {base.__name__}, got {text!r}") from None
 
 
-def for_strategy(base: GenerationConfig, strategy: str, **overrides: Any) -> GenerationConfig:
+def for_strategy(base: Any, strategy: str, **overrides: Any) -> Any:
     """`base` narrowed to one strategy: generic knobs and that strategy's own knobs are kept, the rest reset.
 
     Used when one invocation runs several strategies: --threshold 0.8 reaches calm and free but is not an
@@ -397,7 +358,7 @@ def for_strategy(base: GenerationConfig, strategy: str, **overrides: Any) -> Gen
     baseline always runs full depth.
     """
     kw: dict[str, Any] = {}
-    for f in dataclasses.fields(GenerationConfig):
+    for f in dataclasses.fields(generation_config()):
         methods = f.metadata.get("methods")
         if f.name in GENERIC_KNOBS or (methods and strategy in methods):
             kw[f.name] = getattr(base, f.name)
@@ -408,9 +369,7 @@ def for_strategy(base: GenerationConfig, strategy: str, **overrides: Any) -> Gen
     kw.update(overrides)
     kw["explicit"] = tuple((set(base.explicit) & set(kw)) | set(overrides))  # what the user named stays named
     kw["generation_strategy"] = strategy
-    if strategy != "dynamic":
-        kw.pop("criteria", None)
-    config = GenerationConfig(**kw)
+    config = generation_config()(**kw)
     for _ in range(2):  # shared knobs reach only the sub-modes they apply to (e.g. --vocab_k, not cosine)
         for name in config.ignored_knobs():
             if name not in overrides:

@@ -10,10 +10,109 @@ Each reference formula names the file and lines it was re-derived from (read wit
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .config import knob
+
+CONFIDENCES = ("softmax", "max_prob", "hidden_state", "contrastive", "jsd_contrastive", "classifier")
+VOCAB_REDUCTIONS = ("none", "fixed", "decaying", "adaptive")
+CONTRASTIVE = ("contrastive", "jsd_contrastive")
+
+
+# -- the exit-rule knobs calm, free and dynamic share (each declared once; a method's options inherit them) ------
+@dataclass
+class ConfidenceOptions:
+    """the confidence an exit reads"""
+
+    confidence: Optional[str] = knob(
+        None,
+        "confidence measure: softmax = top-1 minus top-2 probability (calm's and free's default: FREE "
+        "util/skip_conf.py 7-16, its scripts' --shallow2deep_conf_type softmax), max_prob = top-1 probability, "
+        "hidden_state = cosine of consecutive layers' states (CALM's state saturation; calm only), contrastive | "
+        "jsd_contrastive = top-1 minus top-2 of the contrastive distribution against the amateur layer i//2 | "
+        "the layer of largest JSD/(i-l) in 2..i-1 (Confidently_Exiting util/skip_conf.py 124-135 | 159-170). With "
+        "dynamic, contrastive* replaces the softmax that max_probability, entropy_based and convergence read. "
+        "classifier = sigmoid of CALM's trained early-exit classifier on the layer's hidden state (calm only; needs "
+        "an exit artifact from `python -m harness.train --recipe calm`; depths without a classifier never exit)",
+        choices=CONFIDENCES,
+        when=(lambda c: (c.confidence != "classifier" or c.generation_strategy == "calm") and (
+            c.generation_strategy != "dynamic" or (c.confidence in CONTRASTIVE and c.criteria in (
+                "max_probability", "entropy_based", "convergence"))),
+            ("with dynamic only as contrastive or jsd_contrastive, and only for max_probability, entropy_based or "
+             "convergence; as classifier only with calm")))
+    contrastive_alpha: float = knob(
+        0.1,
+        "contrastive confidence: plausibility mask keeps tokens with p >= alpha * max p of the expert layer "
+        "(Confidently_Exiting: alpha = 0.1 at every call)",
+        when=(lambda c: c.confidence in CONTRASTIVE, "with --confidence contrastive or jsd_contrastive"),
+        range=(0.0, 1.0, True))
+
+
+@dataclass
+class ThresholdOption:
+    """the exit threshold"""
+
+    threshold: Optional[float] = knob(
+        None,
+        "calm/free: exit when confidence > threshold (FREE util/skip_conf.py 76); omitted = 0.9 (our "
+        "default; a value >= 1 never exits)",
+        range=(0.0, None, True))
+
+
+@dataclass
+class MinExitOption:
+    """the first depth an exit may be taken at"""
+
+    min_exit_layer: Optional[int] = knob(
+        None,
+        "calm/dynamic: first layer whose exit may be taken, 1..L-1; omitted = 1 (FREE's CALM code checks "
+        "from the first layer; contrastive needs >= 2, jsd_contrastive >= 3, dynamic cosine_similarity starts "
+        "at 2 and convergence at 3, as the references do)",
+        range=(1, None, True))
+
+
+@dataclass
+class VocabReductionOptions:
+    """scoring later exits on a reduced vocabulary"""
+
+    vocab_reduction: str = knob(
+        "none",
+        "calm/dynamic: score exits after the first one considered on rows of its full head, ranked by "
+        "logit: fixed = its top k = max(vocab_k_min, vocab_k/(1 + (vocab_k-vocab_k_min)/vocab_k_min * i/L)) rows, "
+        "decaying = the top k_i of them with that k at each layer i, adaptive = the top V*(1 - 0.9*confidence of "
+        "the previous layer) (Confidently_Exiting models/deploying_t5.py ~751-752, ~1008-1066)",
+        choices=VOCAB_REDUCTIONS,
+        when=(lambda c: c.confidence not in ("hidden_state", "classifier") and c.criteria != "cosine_similarity",
+              "where exits read the exit head (not with --confidence hidden_state or classifier, or --criteria "
+              "cosine_similarity)"))
+    vocab_k: int = knob(
+        35000,
+        "--vocab_reduction fixed/decaying: k_max of that schedule (fork's maximum_k_size)",
+        when=(lambda c: c.vocab_reduction in ("fixed", "decaying"),
+                                        "with --vocab_reduction fixed or decaying"),
+        range=(1, None, True))
+    vocab_k_min: int = knob(
+        250,
+        "--vocab_reduction fixed/decaying: k_min of that schedule (fork's minimum_k_size)",
+        when=(lambda c: c.vocab_reduction in ("fixed", "decaying"),
+                                            "with --vocab_reduction fixed or decaying"),
+        range=(1, None, True))
+
+
+def reduction_knobs(config: Any) -> dict:
+    """Vocabulary-reduction and contrastive knobs, only where they change behaviour (for run logs)."""
+    out: dict[str, Any] = {}
+    if getattr(config, "vocab_reduction", "none") != "none":
+        out["vocab_reduction"] = config.vocab_reduction
+        if config.vocab_reduction != "adaptive":
+            out.update(vocab_k=config.vocab_k, vocab_k_min=config.vocab_k_min)
+    if config.confidence in CONTRASTIVE:
+        out["contrastive_alpha"] = config.contrastive_alpha
+    return out
 
 
 # -- confidence measures -----------------------------------------------------------------------------

@@ -105,8 +105,9 @@ class EarlyExitLM(TemplateLM):
         self.baseline_outputs: dict[str, str] = {}
         if self.baseline:
             from .config import for_strategy
+            from .generators import baseline_name
 
-            base_cfg = for_strategy(self.gen_config, "autoregressive")
+            base_cfg = for_strategy(self.gen_config, baseline_name())
             self.reference = [build_generator(self.lm, base_cfg), build_generator(self.lm, base_cfg)]
         L = self.lm.num_layers
         if loglikelihood_exit_layer is not None and not 1 <= int(loglikelihood_exit_layer) <= L:

@@ -546,8 +546,7 @@ def expand_strategies(text: str, base: GenerationConfig, num_layers: int, exits=
     (hybrid_speculative; policy when it holds ConsistentEE policies), and self-speculation without an explicit
     --exit_layer takes the artifact's recommended one instead of L/4.
     """
-    from .config import CRITERIA
-    from .generators import load_all
+    from .generators import baseline_name, load_all
 
     specs: list[tuple[str, dict]] = []
     for item in text.split(","):
@@ -555,19 +554,14 @@ def expand_strategies(text: str, base: GenerationConfig, num_layers: int, exits=
             specs += [(n, over) for n, c in _in_all() for over in c.all_specs(base, exits)]
         elif item.strip():
             specs.append(parse_spec(item))
-    known = load_all()
-    configs = [for_strategy(base, "autoregressive")]
+    known, baseline = load_all(), baseline_name()
+    configs = [for_strategy(base, baseline)]
     for name, over in specs:
         if name not in known:
             raise UsageError(f"unknown strategy {name!r} in --strategies; choose from: {', '.join(sorted(known))}")
-        if name == "autoregressive" and not over:
+        if name == baseline and not over:
             continue  # the baseline is already first
-        recommended = exits is not None and "exit_layer" in exits.recommended.get("self_speculative", {})
-        if known[name].draft_depth and base.exit_layer is None \
-                and "exit_layer" not in over and not (recommended and known[name].reads_exits):
-            over = {"exit_layer": max(1, num_layers // 4), **over}  # LayerSkip's typical E ~ L/4
-        if name == "dynamic" and "criteria" not in over:
-            over = {"criteria": base.criteria or CRITERIA[0], **over}
+        over = {**known[name].spec_defaults(base, over, num_layers, exits), **over}
         configs.append(for_strategy(base, name, **over))
     return configs
 
@@ -584,8 +578,10 @@ def expand_sweep(items: list[str], base: GenerationConfig) -> list[GenerationCon
         if not vals.strip() or any(not v.strip() for v in vals.split(",")):
             raise UsageError(f"--sweep {item!r}: every value must be non-empty, e.g. {k}=0.8,0.9")
         axes.append([(k, parse_value(k, v.strip())) for v in vals.split(",")])
+    from .generators import baseline_name
+
     strategy = base.generation_strategy
-    configs = [for_strategy(base, "autoregressive")]
+    configs = [for_strategy(base, baseline_name())]
     for combo in itertools.product(*axes):
         configs.append(for_strategy(base, strategy, **dict(combo)))
     return configs

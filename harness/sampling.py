@@ -9,7 +9,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .config import GenerationConfig, UsageError
+from typing import TYPE_CHECKING
+
+from .config import UsageError
+
+if TYPE_CHECKING:  # assembled from the generators, which import this module
+    from .config import GenerationConfig
 
 
 class Sampler:

@@ -10,12 +10,15 @@ import dataclasses
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Sequence
 
 import torch
 
 from ..component_timer import ComponentTimer
-from ..config import GenerationConfig, UsageError
+from ..config import UsageError
+
+if TYPE_CHECKING:  # assembled from the generators, so not importable while they load
+    from ..config import GenerationConfig
 from ..model import LayeredModel
 from ..sampling import Sampler
 
@@ -145,6 +148,7 @@ class Generator(ABC):
     # what `--recipe calibrate` can certify: (criteria or None, knob names set together, never-exit value, most
     # aggressive value or None = ln(vocab size)); keyed in the artifact as NAME or NAME:criteria
     calibratable: ClassVar[tuple] = ()
+    options: ClassVar[Optional[type]] = None  # its own knobs: a dataclass of harness.config.knob fields (or None)
     baseline: ClassVar[bool] = False  # the plain full-depth decoding every speedup is a ratio to (one method only)
     sweep_knobs: ClassVar[tuple] = ()  # two knobs whose grid the report draws as a heatmap (LayerSkip's sweep view)
 
@@ -153,6 +157,17 @@ class Generator(ABC):
         """Its configurations in `--strategies all`, as knob overrides (one by default; none without what it needs:
         `exits` is the attached exit artifact or None)."""
         return [{}]
+
+    @classmethod
+    def spec_defaults(cls, base: GenerationConfig, over: dict, num_layers: int, exits) -> dict:
+        """Knobs a `--strategies NAME` entry gets when neither it nor the shared flags set them, for a model of
+        `num_layers` layers with the exit artifact `exits` (or None). A draft depth defaults to LayerSkip's typical
+        E ~ L/4, unless the method reads exits and the artifact recommends a self-speculation exit layer."""
+        recommended = exits is not None and "exit_layer" in exits.recommended.get("self_speculative", {})
+        if cls.draft_depth and base.exit_layer is None and "exit_layer" not in over \
+                and not (recommended and cls.reads_exits):
+            return {"exit_layer": max(1, num_layers // 4)}
+        return {}
 
     def __init__(self, model: LayeredModel, config: GenerationConfig):
         self.model = model
@@ -189,7 +204,7 @@ class Generator(ABC):
             self.skipped_thresholds = {"knobs": dict(calibrated), "calibrated_dtype": cal_dtype, "run_dtype": dtype}
             calibrated = {}
         wanted = {**art.recommended.get(key, {}), **calibrated}
-        known = {f.name for f in dataclasses.fields(GenerationConfig) if not f.metadata.get("internal")}
+        known = {f.name for f in dataclasses.fields(self.config) if not f.metadata.get("internal")}
         user = self.config.set_by_user()
         taken = {}
         for k, v in wanted.items():

@@ -14,13 +14,35 @@ costs 2 * hidden FLOPs per check, and depths without one are never exits. Skippe
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 from .. import exit_rules
-from ..config import UsageError
+from ..config import UsageError, knob
 from .base import register
 from .exit_probe import ExitProbe, classifier_at, classifier_depths
 from .per_token_exit import PerTokenExit
 
 DEFAULT_THRESHOLD = 0.9
+
+
+@dataclass
+class CalmOptions(exit_rules.VocabReductionOptions, exit_rules.MinExitOption, exit_rules.ThresholdOption,
+                  exit_rules.ConfidenceOptions):  # bases in reverse: a dataclass lists the last base's fields first
+    """CALM's decaying threshold; its other knobs are the shared exit-rule knobs it inherits"""
+
+    threshold_decay: Optional[float] = knob(
+        None,
+        "calm: decay the threshold over the generated position t with temperature tau (N = the generation's "
+        "max_steps); omitted = constant threshold",
+        range=(0.0, None, True))
+    threshold_decay_form: str = knob(
+        "calm_paper",
+        "calm --threshold_decay: calm_paper = clip(0.9*lambda + 0.1*exp(-tau*t/N)) (CALM paper, "
+        "Schuster et al. 2022), free_code = lambda*exp(-tau*t/N)/10 + 9*lambda/10 (FREE's CALM code, "
+        "util/skip_conf.py 58-63)",
+        choices=("calm_paper", "free_code"),
+        when=(lambda c: c.threshold_decay is not None, "with --threshold_decay"))
 
 
 @register("calm")
@@ -31,6 +53,7 @@ class Calm(PerTokenExit):
     label_knobs = ("threshold",)
     calibratable = ((None, ("threshold",), 1.0, 0.0),)
     in_all = 2
+    options = CalmOptions
 
     def validate(self) -> None:
         super().validate()
@@ -66,7 +89,7 @@ class Calm(PerTokenExit):
             if c.threshold_decay is not None else {"threshold_decay": None}
         clf = {"classifier_layers": self.classifier_layers} if self.measure == "classifier" else {}
         return {"confidence": self.measure, "threshold": self.threshold, **decay, "min_exit_layer": self.min_exit,
-                **clf, **c.reduction_knobs()}
+                **clf, **exit_rules.reduction_knobs(c)}
 
     def threshold_at(self, step: int, max_steps: int) -> float:
         """Threshold for the token at 1-based position t = step + 1 (FREE: pos_time = past length + 1)."""

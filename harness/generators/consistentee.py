@@ -21,18 +21,31 @@ confidence FLOPs are a part.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..config import UsageError
+from ..config import UsageError, knob
 from .base import GenerationResult, StopCondition, TokenCallback, register
 from .exit_probe import ExitProbe
 from .per_token_exit import PerTokenExit
 
 PREFIX = "consistentee."
 TRAIN_COMMAND = "python -m harness.train --recipe consistentee"
+
+
+@dataclass
+class PolicyOptions:
+    """ConsistentEE's exit rule"""
+
+    policy_threshold: float = knob(
+        0.5,
+        "policy: exit at a layer that has a ConsistentEE policy network when its exit probability pi(h) > this "
+        "(greedy policy; the reference code exits when pi > 0.5); 1.0 never exits, 0.0 exits at the first policy "
+        "layer",
+        range=(0.0, 1.0, True))
 
 
 class ExitPolicy(nn.Module):
@@ -115,6 +128,7 @@ class Policy(PerTokenExit):
 
     short, family = "policy", "per-token early exit"
     in_all, all_note = 7, "with ConsistentEE policies in the exit artifact"
+    options = PolicyOptions
 
     @classmethod
     def all_specs(cls, base, exits) -> list[dict]:

@@ -22,11 +22,87 @@ entropy_based and convergence read with the contrastive distribution (our extens
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
 from .. import exit_rules
-from ..config import CRITERIA, GenerationConfig, UsageError
+from ..config import UsageError, knob
+from ..exit_rules import CONTRASTIVE
 from .base import register
 from .exit_probe import ExitProbe
 from .per_token_exit import PerTokenExit
+
+if TYPE_CHECKING:
+    from ..config import GenerationConfig
+
+CRITERIA = ("cosine_similarity", "token_repeat", "entropy_based", "max_probability", "convergence")
+
+
+@dataclass
+class DynamicOptions(exit_rules.VocabReductionOptions, exit_rules.MinExitOption, exit_rules.ConfidenceOptions):
+    """the fork's criteria and their knobs; the shared exit-rule knobs are inherited"""
+
+    criteria: Optional[str] = knob(
+        None,
+        "dynamic: exit criterion of the Dynamic Early Exit fork of LayerSkip (Amir-Voloshin/DynamicEarlyExit "
+        "self_speculation/llama_early_exit_utils.py); alone it selects dynamic",
+        choices=CRITERIA,
+        selects=True)
+    cosine_threshold: float = knob(
+        0.95,
+        "dynamic cosine_similarity: exit when cos(final_norm(h_l), h_l-1) > this (fork's conf, "
+        "generator_base.py 48)",
+        aliases=("--conf",),
+        when=(lambda c: c.criteria == "cosine_similarity", "with --criteria cosine_similarity"),
+        range=(None, None, True))
+    token_repeats: int = knob(
+        4,
+        "dynamic token_repeat: exit when the count of consecutive layers repeating the previous layer's argmax "
+        "reaches this, i.e. this+1 equal layers (fork's repeats: generator_base.py 47, llama_early_exit_utils.py "
+        "54-60)",
+        when=(lambda c: c.criteria == "token_repeat", "with --criteria token_repeat"),
+        range=(1, None, True))
+    convergence_delta: float = knob(
+        0.01,
+        "dynamic convergence: exit when |maxprob_l - maxprob_l-1| <= this (fork's delta_threshold, "
+        "llama_early_exit_utils.py 136-179)",
+        aliases=("--delta_threshold",),
+        when=(lambda c: c.criteria == "convergence", "with --criteria convergence"),
+        range=(None, None, True))
+    max_prob_start: float = knob(
+        0.99,
+        "dynamic max_probability: exit when maxprob > start*r^scale + end*(1-r^scale), r = (L-l)/L, l the "
+        "0-based layer (llama_early_exit_utils.py 191-222)",
+        when=(lambda c: c.criteria == "max_probability", "with --criteria max_probability"),
+        range=(None, None, True))
+    max_prob_end: float = knob(
+        0.75,
+        "dynamic max_probability: end of that schedule",
+        when=(lambda c: c.criteria == "max_probability", "with --criteria max_probability"),
+        range=(None, None, True))
+    max_prob_scale: float = knob(
+        0.75,
+        "dynamic max_probability: exponent of that schedule (fork: llama_model_utils.py ~275)",
+        when=(lambda c: c.criteria == "max_probability", "with --criteria max_probability"),
+        range=(0.0, None, True))
+    entropy_temperature: float = knob(
+        3.0,
+        "dynamic entropy_based: entropy of softmax((logits - max)/T) (llama_early_exit_utils.py 305-314)",
+        when=(lambda c: c.criteria == "entropy_based" and c.confidence not in CONTRASTIVE,
+              "with --criteria entropy_based and no contrastive confidence"),
+        range=(0.0, None, False))
+    entropy_start: float = knob(
+        11.0,
+        "dynamic entropy_based: exit when entropy < start*sqrt(r) + end*(1-sqrt(r)), r = (L-l)/L "
+        "(llama_early_exit_utils.py 293-317, defaults llama_model_utils.py ~270-272; ln V = 10.8 for a 49k "
+        "vocabulary, so it fires unconditionally wherever r >= 0.36)",
+        when=(lambda c: c.criteria == "entropy_based", "with --criteria entropy_based"),
+        range=(None, None, True))
+    entropy_end: float = knob(
+        10.5,
+        "dynamic entropy_based: end of that schedule (nats)",
+        when=(lambda c: c.criteria == "entropy_based", "with --criteria entropy_based"),
+        range=(None, None, True))
 
 
 @register("dynamic")
@@ -35,6 +111,7 @@ class Dynamic(PerTokenExit):
 
     short, family = "dyn", "per-token early exit"
     in_all, all_note = 4, "x every criterion"
+    options = DynamicOptions
     calibratable = (("max_probability", ("max_prob_start", "max_prob_end"), 1.0, 0.0),
                     ("entropy_based", ("entropy_start", "entropy_end"), 0.0, None))
 
@@ -42,6 +119,11 @@ class Dynamic(PerTokenExit):
     def all_specs(cls, base: GenerationConfig, exits) -> list[dict]:
         """One configuration per criterion (only the one asked for with --criteria)."""
         return [{"criteria": c} for c in ([base.criteria] if base.criteria else CRITERIA)]
+
+    @classmethod
+    def spec_defaults(cls, base: GenerationConfig, over: dict, num_layers: int, exits) -> dict:
+        """`--strategies dynamic` without a criterion runs the shared --criteria, else the first one."""
+        return {} if "criteria" in over else {"criteria": base.criteria or CRITERIA[0]}
 
     default_confidence = None
     caps_depth = True
@@ -78,7 +160,7 @@ class Dynamic(PerTokenExit):
                "entropy_based": {"entropy_temperature": c.entropy_temperature, "entropy_start": c.entropy_start,
                                  "entropy_end": c.entropy_end}}[c.criteria]
         return {"criteria": c.criteria, "min_exit_layer": self.min_exit, "exit_layer": c.exit_layer,
-                "confidence": c.confidence, **c.reduction_knobs(), **per}
+                "confidence": c.confidence, **exit_rules.reduction_knobs(c), **per}
 
     def should_exit(self, depth: int, probe: ExitProbe, step: int, max_steps: int) -> bool:
         return self.check(depth, probe)

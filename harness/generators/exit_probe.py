@@ -15,13 +15,15 @@ arbitrary rows. Every distribution of a depth is a softmax over the rows the exp
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from .. import exit_rules
-from ..config import GenerationConfig
 from ..model import LayeredModel
+
+if TYPE_CHECKING:  # assembled from the generators: not importable while they load
+    from ..config import GenerationConfig
 
 Logits = tuple[torch.Tensor, Optional[int]]  # (logits, k): columns are ranking[:k], or the full vocabulary if k is None
 

@@ -23,12 +23,41 @@ from typing import Optional, Sequence
 import torch
 
 from .. import exit_rules
-from ..config import UsageError
+from ..config import UsageError, knob
 from .base import GenerationResult, Generator, Output, StopCondition, TokenCallback, register
 from .exit_probe import ExitProbe
 
 DEFAULT_THRESHOLD = 0.9
 MAX_REFITS = 300  # deploying_t5.py ~1049: bmm_update_max_iter = 300
+
+
+@dataclass
+class FreeOptions(exit_rules.ThresholdOption, exit_rules.ConfidenceOptions):
+    """FREE's shallow module and adaptive threshold; confidence and threshold are inherited"""
+
+    shallow_exit_layer: Optional[int] = knob(
+        None,
+        "free: depth of the shallow module, 1..L-1; omitted = L // 4 (our default)",
+        range=(1, None, True))
+    adaptive_threshold: bool = knob(
+        False,
+        "free: refit the threshold at the start of every sequence (at most 300) on the (shallow "
+        "confidence, shallow == deep) pairs of every deep-processed token so far in the run (FREE "
+        "models/deploying_t5.py ~1049, ~1208-1214)")
+    adaptive_estimator: str = knob(
+        "beta_mixture",
+        "free --adaptive_threshold: beta_mixture = FREE's per-class Beta fits by weighted moments, "
+        "threshold where P(agree | confidence) > 0.4 on 10 points in [0.3, 0.9] (util/bmm.py 6-15, 49-84, "
+        "110-116); posterior = our rule: smallest confidence with P(disagree | confidence) <= --adaptive_tolerance "
+        "(clipped to [0.3, 0.9])",
+        choices=("beta_mixture", "posterior"),
+        when=(lambda c: c.adaptive_threshold, "with --adaptive_threshold"))
+    adaptive_tolerance: float = knob(
+        0.1,
+        "free --adaptive_estimator posterior: exit when the estimated P(shallow != deep | confidence) <= this",
+        when=(lambda c: c.adaptive_threshold and c.adaptive_estimator == "posterior",
+                    "with --adaptive_threshold --adaptive_estimator posterior"),
+        range=(0.0, 1.0, True))
 
 
 @dataclass
@@ -71,6 +100,7 @@ class Free(Generator):
     label_knobs = ("threshold",)
     calibratable = ((None, ("threshold",), 1.0, 0.0),)
     in_all = 3
+    options = FreeOptions
 
     def validate(self) -> None:
         L, c = self.model.num_layers, self.config
@@ -110,7 +140,7 @@ class Free(Generator):
         if c.adaptive_threshold and c.adaptive_estimator == "posterior":
             adaptive["adaptive_tolerance"] = c.adaptive_tolerance
         return {"shallow_exit_layer": self.S, "confidence": self.measure, "threshold": self.threshold,
-                "adaptive_threshold": c.adaptive_threshold, **adaptive, **c.reduction_knobs()}
+                "adaptive_threshold": c.adaptive_threshold, **adaptive, **exit_rules.reduction_knobs(c)}
 
     def shallow(self, probe: ExitProbe, h: torch.Tensor, cache, pos: int) -> torch.Tensor:
         """Layers 0..S-1 for one token; every state is kept when contrastive confidence needs amateur layers."""

@@ -21,6 +21,7 @@ import torch
 
 from ..config import UsageError
 from .base import GenerationResult, Generator, StopCondition, TokenCallback, register
+from .self_speculative import DraftLength
 
 DEFAULT_LOOKUP_TOKENS = 10  # transformers' documented example value for prompt_lookup_num_tokens
 
@@ -191,6 +192,7 @@ class HFPromptLookup(HFPeer):
 
     short = "hf lookup"
     in_all = 9
+    options = DraftLength
 
     speculative = True
 

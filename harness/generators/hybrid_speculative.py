@@ -3,8 +3,15 @@ drafts otherwise, every draft verified by the full model in one pass (lossless).
 loop is self-speculation's (self_speculative.py); this method turns its lookup proposer on."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .base import register
-from .self_speculative import SelfSpeculative
+from .self_speculative import DraftOptions, LookupOptions, SelfSpeculative
+
+
+@dataclass
+class HybridOptions(LookupOptions, DraftOptions):
+    """self-speculation's drafting knobs and prompt lookup's"""
 
 
 @register("hybrid_speculative")
@@ -13,6 +20,7 @@ class HybridSpeculative(SelfSpeculative):
 
     use_lookup = True
     short = "hybrid"
+    options = HybridOptions
     sweep_knobs = ()  # the sweep heatmap is self-speculation's (LayerSkip's view)
     in_all, all_note = 6, "with trained exits"
 

@@ -8,6 +8,7 @@ import torch
 from ..config import UsageError
 from .base import register
 from .hybrid_speculative import HybridSpeculative
+from .self_speculative import LookupOptions
 
 
 @register("prompt_lookup")
@@ -17,6 +18,7 @@ class PromptLookup(HybridSpeculative):
 
     reads_exits = draft_depth = False  # full-depth passes only
     short = "lookup"
+    options = LookupOptions
     sweep_knobs = ()  # the sweep heatmap is self-speculation's (LayerSkip's view)
     in_all, all_note = 5, ""
     label_knobs = ()  # its draft length is lookup_tokens, shown with the other lookup knobs

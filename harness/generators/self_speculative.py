@@ -20,11 +20,12 @@ model's.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Collection, Optional, Sequence
 
 import torch
 
-from ..config import UsageError
+from ..config import UsageError, knob
 from .base import GenerationResult, Generator, Output, StopCondition, TokenCallback, register
 
 DEFAULT_SPECULATIONS = 6
@@ -60,6 +61,61 @@ def verify_sampling(draft: list[int], draft_probs: torch.Tensor, target_probs: t
 LOOKUP_MATCHES = ("earliest", "latest")
 
 
+@dataclass
+class DraftLength:
+    """the draft length"""
+
+    num_speculations: Optional[int] = knob(
+        None,
+        "self_speculative: tokens drafted per step, >= 1; omitted = the attached exit artifact's recommendation, "
+        "else 6 (LayerSkip's num_speculations). "
+        "hf_prompt_lookup: transformers' prompt_lookup_num_tokens; omitted = 10",
+        range=(1, None, True))
+
+
+@dataclass
+class DraftOptions(DraftLength):
+    """the early-exit drafter"""
+
+    draft_vocab: Optional[int] = knob(
+        None,
+        "self_speculative: draft with the exit head on this many candidate rows: 0 = the full vocabulary, N = "
+        "the attached exit artifact's candidate vocabulary (its size N); omitted = the artifact's recommendation, "
+        "else 0. Verification always uses the full head, so greedy output is unchanged",
+        range=(0, None, True))
+    draft_threshold: Optional[float] = knob(
+        None,
+        "self_speculative: stop drafting at the first draft whose top-1 probability is below this (adaptive "
+        "draft length, Kangaroo arXiv 2404.18911); 0 = always draft num_speculations; omitted = the artifact's "
+        "recommendation, else 0",
+        range=(0.0, 1.0, True))
+
+
+@dataclass
+class LookupOptions:
+    """prompt lookup's n-gram matching"""
+
+    lookup_ngram: int = knob(
+        3,
+        "hybrid_speculative: longest n-gram matched against the prompt and the text so far (prompt lookup "
+        "decoding); a match proposes the tokens that followed it, else the early exit drafts (prompt_lookup: else one "
+        "plain step)",
+        range=(1, None, True))
+    lookup_tokens: int = knob(
+        10,
+        "hybrid_speculative: most tokens proposed by one prompt-lookup match (transformers' "
+                                "prompt_lookup_num_tokens default)",
+        range=(1, None, True))
+    lookup_match: str = knob(
+        "earliest",
+        "hybrid_speculative: which earlier occurrence of the n-gram proposes the draft: earliest = the "
+        "first, as transformers' prompt lookup (PromptLookupCandidateGenerator.get_candidates, "
+        "transformers/generation/candidate_generator.py:1080-1102 in 5.24) and hf_prompt_lookup; latest = the most "
+        "recent (ours before, kept to compare: the nearest context is often the one that repeats)",
+        choices=("earliest", "latest"))
+
+
+
 def lookup(tokens: Sequence[int], max_ngram: int, count: int, match: str = "latest",
            eos: Collection[int] = ()) -> list[int]:
     """Prompt lookup decoding: the tokens after an earlier occurrence of the longest suffix n-gram.
@@ -93,6 +149,7 @@ class SelfSpeculative(Generator):
     short, family = "SS", "speculative (lossless)"
     label_knobs = ("num_speculations",)
     in_all = 1
+    options = DraftOptions
     sweep_knobs = ("exit_layer", "num_speculations")
     draft_depth = True
 

@@ -216,7 +216,7 @@ def per_token_defaults(metrics: dict, layers: list[int], L: int) -> dict:
     """Where per-token exit methods should look once exits are trained: calm/dynamic check no layer below the
     first trained exit (untrained shallower exits are confidently wrong); FREE's shallow exit is the trained
     layer with the largest agreement x fraction of layers saved."""
-    from ..config import CRITERIA
+    from ..generators.dynamic import CRITERIA
 
     shallow = max(layers, key=lambda d: metrics.get(f"agree_vocab_{d}", 0.0) * (1 - d / L))
     out = {"free": {"shallow_exit_layer": shallow}, "calm": {"min_exit_layer": layers[0]}}
