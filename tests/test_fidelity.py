@@ -16,7 +16,7 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 from harness.config import GenerationConfig, UsageError
 from harness.generators import StopCondition, build_generator
 from harness.generators.consistentee import policies_from_tensors
-from harness.generators.self_speculative import lookup
+from harness.generators.proposers import lookup
 from harness.train import load_all, make_parser, split_args
 from harness.trained_exits import ExitArtifact
 

@@ -12,7 +12,7 @@ import torch
 
 from harness.config import GenerationConfig, UsageError
 from harness.generators import StopCondition, build_generator
-from harness.generators.self_speculative import lookup
+from harness.generators.proposers import lookup
 from harness.trained_exits import ExitAdapter, ExitArtifact, attach
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,12 +1,13 @@
 """Hybrid speculation: prompt-lookup drafts when the last n-gram recurs in the prompt or the text so far, early-exit
-drafts otherwise, every draft verified by the full model in one pass (lossless). The drafting and verification
-loop is self-speculation's (self_speculative.py); this method turns its lookup proposer on."""
+drafts otherwise, every draft verified by the full model in one pass (lossless). The scorer and verifier
+are self-speculation's (self_speculative.py); this method asks the lookup proposer before the early exit's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .base import register
-from .self_speculative import DraftOptions, LookupOptions, SelfSpeculative
+from .proposers import LookupOptions
+from .self_speculative import DraftOptions, SelfSpeculative
 
 
 @dataclass
@@ -18,7 +19,7 @@ class HybridOptions(LookupOptions, DraftOptions):
 class HybridSpeculative(SelfSpeculative):
     """Prompt-lookup drafts when the last n-gram recurs, else early-exit drafts; full-model verification (lossless)."""
 
-    use_lookup = True
+    drafters = ("lookup", "exit")
     short = "hybrid"
     options = HybridOptions
     sweep_knobs = ()  # the sweep heatmap is self-speculation's (LayerSkip's view)
