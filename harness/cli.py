@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from .config import GenerationConfig, RunConfig, UsageError, add_dataclass_args
+from .config import RunConfig, UsageError, add_dataclass_args, generation_config
 
 EXIT_USAGE = 2
 
@@ -87,7 +87,7 @@ def make_parser(description: str, run_fields: bool = True) -> Parser:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     if run_fields:
         add_dataclass_args(p, RunConfig, "run (model, data, hardware, output)")
-    add_dataclass_args(p, GenerationConfig, "generation (strategy and its knobs)")
+    add_dataclass_args(p, generation_config(), "generation (strategy and its knobs)")  # assembled: loads the methods
     return p
 
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 # what other code and the tests import; everything else from its module (harness.report.stats, .plots, ...)
 from .auc import speed_quality_auc
 from .cli import main, write_report
-from .markdown import control_notes, markdown
+from .render import control_notes, markdown
 from .plots import FAMILY_COLOURS
 from .runs import load_runs
 from .stats import CONTROL_BAND

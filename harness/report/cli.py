@@ -12,7 +12,7 @@ from ..config import UsageError
 from . import breakdown
 from .auc import speed_quality_auc
 from .labels import assign_labels, exits_status
-from .markdown import across_tasks, markdown
+from .render import across_tasks, markdown
 from .plots import plot_exit_layers, plot_speed_quality, plot_sweep
 from .runs import find_run_dirs, load_runs, not_tabled
 from .table import build_table, output_flag

@@ -105,6 +105,9 @@ def short_label(strategy: str, knobs: dict) -> str:
     if k.get("vocab_reduction") not in (None, "none"):
         parts.append(("vocab_reduction", f"vocab-{k['vocab_reduction']}"))
     shown = {key for key, _ in parts}
+    parts += [(key, SHORT_KNOB.get(key, f"{key}=") + _short_value(k[key])) for key in shows  # a new method's own
+              if key not in shown and k.get(key) is not None]
+    shown = {key for key, _ in parts}
     parts += [(key, SHORT_KNOB.get(key, f"{key}=") + _short_value(v)) for key, v in sorted(art.items())
               if key not in shown]
     text = [t + (ARTIFACT_MARK if key in art else "") for key, t in parts]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -44,10 +45,14 @@ FAMILY_COLOURS = {"autoregressive / static exit": "tab:gray", "speculative (loss
                   "per-token early exit": "tab:orange", "transformers peers": "tab:green", "other": "tab:purple"}
 
 
+SPARE_COLOURS = ("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")  # for families a new method brings
+
+
 def family_of(strategy: str) -> tuple[str, str]:
-    """(plot family, colour) of a method, from its class (generators' `family`)."""
+    """(plot family, colour) of a method, from its class (generators' `family`). A family the table above does not
+    know gets a spare colour chosen by its name, so it is told apart without an edit here."""
     fam = method_fact(strategy, "family", "other")
-    return fam, FAMILY_COLOURS.get(fam, "tab:purple")
+    return fam, FAMILY_COLOURS.get(fam) or SPARE_COLOURS[zlib.crc32(fam.encode()) % len(SPARE_COLOURS)]
 
 
 def _label_offsets(xs: list, ys: list, step: float = 9.0) -> list[float]:
