@@ -34,6 +34,16 @@ on each paired example (harness.exactness, at the run's dtype): `identical to AR
 classifies the rest as near-tie (plain decoding's top-2 logit gap where they part is below the dtype's tolerance),
 REAL (at or above it: a bug, stated as one under the table) or unknown (the baseline logged no gaps).
 
+Consistency with the full model (report.csv `consistency_rougeL`, `consistency_tokens`; every row but the baseline
+and the A/A control): per paired example, the ROUGE-L F of its prediction against the baseline's and the share of
+token positions (up to the longer output) where its tokens equal the baseline's, averaged (harness/report/
+consistency.py; a greedy lossless method's is 1.0 in float32). Never engaged (report.csv `never_engaged`, and
+"(never engaged)" after the label in the Markdown tables, with a note): a drafting method that drafted nothing over
+the whole run, or a method reading exits that never exited before the last layer (run.json model.num_layers); its time
+is the method's overhead alone. Acceptance by draft position (report.csv `accept_pos_1..K`, only when some run logged
+step_drafts and accept_lengths; acceptance_by_position.png): of the steps that drafted at least i tokens, the share
+that kept at least i.
+
 Labels: the full label lists every knob; the short one (summary, plots) its key knobs. A knob the run took
 from the exit artifact (run.json knobs.trained_defaults) carries a `*` in both. When two configurations
 would share a short label, both get the full one: no two rows of a table share a label while differing

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from .guards import NEVER_ENGAGED
 from .pairing import is_baseline_row
 from .plots import pyplot, save
 
@@ -76,10 +77,11 @@ def breakdown_table(runs: list[dict], label) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def markdown(bt: pd.DataFrame, baseline_ms: dict) -> str:
+def markdown(bt: pd.DataFrame, baseline_ms: dict, never_engaged: frozenset = frozenset()) -> str:
     """One table per dataset: per method, ms/token of each component (share of decode time in brackets).
 
-    `baseline_ms`: (model, dataset) -> the baseline's median decode ms/token, for scale.
+    `baseline_ms`: (model, dataset) -> the baseline's median decode ms/token, for scale; `never_engaged`: run ids
+    of configurations that never engaged (harness.report.guards), marked after their label.
     """
     from ..generators import baseline_name
 
@@ -95,7 +97,8 @@ def markdown(bt: pd.DataFrame, baseline_ms: dict) -> str:
         for _, m in g.groupby("run_id", sort=False):
             flag = m["flag"].iloc[0]
             # the short label ((tr) = trained exits, * = knob from the artifact); the full one is in the CSV
-            row = {"method": m["short"].iloc[0] + (f" — {flag}" if _is_flag(flag) else "")}
+            never = f" ({NEVER_ENGAGED})" if m["run_id"].iloc[0] in never_engaged else ""
+            row = {"method": m["short"].iloc[0] + never + (f" — {flag}" if _is_flag(flag) else "")}
             for _, r in m.iterrows():
                 row[r["component"]] = f"{r['ms_per_token_median']:.2f} ({100 * r['share_median']:.0f}%)"
             table.append(row)

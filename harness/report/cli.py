@@ -11,6 +11,7 @@ import pandas as pd
 from ..config import UsageError
 from . import breakdown
 from .auc import speed_quality_auc
+from .guards import plot_acceptance
 from .labels import assign_labels, exits_status
 from .render import across_tasks, markdown
 from .plots import plot_exit_layers, plot_speed_quality, plot_sweep
@@ -48,13 +49,15 @@ def write_report(paths: list[str], out: Optional[str] = None, plots: bool = True
         return full, short + trained, output_flag(r)[2]
 
     bt, bfiles = breakdown.write(tabled, df, out_dir, label, plots)
-    extra = "\n" + breakdown.markdown(bt, breakdown.baseline_ms(df)) + "\n" if bt is not None else ""
+    never = frozenset(df.loc[df["never_engaged"].astype(bool), "run_id"])
+    extra = "\n" + breakdown.markdown(bt, breakdown.baseline_ms(df), never) + "\n" if bt is not None else ""
     files[1].write_text(markdown(df) + extra, encoding="utf-8")
     files += bfiles
     if plots:
         files += plot_speed_quality(df, out_dir)
         files += plot_exit_layers(tabled, out_dir, labels)
         files += plot_sweep(df, out_dir)
+        files += plot_acceptance(df, out_dir)
     return df, files
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 
+from .guards import NEVER_ENGAGED
 from .labels import tagged
 from .pairing import is_baseline_row
 from .stats import CONTROL_BAND, MIN_PAIRS_FOR_CI, NOT_DISTINGUISHABLE, quality_verdict, speed_verdict
@@ -61,6 +63,30 @@ def exactness_notes(g: pd.DataFrame) -> list[str]:
     return notes
 
 
+def never_engaged(r) -> bool:
+    """A row's `never_engaged` (False where the column is missing or blank)."""
+    v = r.get("never_engaged", False)
+    return isinstance(v, (bool, np.bool_)) and bool(v)
+
+
+def marked(label: str, r) -> str:
+    """A row's label as the Markdown tables print it: `(never engaged)` after it when the row never engaged."""
+    return label + (f" ({NEVER_ENGAGED})" if never_engaged(r) else "")
+
+
+def never_engaged_note(rows: pd.DataFrame, where: bool = False) -> list[str]:
+    """The note naming the rows that never engaged (with their tasks when `where`), or none."""
+    names: dict = {}
+    for _, r in rows.iterrows():
+        if never_engaged(r):
+            names.setdefault(tagged(r), []).append(r["dataset"])
+    if not names:
+        return []
+    return ["Never engaged (drafted nothing, or never exited before the last layer, over the whole run: its time is "
+            "the method's overhead alone; marked `(never engaged)` in the tables): "
+            + ", ".join(n + (f" ({', '.join(dict.fromkeys(ds))})" if where else "") for n, ds in names.items()) + "."]
+
+
 def findings(g: pd.DataFrame) -> list[str]:
     """The prose of one (model, dataset) table: a speedup or a quality delta is stated only when its 95% CI
     excludes no effect; degenerate rows are never a finding, whatever their speedup."""
@@ -76,6 +102,7 @@ def findings(g: pd.DataFrame) -> list[str]:
         notes.append("Degenerate output (empty or whitespace-only on at least half the examples; no finding, "
                      "whatever the speedup): " + ", ".join(f"{tagged(r)} ({r['flag'].split('(')[1]}"
                                                            for _, r in degenerate.iterrows()) + ".")
+    notes += never_engaged_note(rows)
     rows = rows[~rows["degenerate"].astype(bool)]
     speed: dict = {}
     for _, r in rows.iterrows():
@@ -211,14 +238,15 @@ def markdown(df: pd.DataFrame) -> str:
     if df["dataset"].nunique() > 1:
         s = across_tasks(df)
         if not s.empty:
+            note = never_engaged_note(df[~df["control"].astype(bool) & ~df.apply(is_baseline_row, axis=1)], True)
             out.append("### Summary across tasks (decode speedup [95% CI] n; delta of the task's main metric "
-                       "[95% CI] n)\n\n" + s.to_markdown(index=False))
+                       "[95% CI] n)\n\n" + s.to_markdown(index=False) + "".join(f"\n\n{n}" for n in note))
     if len(df):
         out.append(LEGEND)
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         q = primary_quality(g)
         t = pd.DataFrame({
-            "method": g["method"], "exits": g["exits"], "n": g["n"],
+            "method": [marked(r["method"], r) for _, r in g.iterrows()], "exits": g["exits"], "n": g["n"],
             "output": [r["flag"] or f"{r['empty_outputs']}/{r['n']} empty" for _, r in g.iterrows()],
             "decode ms/token (median [IQR])": [
                 f"{a:.1f} [{b:.1f}-{c:.1f}]" if not pd.isna(a) else "-" for a, b, c in

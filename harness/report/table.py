@@ -12,6 +12,7 @@ import pandas as pd
 from .. import exactness, oracle
 from ..logs import tau
 from ..metrics import PRIMARY_ORDER, SCORE_KEYS
+from . import consistency, guards
 from .labels import assign_labels, exits_status, method_fact, method_label
 from .pairing import baseline_for, is_baseline
 from .runs import field, not_tabled
@@ -96,6 +97,7 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
     tabled = [r for r in runs if not_tabled(r) is None]
     labels = assign_labels(tabled)
     rows = []
+    per_example_consistency: dict = {}  # run id -> {example id: (ROUGE-L, token agreement)}, for the Spec-Bench table
     for run in tabled:
         info, summ = run["run"], run["summary"] or {}
         ex = _per_example(run)
@@ -147,8 +149,15 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
                 row.update({f"delta_{k}": float(d.mean()) if len(d) else math.nan, f"delta_{k}_ci95_low": lo,
                             f"delta_{k}_ci95_high": hi, f"delta_{k}_n": len(d)})
         row.update(exactness_stats(run, base))
+        per = consistency.per_example(run, base)
+        row.update(consistency.means(per.values()) if per else {})
+        row["never_engaged"] = guards.never_engaged(run)
+        per_example_consistency[info["run_id"]] = per
         rows.append(row)
     df = pd.DataFrame(rows, columns=_COLUMNS)
+    # accept_pos_1..K only when some row drafted with per-step counts (older reports keep their columns)
+    for col, values in guards.position_columns([guards.acceptance_by_position(r) for r in tabled]).items():
+        df[col] = values
     df[list(EXACT_COUNTS)] = df[list(EXACT_COUNTS)].astype("Int64")  # counts, blank where not compared (not 8.0)
     if len(df):
         df["_order"] = [0 if is_baseline(r["run"]) else 1 if r["run"].get("control") else 2 for r in tabled]
@@ -159,6 +168,7 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
         {"run": r["run"]["run_id"], "dataset": r["run"]["task"]["name"],
          "method": method_label(r["run"]) + (" (A/A control)" if r["run"].get("control") else ""),
          "status": not_tabled(r), "examples": len(r["examples"])} for r in runs if not_tabled(r) is not None]
+    df.attrs["consistency"] = per_example_consistency
     return df
 
 
@@ -170,7 +180,7 @@ _COLUMNS = [
     "kv_fill_flops_per_token", *[c for k in QUALITY for c in (k, f"{k}_q25", f"{k}_q75")], "baseline",
     "speedup_note", "n_paired", *SPEEDUP_COLS, "oracle_speedup", "latency_ratio",
     *[c for k in QUALITY for c in (f"delta_{k}", f"delta_{k}_ci95_low", f"delta_{k}_ci95_high", f"delta_{k}_n")],
-    *EXACT_COUNTS, "real_margin_max", "tolerance",
+    *EXACT_COUNTS, "real_margin_max", "tolerance", *consistency.COLUMNS, "never_engaged",
 ]
 
 
