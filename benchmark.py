@@ -46,7 +46,7 @@ def format_summary(s) -> str:
 
 
 def main() -> int:
-    from harness.runner import all_members
+    from harness.plan import all_members
 
     parser = make_parser(__doc__)
     multi = parser.add_argument_group("several configurations in one invocation")
@@ -68,9 +68,7 @@ def main() -> int:
     from harness import distributed
 
     if args.resume:
-        from harness.runner import resume
-
-        from harness.runner import refuse_flags_with_resume
+        from harness.resume import refuse_flags_with_resume, resume
 
         refuse_flags_with_resume(args.resume, args, args._explicit - {"resume"})
         dist = distributed.init()  # torchrun: each rank resumes from its own shard file
@@ -87,7 +85,7 @@ def main() -> int:
                 report(results[0][0].parent)
         return 0 if all(s.status == "complete" for _, s in results) else 1
     run_cfg, gen_cfg = from_args(RunConfig, args), from_args(GenerationConfig, args)
-    from harness.runner import git_commit
+    from harness.provenance import git_commit
 
     git_commit()  # the commit of the code loaded now, before any edit to the tree during a long run
     dist = distributed.init()  # torchrun with N processes: each takes every N-th example
@@ -136,7 +134,9 @@ def run_tasks(run_cfg: RunConfig, gen_cfg: GenerationConfig, datasets: list[str]
     from harness.generators import baseline_name
     from harness.logs import new_run_dir
     from harness.model import load_model
-    from harness.runner import broadcast, expand_strategies, expand_sweep, run_many
+    from harness.distributed import broadcast
+    from harness.plan import expand_strategies, expand_sweep
+    from harness.runner import run_many
 
     if run_cfg.data_path:
         raise UsageError("--data_path names one file: use it with a single --dataset")
@@ -166,7 +166,8 @@ def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep
     from harness.config import UsageError
     from harness.generators import baseline_name
     from harness.model import load_model
-    from harness.runner import expand_strategies, expand_sweep, run_many
+    from harness.plan import expand_strategies, expand_sweep
+    from harness.runner import run_many
 
     if strategies and sweep:
         raise UsageError("use either --strategies or --sweep, not both")

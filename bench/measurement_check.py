@@ -31,8 +31,9 @@ from autoregressive_vs_hf import compare, prompts_for  # noqa: E402
 
 from harness.config import GenerationConfig, RunConfig  # noqa: E402
 from harness.model import load_model  # noqa: E402
+from harness.plan import expand_strategies  # noqa: E402
 from harness.report import CONTROL_BAND, markdown, write_report  # noqa: E402
-from harness.runner import expand_strategies, run_many  # noqa: E402
+from harness.runner import run_many  # noqa: E402
 
 ORDER_TOLERANCE = 0.05
 

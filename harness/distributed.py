@@ -28,6 +28,9 @@ class Dist:
         return self.world > 1
 
 
+SINGLE = Dist(0, 1, 0)  # one process: a plain run
+
+
 def init() -> Dist:
     """Join the process group torchrun prepared (no-op for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", 1))

@@ -242,7 +242,7 @@ class RunWriter:
 
     A process of a torchrun job (`shard` = its rank) appends to its own file, `shard_dir` /
     examples.rank<R>.jsonl, on its own storage: no rank ever reads another rank's file. Rank 0 receives
-    the others' records over the process group and writes the merged examples.jsonl (see runner).
+    the others' records over the process group and writes the merged examples.jsonl (see shards).
     """
 
     def __init__(self, path: Path, info: RunInfo, resume: bool = False, shard: Optional[int] = None,

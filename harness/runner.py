@@ -1,103 +1,27 @@
-"""The benchmark loop: load, warm up, generate, score, log — one record at a time."""
+"""The benchmark loop: load, warm up, generate, score, log — one record at a time, every configuration on every
+example in a rotated, interleaved schedule."""
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import torch
 from tqdm import tqdm
 
-from .config import GenerationConfig, RunConfig, UsageError, for_strategy, parse_value
-from .identity import library_versions
+from .config import GenerationConfig, RunConfig, UsageError
+from .distributed import SINGLE, Dist, broadcast
 from .generators import Generator, GenerationResult, StopCondition, build_generator
-from .distributed import Dist, barrier, broadcast, gather
 from .logs import (SCHEMA_VERSION, ExampleRecord, RunInfo, RunWriter, Summary, config_sha256, identity_mismatch,
-                   lock_run, new_run_dir, summarize)
+                   new_run_dir)
 from .metrics import METRICS
 from .model import LayeredModel, load_model
+from .plan import all_members, expand_strategies  # noqa: F401 - tests/test_contract.py imports them from here
+from .provenance import data_sha256, environment, invocation_cost_curve, sha256_of, speculation_verdict, trained_note
+from .shards import merge_over_ranks, read_run_info, shard_dir
 from .tasks import DATA_DIR, Example, Task, get_task, load_examples
-
-SINGLE = Dist(0, 1, 0)
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> Optional[str]:
-    """HEAD (+ "-dirty" if tracked files differ), read once per process: the code this process loaded at its
-    start, even if the working tree is edited while a long run goes on (benchmark.py calls it first thing)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if sha.returncode != 0:
-        return None
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def environment(device: torch.device) -> dict:
-    versions = library_versions()
-    env = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "packages": versions, "git_commit": git_commit(),
-           "device": str(device), "device_name": platform.processor() or platform.machine(),
-           "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-           "nodes": max(1, int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1)),
-           "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1))}
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-    return env
-
-
-def speculation_verdict(generator: Generator) -> Optional[dict]:
-    """The attached artifact's self-speculation recommendation, for the methods it is about (else None)."""
-    from .speedup_model import costed_on, recommendation
-
-    art = getattr(generator.model, "exits", None)
-    if art is None or generator.artifact_key() != "self_speculative":
-        return None
-    rec = recommendation(art)
-    if rec is None:
-        return None
-    # the prediction rests on costs timed on one device in one dtype: say which (a run elsewhere is told so); a
-    # verdict re-costed where this run happens (trained_exits.recost_where_run) names its own
-    on = costed_on(art, rec)
-    hardware = None if "recosted_from" in rec else art.provenance.get("exit_adapters", {}).get("hardware")
-    return dict(rec, fitted_dtype=on["dtype"], fitted_device=on["device"], fitted_hardware=hardware)
-
-
-def invocation_cost_curve(model: LayeredModel) -> Optional[dict]:
-    """The core's cost curve (k = 1, 2, 4, 8 after 400 cached positions; harness.cost_curve), measured once per
-    loaded model (~3 s here) so that every run.json says what a pass cost in this invocation; None where a pass
-    is not cheap to time (weights offloaded by a device map)."""
-    if getattr(model, "cost_curve", None) is None:
-        if model.device_map and any(v in ("cpu", "disk") for v in model.device_map.values()):
-            return None
-        from .cost_curve import measure
-
-        context = max(1, min(400, model.max_context - 16))
-        model.cost_curve = measure(model, context=context, reps=3, ks=(1, 2, 4, 8), quick=True).as_dict()
-    return model.cost_curve
-
-
-def trained_note(generator: Generator) -> str:
-    """One line: which knobs a configuration took from the exit artifact, and whether its calibration never exits."""
-    art = generator.model.exits
-    taken = ", ".join(f"{k}={v}" for k, v in sorted(generator.trained_knobs.items()))
-    cal = art.thresholds.get(generator.artifact_key(), {}) if art is not None else {}
-    never = " (calibrated to never exit early: its certificate found no faster setting)" \
-        if cal.get("exits_early") is False and set(cal.get("knobs", {})) <= set(generator.trained_knobs) else ""
-    return f"{taken} from the exit artifact{never}; a flag you type wins (--exits none: untrained defaults)"
 
 
 def load_run_examples(run: RunConfig, seed: int) -> list[Example]:
@@ -112,18 +36,6 @@ def cut_at_stop(text: str, stops: tuple) -> str:
     """The continuation up to (not including) the first stop string."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
     return text[:cut]
-
-
-def sha256_of(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
-
-
-def data_sha256(run: RunConfig, task: Task) -> Optional[str]:
-    """Content hash of the evaluated data file (None for --data_source hf)."""
-    if run.data_path is None and run.data_source == "hf":
-        return None
-    path = Path(run.data_path) if run.data_path else DATA_DIR / task.eval_file
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _per(total: float, n: int) -> Optional[float]:
@@ -397,195 +309,6 @@ def execute_schedule(benches: list[Benchmark], parent: Optional[Path] = None, pr
     if failure is not None:
         raise failure
     return list(zip(paths, summaries))
-
-
-def shard_dir(run: RunConfig, path: Path, dist: Dist) -> Optional[Path]:
-    """Where this rank keeps its shard of run directory `path` (--shard_dir, '{rank}' filled in)."""
-    if not dist.active or not run.shard_dir:
-        return None
-    return Path(run.shard_dir.replace("{rank}", str(dist.rank))) / path.name
-
-
-def read_run_info(path: Path, dist: Dist) -> dict:
-    """run.json of a run directory; a rank other than 0 may only have its own copy (no shared storage)."""
-    for f in (path / "run.json", path / "shards" / f"run.rank{dist.rank}.json"):
-        if f.is_file():
-            return json.loads(f.read_text(encoding="utf-8"))
-    raise UsageError(f"--resume {path}: no run.json here (nor this rank's copy in shards/)")
-
-
-def merge_over_ranks(writers: list[RunWriter], infos: list[RunInfo], status: str, error: Optional[str],
-                     dist: Dist) -> list[Summary]:
-    """Every rank sends its records to rank 0 over the process group; rank 0 writes the merged logs.
-
-    No rank reads another rank's files. A rank that failed still sends what it finished, and rank 0's
-    summary names it with its error; if a rank cannot be reached at all, rank 0 says so and keeps what it has
-    (that rank's records stay in its shard file).
-    """
-    for w in writers:
-        w.close()
-    payload = {"rank": dist.rank, "status": status, "error": error,
-               "records": [[dataclasses.asdict(r) for r in w.records] for w in writers]}
-    lost = None
-    try:
-        gathered = gather(payload, dist)
-    except RuntimeError as e:  # a peer died: keep what this rank has
-        gathered = [payload] if dist.rank == 0 else None
-        lost = f"lost contact with the other ranks while merging ({str(e).splitlines()[0]}); their records " \
-               "stay in their shard files"
-    if dist.rank != 0:
-        _barrier_quietly(dist, lost)  # rank 0 has written the merged logs before anyone exits (or raises)
-        return [summarize(info, w.records, status, error) for w, info in zip(writers, infos)]
-    bad = [g for g in gathered if g["status"] != "complete"]
-    if bad or lost:
-        status = "interrupted" if bad and all(g["status"] == "interrupted" for g in bad) and not lost else "failed"
-        error = "; ".join([f"rank {g['rank']}: {g['error']}" for g in bad] + ([lost] if lost else []))
-    summaries = []
-    for c, (w, info) in enumerate(zip(writers, infos)):
-        w.write_merged([ExampleRecord(**r) for g in gathered for r in g["records"][c]])
-        summaries.append(w.finish_merged(info, status, error))
-    _barrier_quietly(dist, lost)
-    return summaries
-
-
-def _barrier_quietly(dist: Dist, lost: Optional[str]) -> None:
-    if lost is None:
-        try:
-            barrier(dist)
-        except RuntimeError:
-            pass
-
-
-def resume_configs(path: str, dist: Dist = SINGLE) -> tuple[list[Path], RunConfig, list[GenerationConfig], list[bool]]:
-    """The configurations recorded under --resume PATH: one run directory, or a multi-configuration folder."""
-    root = Path(path)
-    own = f"shards/run.rank{dist.rank}.json"  # a rank without rank 0's storage has its own copy
-    is_run = lambda d: (d / "run.json").is_file() or (dist.rank > 0 and (d / own).is_file())  # noqa: E731
-    dirs = [root] if is_run(root) else sorted(d for d in root.glob("*") if d.is_dir() and is_run(d))
-    if not dirs:
-        raise UsageError(f"--resume {path}: not a run directory or a folder of run directories")
-    try:
-        infos = [read_run_info(d, dist) for d in dirs]
-        order = sorted(range(len(dirs)), key=lambda k: infos[k].get("schedule", {}).get("config_index", 0))
-        dirs, infos = [dirs[k] for k in order], [infos[k] for k in order]
-        run = RunConfig(**infos[0]["run"])
-        gens = [GenerationConfig(**i["generation"]) for i in infos]
-        return dirs, run, gens, [bool(i.get("control")) for i in infos]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UsageError(f"--resume {path}: not a readable run directory ({e})") from None
-
-
-def refuse_flags_with_resume(path: str, args, typed: set) -> None:
-    """--resume continues a run exactly as it was configured: a typed flag that differs from the run's is refused."""
-    if not typed:
-        return
-    _, run, gens, _ = resume_configs(path)
-    run_fields = {f.name for f in dataclasses.fields(RunConfig)}
-    gen_fields = {f.name for f in dataclasses.fields(GenerationConfig)}
-    for name in sorted(typed):
-        value = getattr(args, name)
-        if name in run_fields:
-            recorded = [getattr(run, name)]
-        elif name in gen_fields:
-            recorded = [getattr(g, name) for g in gens]
-        else:
-            raise UsageError(f"--{name} cannot be given with --resume: the configurations come from the run directory")
-        if any(value != r for r in recorded):
-            raise UsageError(f"--{name} {value} differs from the run's {recorded[0] if len(set(map(str, recorded))) == 1 else recorded}: "
-                             "--resume continues a run as it was made; start a new run to change it")
-
-
-def resume(path: str, progress: bool = True, dist: Dist = SINGLE, device: Optional[str] = None
-           ) -> list[tuple[Path, Summary]]:
-    """Finish an interrupted run (or multi-configuration folder) in place; under torchrun each rank
-    resumes from its own shard file."""
-    dirs, run, gens, controls = resume_configs(path, dist)
-    if not dist.active:  # one writer per run directory, taken before any model time is spent
-        for d in dirs:
-            lock_run(d)
-    if device is not None:
-        run = dataclasses.replace(run, device=device)
-    # `--dtype auto` is resolved again by measurement: resume in the dtype the run actually used
-    made_in = json.loads((dirs[0] / "run.json").read_text(encoding="utf-8")).get("model", {}).get("dtype")
-    dtype = made_in if run.dtype == "auto" and made_in else run.dtype
-    model = load_model(run.model, run.device, dtype, run.device_map, run.exits, run.core)
-    examples = load_run_examples(run, gens[0].seed)
-    benches = [Benchmark(run, g, model, examples, control=c) for g, c in zip(gens, controls)]
-    return execute_schedule(benches, dirs[0].parent if len(dirs) > 1 else None, progress, dirs, dist)
-
-
-# -- several configurations in one invocation -------------------------------------------------------
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """'self_speculative:exit_layer=8:num_speculations=6' -> (strategy, typed overrides)."""
-    name, *parts = spec.strip().split(":")
-    overrides = {}
-    for part in parts:
-        if "=" not in part:
-            raise UsageError(f"strategy spec {spec!r}: expected knob=value after ':', got {part!r}")
-        k, v = part.split("=", 1)
-        overrides[k] = parse_value(k, v)
-    return name, overrides
-
-
-def _in_all() -> list[tuple[str, type]]:
-    """(name, class) of every method that places itself in `--strategies all`, in its place."""
-    from .generators import load_all
-
-    return sorted(((n, c) for n, c in load_all().items() if c.in_all is not None), key=lambda nc: nc[1].in_all)
-
-
-def all_members() -> str:
-    """What `--strategies all` runs, in order, from the registry (for --help)."""
-    return ", ".join(f"{n} ({c.all_note})" if c.all_note else n for n, c in _in_all())
-
-
-def expand_strategies(text: str, base: GenerationConfig, num_layers: int, exits=None) -> list[GenerationConfig]:
-    """--strategies a,b:k=v,... or all -> configs, the full-depth autoregressive baseline first.
-
-    `exits`: the attached exit artifact, if any: `all` then adds the methods that need trained exits
-    (hybrid_speculative; policy when it holds ConsistentEE policies), and self-speculation without an explicit
-    --exit_layer takes the artifact's recommended one instead of L/4.
-    """
-    from .generators import baseline_name, load_all
-
-    specs: list[tuple[str, dict]] = []
-    for item in text.split(","):
-        if item.strip() == "all":  # every method that places itself in `all`, with the configurations it asks for
-            specs += [(n, over) for n, c in _in_all() for over in c.all_specs(base, exits)]
-        elif item.strip():
-            specs.append(parse_spec(item))
-    known, baseline = load_all(), baseline_name()
-    configs = [for_strategy(base, baseline)]
-    for name, over in specs:
-        if name not in known:
-            raise UsageError(f"unknown strategy {name!r} in --strategies; choose from: {', '.join(sorted(known))}")
-        if name == baseline and not over:
-            continue  # the baseline is already first
-        over = {**known[name].spec_defaults(base, over, num_layers, exits), **over}
-        configs.append(for_strategy(base, name, **over))
-    return configs
-
-
-def expand_sweep(items: list[str], base: GenerationConfig) -> list[GenerationConfig]:
-    """--sweep exit_layer=4,6,8 num_speculations=2,4 -> the grid for --generation_strategy, baseline first."""
-    import itertools
-
-    axes = []
-    for item in items:
-        if "=" not in item:
-            raise UsageError(f"--sweep expects knob=v1,v2,..., got {item!r}")
-        k, vals = item.split("=", 1)
-        if not vals.strip() or any(not v.strip() for v in vals.split(",")):
-            raise UsageError(f"--sweep {item!r}: every value must be non-empty, e.g. {k}=0.8,0.9")
-        axes.append([(k, parse_value(k, v.strip())) for v in vals.split(",")])
-    from .generators import baseline_name
-
-    strategy = base.generation_strategy
-    configs = [for_strategy(base, baseline_name())]
-    for combo in itertools.product(*axes):
-        configs.append(for_strategy(base, strategy, **dict(combo)))
-    return configs
-
 
 def run_many(run: RunConfig, configs: list[GenerationConfig], progress: bool = True,
              model: Optional[LayeredModel] = None, dist: Dist = SINGLE,

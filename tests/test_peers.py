@@ -6,7 +6,7 @@ import torch
 
 from harness.config import GenerationConfig, UsageError
 from harness.generators import StopCondition, build_generator
-from harness.runner import expand_strategies
+from harness.plan import expand_strategies
 
 PEERS = [dict(generation_strategy="hf_generate"), dict(generation_strategy="hf_prompt_lookup", num_speculations=4),
          dict(generation_strategy="hf_assistant_early_exit", exit_layer=12)]

@@ -113,7 +113,7 @@ def test_report_cli_and_bad_paths(sweep_dir, tmp_path):
 
 def test_strategies_all_knob_routing_and_errors(tmp_path):
     from harness.config import GenerationConfig
-    from harness.runner import expand_strategies
+    from harness.plan import expand_strategies
 
     configs = expand_strategies("all", GenerationConfig(threshold=0.8, num_speculations=4), 30)
     names = [c.generation_strategy for c in configs]

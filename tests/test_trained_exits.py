@@ -257,7 +257,7 @@ def test_shipped_self_speculation_recommendation_is_honest():
 
 
 def test_the_recommendation_names_the_device_and_dtype_it_was_timed_on():
-    """A run on another device or dtype than the recommender's timings is told so (runner.speculation_verdict)."""
+    """A run on another device or dtype than the recommender's timings is told so (provenance.speculation_verdict)."""
     art = ExitArtifact(model={}, provenance={"exit_adapters": {"hardware": "x86_64 CPU x2", "config": {}}})
     assert (art.recipe_device("exit_adapters"), art.recipe_dtype("exit_adapters")) == ("cpu", "float32")
     art.provenance["exit_adapters"] = {"hardware": "NVIDIA H200", "config": {"dtype": "bfloat16"}}

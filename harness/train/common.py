@@ -323,7 +323,7 @@ def start_artifact(cfg: TrainConfig, model) -> ExitArtifact:
 
 def provenance(cfg: TrainConfig, seconds: float, metrics: dict, **extra) -> dict:
     """How an artifact part was made: enough to reproduce it and to judge it."""
-    from ..runner import git_commit
+    from ..provenance import git_commit
 
     # `auto` resolves as load_model does: a recipe run on a GPU by default must not be recorded as a CPU run
     wanted = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -253,7 +253,7 @@ def held_out_agreement(exit_state, held: dict, target: torch.Tensor, W: torch.Te
     return out
 
 
-# self_speculative's draft depth without --exit_layer or a recommendation (harness/runner.py expand_strategies:
+# self_speculative's draft depth without --exit_layer or a recommendation (harness/plan.py expand_strategies:
 # LayerSkip's typical E ~ L/4); the fit predicts it too, as what runs when the recommendation is "don't speculate"
 def untrained_exit_layer(num_layers: int) -> int:
     return max(1, num_layers // 4)
