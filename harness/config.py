@@ -201,7 +201,11 @@ class RunConfig:
     data_path: Optional[str] = _f(None, "evaluate on this JSONL(.gz) file (same field names as the task) instead of the bundled one")
     data_source: str = _f("bundled", "bundled = files shipped in harness/data; hf = load through `datasets` (needs network)",
                           choices=("bundled", "hf"))
-    num_samples: Optional[int] = _f(10, "number of examples to evaluate (first N of the file); 0 = all")
+    num_samples: Optional[int] = _f(10, "number of examples to evaluate (first N of the file); 0 = all. A task with "
+                                    "categories (spec_bench) takes the first N of each category")
+    categories: Optional[str] = _f(None, "spec_bench: comma-separated categories to run (mt_bench = its 8 two-turn "
+                                   "ones; translation, summarization, qa, math_reasoning, rag), each with --num_samples "
+                                   "questions; omitted = all 13")
     n_shot: int = _f(0, "few-shot exemplars prepended to each prompt, drawn from another split where one exists")
     output_dir: str = _f("results", "a new run directory is created under this folder for every invocation")
     device: str = _f("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")

@@ -66,6 +66,10 @@ class ExampleRecord:
     verify_passes: Optional[int] = None  # full-depth passes during decode; tau = (new_tokens - 1) / verify_passes
     draft_passes: Optional[int] = None  # drafter forwards during decode (early-exit drafts; lookup drafts cost none)
     top2_gaps: Optional[list] = None  # greedy full-depth autoregressive only: top-1 minus top-2 logit per token
+    accept_lengths: Optional[list] = None  # speculative methods: tokens emitted by each decode full-model pass
+    step_drafts: Optional[list] = None  # drafting methods: tokens drafted before each of those passes
+    category: Optional[str] = None  # the example's category (tasks with categories: spec_bench)
+    turns: Optional[list] = None  # conversation tasks: per turn {text, new_tokens, prefill_seconds, decode_seconds, accept_lengths}
 
 
 @dataclass
@@ -343,7 +347,7 @@ def summarize(info: RunInfo, records: list[ExampleRecord], status: str, error: O
     metrics = {k: _mean(r.metrics.get(k) for r in records) for k in SCORE_KEYS
                if any(k in r.metrics for r in records)}
     exits = [layer for r in records for layer in r.exit_layers[1:]]  # decoded tokens only
-    decoded = sum(max(r.new_tokens - 1, 0) for r in records)
+    decoded = sum(decoded_tokens(r) for r in records)
     drafted = sum(r.drafted for r in records if r.drafted is not None)
     accepted = sum(r.accepted for r in records if r.accepted is not None)
     speculative = any(r.drafted is not None for r in records)
@@ -368,13 +372,20 @@ def summarize(info: RunInfo, records: list[ExampleRecord], status: str, error: O
     )
 
 
+def decoded_tokens(record) -> int:
+    """Tokens a record decoded after its prefills (dict or ExampleRecord): new_tokens less one per prefill (a
+    conversation has one per turn)."""
+    get = record.get if isinstance(record, dict) else lambda k: getattr(record, k, None)
+    return max(int(get("new_tokens") or 0) - len(get("turns") or [None]), 0)
+
+
 def tau(records) -> Optional[float]:
     """Mean tokens per full-depth pass over records (dicts or ExampleRecords) that count their passes, else None."""
     get = (lambda r, k: r.get(k)) if records and isinstance(records[0], dict) else getattr
     rows = [r for r in records if get(r, "verify_passes")]
     if not rows:
         return None
-    return sum(max(get(r, "new_tokens") - 1, 0) for r in rows) / sum(get(r, "verify_passes") for r in rows)
+    return sum(decoded_tokens(r) for r in rows) / sum(get(r, "verify_passes") for r in rows)
 
 
 def read_run(path: str | Path) -> dict:

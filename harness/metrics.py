@@ -117,7 +117,14 @@ def pass_at_1(prediction: str, example: Example, timeout: float = 10.0) -> dict:
     return {"pass_at_1": float(res.passed), "execution": res.status, "execution_detail": res.detail}
 
 
+def no_reference(prediction: str, example: Example) -> dict:
+    """A task without references (Spec-Bench measures speed): no score; its quality is consistency with the
+    baseline's output, which the report computes across runs."""
+    return {}
+
+
 METRICS: dict[str, Callable[[str, Example], dict]] = {
+    "none": no_reference,
     "rouge": rouge,
     "rouge_layerskip": rouge_layerskip,
     "gsm8k_exact_match": gsm8k_exact_match,

@@ -641,10 +641,16 @@ class LayeredModel:
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
         if chat and self.tokenizer.chat_template:
-            return list(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
-                return_dict=False))
+            return self.encode_chat([{"role": "user", "content": text}])
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A conversation ({"role", "content"} messages) through the chat template, ready for the assistant's turn;
+        without a template, the messages' contents joined by newlines (a raw prompt)."""
+        if not self.tokenizer.chat_template:
+            return self.tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -7,7 +7,7 @@ passes, and when its drafts are cheap. Given the run's counts and the cost curve
     c_total(k), c_layers(k), c_head(k)   the curve's seconds for one pass over k new positions (all L layers + head,
                                          the L layers alone, final norm + lm_head alone); k is clamped to the
                                          curve's range and linearly interpolated between its points
-    N = sum(new_tokens - 1)              decoded tokens          V = sum(verify_passes)   full-depth passes
+    N = sum(new_tokens - prefills)       decoded tokens          V = sum(verify_passes)   full-depth passes
     D = sum(drafted)                     drafted tokens          F = sum(draft_passes)    drafter forwards
     w = 1 + D / V                        mean verify width (positions per verification pass)
     verify(w) = c_layers(w) * (L - E) / L + c_head(w)   early-exit drafts at depth E (exit_layer set and F > 0):
@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .logs import decoded_tokens
+
 
 def curve_cost(curve: dict, part: str, k: float) -> float:
     """Seconds of `part` ("layers", "head" or "total") for a pass over k new positions: linear interpolation between
@@ -43,7 +45,7 @@ def curve_cost(curve: dict, part: str, k: float) -> float:
 class Counts:
     """A run's decode work, summed over its records."""
 
-    decoded: int  # N: decoded tokens, sum of new_tokens - 1
+    decoded: int  # N: decoded tokens, sum of new_tokens less one per prefill
     verify_passes: int  # V: full-depth passes
     drafted: int  # D: drafted tokens (transformers' peers: their accepted tokens, a lower bound)
     draft_passes: int  # F: drafter forwards
@@ -56,7 +58,7 @@ def counts(records: Sequence[dict]) -> Optional[Counts]:
         return None
     # transformers' peers log drafted = None but count accepted drafts: accepted stands in (see the module doc)
     drafted = lambda r: r.get("drafted") if r.get("drafted") is not None else (r.get("accepted") or 0)  # noqa: E731
-    return Counts(decoded=sum(max(int(r.get("new_tokens") or 0) - 1, 0) for r in rows),
+    return Counts(decoded=sum(decoded_tokens(r) for r in rows),
                   verify_passes=sum(int(r["verify_passes"]) for r in rows),
                   drafted=sum(int(drafted(r)) for r in rows),
                   draft_passes=sum(int(r.get("draft_passes") or 0) for r in rows))

@@ -26,7 +26,7 @@ from .tasks import DATA_DIR, Example, Task, get_task, load_examples
 
 def load_run_examples(run: RunConfig, seed: int) -> list[Example]:
     examples = load_examples(run.dataset, run.num_samples, run.n_shot, seed, run.data_path, run.data_source,
-                             shuffle=run.protocol == "layerskip")
+                             shuffle=run.protocol == "layerskip", categories=run.categories)
     if not examples:
         raise UsageError(f"no examples to evaluate in {run.data_path or get_task(run.dataset).eval_file}")
     return examples
@@ -43,15 +43,47 @@ def _per(total: float, n: int) -> Optional[float]:
 
 
 def decode_time_per_token(res: GenerationResult) -> Optional[float]:
-    """The headline speed: decode seconds per token produced after the prefill (prefill excluded)."""
-    return res.decode_seconds / (len(res.tokens) - 1) if len(res.tokens) > 1 else None
+    """The headline speed: decode seconds per token produced after the prefill (prefill excluded; a conversation
+    has one prefill per turn)."""
+    decoded = len(res.tokens) - (len(res.turns) if res.turns else 1)
+    return res.decode_seconds / decoded if decoded > 0 else None
+
+
+def _sum(values: list) -> Optional[float]:
+    """The sum of a counter over turns; None where a turn has none (the method does not count it)."""
+    return None if any(v is None for v in values) else sum(values)
+
+
+def conversation(turns: list[tuple[GenerationResult, str]]) -> GenerationResult:
+    """One result for a conversation from each turn's result and kept text: tokens, depths and per-step counts
+    concatenated, times and counters summed, and each turn's own figures in `turns` (Spec-Bench times each)."""
+    results = [r for r, _ in turns]
+
+    def cat(field: str) -> Optional[list]:
+        lists = [getattr(r, field) for r in results]
+        return None if any(x is None for x in lists) else [v for x in lists for v in x]
+
+    return GenerationResult(
+        tokens=cat("tokens"), exit_layers=cat("exit_layers"),
+        prefill_seconds=sum(r.prefill_seconds for r in results), decode_seconds=sum(r.decode_seconds for r in results),
+        stop_reason=results[-1].stop_reason, layer_forwards=sum(r.layer_forwards for r in results),
+        head_calls=sum(r.head_calls for r in results), head_rows=sum(r.head_rows for r in results),
+        exit_head_flops=sum(r.exit_head_flops for r in results),
+        confidence_flops=sum(r.confidence_flops for r in results), kv_fill_flops=sum(r.kv_fill_flops for r in results),
+        drafted=_sum([r.drafted for r in results]), accepted=_sum([r.accepted for r in results]),
+        breakdown=None, verify_passes=_sum([r.verify_passes for r in results]),
+        draft_passes=_sum([r.draft_passes for r in results]), top2_gaps=cat("top2_gaps"),
+        accept_lengths=cat("accept_lengths"), step_drafts=cat("step_drafts"),
+        turns=[{"text": text, "new_tokens": len(r.tokens), "prefill_seconds": r.prefill_seconds,
+                "decode_seconds": r.decode_seconds, "accept_lengths": r.accept_lengths, "step_drafts": r.step_drafts}
+               for r, text in turns])
 
 
 def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, runs: list[tuple[GenerationResult, int]],
                 prediction: str, kept: tuple[int, str], metrics: dict) -> ExampleRecord:
     """One example's record from its timed repeats [(result, slot in the rotation)]; tokens from the first."""
     res = runs[0][0]
-    n, d = len(res.tokens), max(len(res.tokens) - 1, 0)
+    n, d = len(res.tokens), max(len(res.tokens) - (len(res.turns) if res.turns else 1), 0)
     prefill = statistics.median(r.prefill_seconds for r, _ in runs)
     decode = statistics.median(r.decode_seconds for r, _ in runs)
     per_token = [t for t in (decode_time_per_token(r) for r, _ in runs) if t is not None]
@@ -73,7 +105,9 @@ def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, runs
         repeats=[{"repeat": i, "slot": slot, "prefill_seconds": r.prefill_seconds,
                   "decode_seconds": r.decode_seconds, "new_tokens": len(r.tokens)} for i, (r, slot) in enumerate(runs)],
         method_log=None, breakdown=res.breakdown, verify_passes=res.verify_passes, draft_passes=res.draft_passes,
-        top2_gaps=[round(g, 4) for g in res.top2_gaps] if res.top2_gaps is not None else None)
+        top2_gaps=[round(g, 4) for g in res.top2_gaps] if res.top2_gaps is not None else None,
+        accept_lengths=res.accept_lengths, step_drafts=res.step_drafts, category=ex.meta.get("category"),
+        turns=res.turns)
 
 
 LAYERSKIP_MAX_STEPS, LAYERSKIP_TEMPERATURE, LAYERSKIP_TOP_P = 512, 0.6, 0.9  # LayerSkip's GenerationConfig
@@ -138,6 +172,9 @@ class Benchmark:
             raise UsageError(f"--max_prompt_tokens {run.max_prompt_tokens} + max_steps {self.max_steps} exceeds this "
                              f"model's {self.model.max_context}-token context: use at most {room}")
         self.max_prompt = run.max_prompt_tokens or room
+        if self.task.chat_only and not run.chat_template and not control:
+            print(f"{self.task.name}: every turn goes through the model's chat template, as the benchmark does "
+                  "(--chat_template is implied)", file=sys.stderr)
         self._prompts: dict[int, tuple[list[int], bool]] = {}
         self.config_sha256: Optional[str] = None  # set by execute_schedule from this configuration's run.json
 
@@ -149,11 +186,18 @@ class Benchmark:
                                                                       "confidence", "threshold"))
         return (f"{self.task.name}_{self.generator.name}{knobs}"[:100]) + ("_control" if self.control else "")
 
+    @property
+    def chat(self) -> bool:
+        """Whether prompts go through the chat template: --chat_template, or a conversation task's own rule."""
+        return self.run.chat_template or self.task.chat_only
+
+    def truncated(self, ids: list[int]) -> tuple[list[int], bool]:
+        return (ids[-self.max_prompt:], True) if len(ids) > self.max_prompt else (ids, False)
+
     def prompt_ids(self, index: int) -> tuple[list[int], bool]:
-        """Token ids fed for example `index` (chat template, left truncation), computed once."""
+        """Token ids fed for example `index` (its first turn: chat template, left truncation), computed once."""
         if index not in self._prompts:
-            ids = self.model.encode(self.examples[index].prompt, chat=self.run.chat_template)
-            self._prompts[index] = (ids[-self.max_prompt:], True) if len(ids) > self.max_prompt else (ids, False)
+            self._prompts[index] = self.truncated(self.model.encode(self.examples[index].prompt, chat=self.chat))
         return self._prompts[index]
 
     def stop(self, fixed_length: Optional[bool] = None) -> StopCondition:
@@ -168,6 +212,8 @@ class Benchmark:
                 "data_sha256": data_sha256(self.run, self.task),
                 "examples_sha256": sha256_of([[ex.id, sha256_of(self.prompt_ids(i)[0])]
                                               for i, ex in enumerate(self.examples)])}
+        if self.task.chat_only:  # a conversation benchmark: always the chat template; which categories ran
+            task.update(chat_template=True, categories=sorted({ex.meta["category"] for ex in self.examples}))
         model = dict(self.model.describe(), load_seconds=self.model.load_seconds, source=self.run.model)
         knobs = self.generator.knobs()
         if self.generator.trained_knobs:
@@ -190,15 +236,34 @@ class Benchmark:
         return info
 
     def generate(self, index: int) -> GenerationResult:
-        """One timed generation of example `index`."""
-        return self.generator.generate(self.prompt_ids(index)[0], self.stop())
+        """One timed generation of example `index`; a conversation task's example is its whole conversation."""
+        if not self.task.chat_only:
+            return self.generator.generate(self.prompt_ids(index)[0], self.stop())
+        return self.converse(index)
+
+    def converse(self, index: int) -> GenerationResult:
+        """Every turn of example `index` in order, each timed on its own; a later turn's prompt holds the method's
+        own earlier answers (Spec-Bench evaluation/eval.py 170-227: the answer, cut at the stop, joins the chat)."""
+        messages, turns = [], []
+        for i, text in enumerate(self.examples[index].meta.get("turns") or [self.examples[index].prompt]):
+            messages.append({"role": "user", "content": text})
+            ids = self.prompt_ids(index)[0] if i == 0 else self.truncated(self.model.encode_chat(messages))[0]
+            res = self.generator.generate(ids, self.stop())
+            kept = self.stop(fixed_length=False).first_stop(res.tokens) or (len(res.tokens), res.stop_reason)
+            answer = cut_at_stop(self.model.decode(res.tokens[:kept[0]]), self.stops).strip()
+            messages.append({"role": "assistant", "content": answer})
+            turns.append((res, answer))
+        return conversation(turns)
 
     def score(self, index: int, runs: list[tuple[GenerationResult, int]]) -> ExampleRecord:
         """The record of example `index` from its timed repeats; quality from the first repeat's text."""
         ex, (ids, truncated) = self.examples[index], self.prompt_ids(index)
-        tokens = runs[0][0].tokens
+        tokens, turns = runs[0][0].tokens, runs[0][0].turns
         kept = self.stop(fixed_length=False).first_stop(tokens) or (len(tokens), runs[0][0].stop_reason)
         prediction = cut_at_stop(self.model.decode(tokens[:kept[0]]), self.stops)
+        if turns:  # a conversation: its answers, each cut at its own stop
+            prediction = "\n\n".join(t["text"] for t in turns)
+            kept = (len(tokens), runs[0][0].stop_reason)
         metrics = METRICS[self.metric](prediction, ex)
         record = make_record(index, ex, ids, truncated, runs, prediction, kept, metrics)
         record.method_log = self.generator.log_state()

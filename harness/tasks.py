@@ -7,6 +7,9 @@ Prompt formats follow LayerSkip's ``data.py`` so numbers are comparable:
 * ``cnn_dm_lm``: the first 100 whitespace-separated words of the article; reference = the rest of it.
 * ``human_eval``: the problem's prompt (signature + docstring); scored by executing its tests.
 * ``gsm8k``: ``Question: {question}\\nAnswer:`` (lm-eval's format); scored on the number after ``####``.
+* ``spec_bench``: Spec-Bench's 480 questions in 13 categories, each turn through the chat template, MT-bench's
+  second turn asked after the method's own first answer (its evaluation/eval.py); speed only (no reference), so
+  its quality column is consistency with the baseline's output. ``--num_samples`` counts per category.
 
 Few-shot exemplars (``--n_shot``) are rendered in the same format with their reference, each followed
 by a newline (LayerSkip) or a blank line (gsm8k), and drawn with ``--seed`` from another split where
@@ -62,6 +65,8 @@ class Task:
     scores_reference: bool = True  # the metric compares against the reference (pass@1 runs the tests instead)
     in_all: bool = True  # `--dataset all` runs it
     lm_eval_task: Optional[str] = None  # its bundled offline lm-eval task (harness/lm_eval_tasks), if any
+    chat_only: bool = False  # every prompt goes through the chat template (a conversation benchmark)
+    categories: tuple = ()  # its categories, if --categories selects among them and --num_samples counts per one
 
 
 def _summary_shot(doc: str, ref: str) -> Callable[[dict], str]:
@@ -102,6 +107,15 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          stop=("Question:", "\n\n"), max_steps=256, shot_file="gsm8k_main_train.jsonl.gz", hf_shot_split="train",
          lm_eval_task="gsm8k"),
 ]}
+
+
+# Spec-Bench's categories (hemingkx/Spec-Bench evaluation/speed.py:9 lists MT-bench's; :73 the others)
+SPEC_BENCH_MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+SPEC_BENCH_CATEGORIES = SPEC_BENCH_MT_BENCH + ("translation", "summarization", "qa", "math_reasoning", "rag")
+TASKS["spec_bench"] = Task(
+    "spec_bench", "spec_bench_question.jsonl.gz", None, ("category", "turns"), lambda r: r["turns"][0],
+    lambda r: "", None, "none", stop=(), max_steps=1024, id_field="question_id", meta_fields=("category", "turns"),
+    scores_reference=False, in_all=False, chat_only=True, categories=SPEC_BENCH_CATEGORIES)
 
 
 ALL_TASKS = tuple(name for name, t in TASKS.items() if t.in_all)  # `--dataset all`, in registry order
@@ -156,12 +170,18 @@ def record_problem(task: Task, rec: dict) -> Optional[str]:
     metric reads it) it builds is not empty, so a bad record stops the run at load time, not at scoring."""
     for f in task.fields:
         v = rec.get(f)
-        problem = "is null" if v is None else "is not a string" if not isinstance(v, str) \
-            else "is empty" if not v.strip() else None
+        if isinstance(v, list):  # a conversation's turns: one or more non-empty strings
+            bad = not v or any(not isinstance(t, str) or not t.strip() for t in v)
+            problem = "has an empty or non-string turn (or none)" if bad else None
+        else:
+            problem = "is null" if v is None else "is not a string" if not isinstance(v, str) \
+                else "is empty" if not v.strip() else None
         if problem:
             return f"field {f!r} {problem} ({task.name} needs a non-empty string)"
     if not task.prompt(rec).strip():
         return f"empty prompt ({task.name} builds it from {', '.join(task.fields)})"
+    if task.categories and rec["category"] not in task.categories:
+        return f"unknown category {rec['category']!r} ({task.name} has {', '.join(task.categories)})"
     if task.scores_reference and not task.reference(rec).strip():
         hint = f": the article has no words after the first {LM_PREFIX_WORDS}" if task.name == "cnn_dm_lm" else ""
         return f"empty reference{hint}"
@@ -193,15 +213,38 @@ def _records_from_hf(task: Task, split: str) -> list[dict]:
     return [dict(r, _line=i + 1) for i, r in enumerate(ds)]
 
 
+def parse_categories(task: Task, text: Optional[str]) -> tuple:
+    """--categories a,b (or mt_bench for its 8) -> the task's categories to run, in the task's order (all if None)."""
+    if not text:
+        return task.categories
+    if not task.categories:
+        raise UsageError(f"--categories applies to a task with categories (spec_bench), not {task.name}")
+    asked = set()
+    for c in (c.strip() for c in text.split(",")):
+        group = SPEC_BENCH_MT_BENCH if c == "mt_bench" else (c,)
+        unknown = [g for g in group if g not in task.categories]
+        if unknown or not c:
+            raise UsageError(f"--categories: unknown category {c!r}; {task.name} has mt_bench, "
+                             f"{', '.join(task.categories)}")
+        asked.update(group)
+    return tuple(c for c in task.categories if c in asked)
+
+
 def load_examples(name: str, num_samples: Optional[int] = None, n_shot: int = 0, seed: int = 42,
                   data_path: Optional[str] = None, data_source: str = "bundled",
-                  shuffle: bool = False) -> list[Example]:
-    """The first `num_samples` examples of a task (all if None/0), with `n_shot` exemplars in each prompt.
+                  shuffle: bool = False, categories: Optional[str] = None) -> list[Example]:
+    """The first `num_samples` examples of a task (all if None/0), with `n_shot` exemplars in each prompt. A task
+    with categories takes the first `num_samples` of each category asked for (`categories`, all by default), so a
+    small run still covers every one.
 
     With `shuffle` the records are first shuffled by random.Random(seed), as LayerSkip's benchmark.py
     does (random.seed(seed) then random.shuffle in data.py's get_data) before taking the first N.
     """
     task = get_task(name)
+    chosen = parse_categories(task, categories)
+    if data_source == "hf" and task.hf is None:
+        raise UsageError(f"--data_source hf: {name} is not on the Hugging Face hub as a dataset; it is bundled "
+                         "(--data_source bundled) or read from --data_path FILE")
     if n_shot < 0:
         raise UsageError(f"--n_shot must be >= 0, got {n_shot}")
     if n_shot and task.shot is None:
@@ -218,7 +261,11 @@ def load_examples(name: str, num_samples: Optional[int] = None, n_shot: int = 0,
     if shuffle:
         records = list(records)
         random.Random(seed).shuffle(records)
-    evaluated = records[:num_samples] if num_samples else records
+    if task.categories:
+        check_records(task, records, source)  # a category must be known before records are counted per category
+        evaluated = [r for c in chosen for r in [r for r in records if r["category"] == c][:num_samples or None]]
+    else:
+        evaluated = records[:num_samples] if num_samples else records
     check_records(task, evaluated, source)  # before any model work
     shots = ""
     if n_shot:

@@ -46,6 +46,9 @@ class GenerationResult:
     verify_passes: Optional[int] = None  # full-depth model passes during decode (plain decoding: one per token)
     draft_passes: Optional[int] = None  # drafter forwards during decode (an early-exit draft each; lookup costs none)
     top2_gaps: Optional[list] = None  # greedy full-depth decoding: top-1 minus top-2 logit behind each emitted token
+    accept_lengths: Optional[list] = None  # speculative methods: tokens emitted by each decode full-model pass
+    step_drafts: Optional[list] = None  # drafting methods: tokens drafted before each of those passes
+    turns: Optional[list] = None  # a conversation: per turn {text, new_tokens, prefill_seconds, ...} (see runner)
 
     def to_dict(self) -> dict:
         return asdict(self)

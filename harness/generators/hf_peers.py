@@ -141,9 +141,21 @@ class HFPeer(Generator):
             head_rows=decode_heads * head_rows, exit_head_flops=float(m.head_flops(head_rows) * decode_heads),
             accepted=self.accepted(clock) if self.speculative else None, drafted=None,
             verify_passes=max(work.full_passes - 1, 0),  # the prefill is one full pass
-            draft_passes=max(work.head_calls - work.full_passes, 0))
+            draft_passes=max(work.head_calls - work.full_passes, 0),
+            accept_lengths=self.emitted(clock.chunks, len(tokens) - 1) if self.speculative else None)
 
     speculative = False
+
+    @staticmethod
+    def emitted(chunks: list[int], decoded: int) -> list[int]:
+        """Tokens each decode pass emitted (the streamer's chunks), cut where the kept tokens end."""
+        out, total = [], 0
+        for c in chunks:
+            if total >= decoded:
+                break
+            out.append(min(c, decoded - total))
+            total += out[-1]
+        return out
 
     @staticmethod
     def accepted(clock: StreamClock) -> int:

@@ -209,6 +209,7 @@ class SelfSpeculative(Generator):
         out, pos = Output(stop, on_tokens), len(prompt_ids)  # `token` sits at `pos`, not yet processed
         stats = {"drafted": 0, "accepted": 0, "lookup_steps": 0, "lookup_drafted": 0, "lookup_accepted": 0,
                  "steps": 0, "draft_passes": 0}
+        emitted, offered = [], []  # per verification pass: tokens it emitted, tokens drafted before it
         finished = out.add([token], [L])
         # components: lookup (n-gram search) / draft (layers 0..E-1 + exit head, per draft) / verify (layers E..L-1,
         # or all L for other drafts, over the drafts + 1, and the full head) / accept (verifier + cache crop)
@@ -230,6 +231,8 @@ class SelfSpeculative(Generator):
             finished = out.add(p.tokens[:a] + [nxt], [p.depth] * a + [L])
             # accepted drafts cut off by a stop (EOS / stop string inside the chunk) are not counted
             kept = min(a, (out.done[0] if finished else len(out.tokens)) - before)
+            emitted.append((out.done[0] if finished else len(out.tokens)) - before)
+            offered.append(len(p.tokens))
             prefix = "lookup_" if p.source == "lookup" else ""
             stats[prefix + "drafted"] += len(p.tokens)
             stats[prefix + "accepted"] += kept
@@ -238,4 +241,4 @@ class SelfSpeculative(Generator):
         self.stats = stats if "lookup" in self.drafters else {"steps": stats["steps"]}
         return self.result(out, t0, t1, self.clock(), drafted=stats["drafted"] + stats["lookup_drafted"],
                            accepted=stats["accepted"] + stats["lookup_accepted"], verify_passes=stats["steps"],
-                           draft_passes=stats["draft_passes"])
+                           draft_passes=stats["draft_passes"], accept_lengths=emitted, step_drafts=offered)
