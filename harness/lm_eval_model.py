@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .config import GenerationConfig, UsageError, parse_bool, parse_value
 from .generators import StopCondition, build_generator
 from .model import load_model
-from .runner import cut_at_stop
+from .runner import cut_at_stop, rotation, warm_prompt
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -179,14 +179,14 @@ class EarlyExitLM(TemplateLM):
                                  f"prompt ({context!r} encodes to no tokens)")
             stop = StopCondition(self.lm, max_new, until)
             timed = {}
-            if self.baseline:  # method, baseline, control in a rotated order; warm each up on the first request
+            if self.baseline:  # method, baseline, control: the benchmark's schedule (harness.runner)
                 gens = [("method", self.generator), ("baseline", self.reference[0]), ("control", self.reference[1])]
-                if not self.records:
+                if not self.records:  # each configuration's own warm-up, once
                     for _, g in gens:
-                        g.generate(ids, StopCondition(self.lm, min(max_new, 4), until))
-                r = len(self.records) % len(gens)
-                for name, g in gens[r:] + gens[:r]:
-                    timed[name] = g.generate(ids, stop)
+                        g.generate(ids, StopCondition(self.lm, min(max_new, 16), (), eos_ids=set()))
+                warm_prompt(self.reference[0], ids)  # this request's prompt, untimed, before any timed run
+                for c in rotation(len(gens), len(self.records)):
+                    timed[gens[c][0]] = gens[c][1].generate(ids, stop)
                 res = timed["method"]
                 self.baseline_outputs[replay_key(context, gen_kwargs)] = cut_at_stop(
                     self.lm.decode(timed["baseline"].tokens), tuple(until))

@@ -287,6 +287,13 @@ class Benchmark:
 WARMUP_STEPS = 4  # decode steps of the per-example full-model warm-up
 
 
+def warm_prompt(warm: Generator, ids: list[int], times: int = 1) -> None:
+    """Untimed: a prompt through the full model and a few decode steps, so that no configuration of the rotation
+    pays for a new prompt's one-time costs (the schedule's and the lm-eval plug-in's per-example warm-up)."""
+    for _ in range(times):
+        warm.generate(ids, StopCondition(warm.model, WARMUP_STEPS + 1, (), eos_ids=set()))
+
+
 def rotation(num_configs: int, example: int, repeat: int = 0, repeats: int = 1) -> list[int]:
     """Configuration order for one (example, repeat): a cyclic Latin square.
 
@@ -349,10 +356,8 @@ def execute_schedule(benches: list[Benchmark], parent: Optional[Path] = None, pr
                 b.warm_up(todo[0])
         for i in tqdm(todo, desc=f"{benches[0].task.name}: {C} configuration(s)", unit="ex",
                       disable=not progress or dist.rank > 0, file=sys.stderr):
-            if warm is not None:  # untimed: the same prompt through the full model, a few decode steps
-                for _ in range(run.warmup):
-                    warm.generate(benches[0].prompt_ids(i)[0],
-                                  StopCondition(benches[0].model, WARMUP_STEPS + 1, (), eos_ids=set()))
+            if warm is not None:
+                warm_prompt(warm, benches[0].prompt_ids(i)[0], run.warmup)
             pending = [c for c in range(C) if i not in done[c]]
             timed: dict[int, list] = {c: [] for c in pending}
             for r in range(run.repeats):
