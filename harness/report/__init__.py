@@ -42,7 +42,11 @@ consistency.py; a greedy lossless method's is 1.0 in float32). Never engaged (re
 the whole run, or a method reading exits that never exited before the last layer (run.json model.num_layers); its time
 is the method's overhead alone. Acceptance by draft position (report.csv `accept_pos_1..K`, only when some run logged
 step_drafts and accept_lengths; acceptance_by_position.png): of the steps that drafted at least i tokens, the share
-that kept at least i.
+that kept at least i. Spec-Bench (only when a run is of the spec_bench task): spec_bench.csv, a section appended to
+report.md and spec_bench_speedup.png, per category, "mt_bench" and "overall": our decode speedup, Spec-Bench's
+speedup (its evaluation/speed.py, the baseline's tokens counted as its new_tokens), its tau (mean tokens per target
+pass, the prefill's first token included) and consistency (harness/report/spec_bench.py); `python -m harness.export
+spec_bench RUN_DIR OUT.jsonl` writes a run as Spec-Bench's answer file.
 
 Labels: the full label lists every knob; the short one (summary, plots) its key knobs. A knob the run took
 from the exit artifact (run.json knobs.trained_defaults) carries a `*` in both. When two configurations

@@ -9,7 +9,7 @@ from typing import Optional
 import pandas as pd
 
 from ..config import UsageError
-from . import breakdown
+from . import breakdown, spec_bench
 from .auc import speed_quality_auc
 from .guards import plot_acceptance
 from .labels import assign_labels, exits_status
@@ -51,8 +51,10 @@ def write_report(paths: list[str], out: Optional[str] = None, plots: bool = True
     bt, bfiles = breakdown.write(tabled, df, out_dir, label, plots)
     never = frozenset(df.loc[df["never_engaged"].astype(bool), "run_id"])
     extra = "\n" + breakdown.markdown(bt, breakdown.baseline_ms(df), never) + "\n" if bt is not None else ""
-    files[1].write_text(markdown(df) + extra, encoding="utf-8")
-    files += bfiles
+    # Spec-Bench's figures only when a run is of spec_bench: other reports stay as they were, byte for byte
+    sb_md, sb_files = spec_bench.write(tabled, df, out_dir, plots)
+    files[1].write_text(markdown(df) + extra + ("\n" + sb_md if sb_md else ""), encoding="utf-8")
+    files += bfiles + sb_files
     if plots:
         files += plot_speed_quality(df, out_dir)
         files += plot_exit_layers(tabled, out_dir, labels)
