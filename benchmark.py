@@ -78,9 +78,7 @@ def main() -> int:
         finally:
             distributed.finish(dist)
         if dist.rank == 0:
-            for path, summary in results:
-                print(format_summary(summary))
-                print(f"run log: {path}")
+            print_runs(results)
             if len(results) > 1:
                 report(results[0][0].parent)
         return 0 if all(s.status == "complete" for _, s in results) else 1
@@ -91,19 +89,7 @@ def main() -> int:
     dist = distributed.init()  # torchrun with N processes: each takes every N-th example
     run_cfg = dataclasses.replace(run_cfg, device=distributed.device_for(run_cfg.device, dist))
     try:
-        datasets = task_list(run_cfg.dataset)
-        if len(datasets) > 1:
-            return run_tasks(run_cfg, gen_cfg, datasets, args.strategies, args.sweep, dist, args.control)
-        run_cfg = dataclasses.replace(run_cfg, dataset=datasets[0])
-        if args.strategies or args.sweep:
-            return run_several(run_cfg, gen_cfg, args.strategies, args.sweep, dist, args.control)
-        from harness.runner import Benchmark
-
-        path, summary = Benchmark(run_cfg, gen_cfg).execute(dist=dist)
-        if dist.rank == 0:
-            print(format_summary(summary))
-            print(f"run log: {path}")
-        return 0 if summary.status == "complete" else 1
+        return run(run_cfg, gen_cfg, task_list(run_cfg.dataset), args.strategies, args.sweep, dist, args.control)
     finally:
         distributed.finish(dist)
 
@@ -121,65 +107,60 @@ def task_list(spec: str) -> list[str]:
     return names
 
 
-def run_tasks(run_cfg: RunConfig, gen_cfg: GenerationConfig, datasets: list[str], strategies, sweep, dist,
-              control=True) -> int:
-    """Every configuration on every task, one loaded model; one folder per task under one parent, one report.
+def run(run_cfg: RunConfig, gen_cfg: GenerationConfig, datasets: list[str], strategies, sweep, dist,
+        control=True) -> int:
+    """Every configuration on every task, one loaded model.
 
-    Each task keeps its own prompts, stop strings, metric and default max_steps. A single
-    --generation_strategy is run beside the autoregressive baseline of each task.
+    One task and one configuration: one run directory under --output_dir and its summary. Otherwise each task
+    gets a `<task>_multi` folder with one run directory per configuration, every configuration on the same
+    examples, interleaved (runner.run_many); several tasks put their folders under one `tasks` folder; then one
+    report over all. Each task keeps its own prompts, stop strings, metric and default max_steps; several tasks
+    without --strategies / --sweep run --generation_strategy beside the baseline.
     """
     from pathlib import Path
 
-    from harness.config import UsageError, for_strategy
+    from harness.config import UsageError
+    from harness.distributed import broadcast
     from harness.generators import baseline_name
     from harness.logs import new_run_dir
     from harness.model import load_model
-    from harness.distributed import broadcast
-    from harness.plan import expand_strategies, expand_sweep
-    from harness.runner import run_many
+    from harness.plan import configurations
+    from harness.runner import Benchmark, run_many
 
-    if run_cfg.data_path:
+    several_tasks = len(datasets) > 1
+    if several_tasks and run_cfg.data_path:
         raise UsageError("--data_path names one file: use it with a single --dataset")
     if strategies and sweep:
         raise UsageError("use either --strategies or --sweep, not both")
+    if sweep and not several_tasks and gen_cfg.generation_strategy == baseline_name():
+        raise UsageError("--sweep needs --generation_strategy (the method whose knobs are swept)")
+    if not several_tasks and not (strategies or sweep):
+        path, summary = Benchmark(dataclasses.replace(run_cfg, dataset=datasets[0]), gen_cfg).execute(dist=dist)
+        if dist.rank == 0:
+            print_runs([(path, summary)])
+        return 0 if summary.status == "complete" else 1
     model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype, run_cfg.device_map, run_cfg.exits, run_cfg.core)
-    if strategies:
-        configs = expand_strategies(strategies, gen_cfg, model.num_layers, model.exits)
-    elif sweep:
-        configs = expand_sweep(sweep, gen_cfg)
-    else:
-        configs = [for_strategy(gen_cfg, baseline_name())]
-        if gen_cfg.generation_strategy != baseline_name() or gen_cfg.exit_layer is not None:
-            configs.append(gen_cfg)
-    parent = Path(broadcast(str(new_run_dir(run_cfg.output_dir, "tasks")) if dist.rank == 0 else None, dist))
+    configs = configurations(gen_cfg, strategies, sweep, model.num_layers, model.exits)
+    # several tasks with the baseline alone run it once per task, without an A/A control
+    control = control and (len(configs) > 1 or not several_tasks)
+    tasks = None
+    if several_tasks:
+        tasks = Path(broadcast(str(new_run_dir(run_cfg.output_dir, "tasks")) if dist.rank == 0 else None, dist))
     ok = True
     for name in datasets:
-        task_cfg = dataclasses.replace(run_cfg, dataset=name, output_dir=str(parent))
-        _, summaries = run_many(task_cfg, configs, model=model, dist=dist, control=control and len(configs) > 1)
+        task_cfg = dataclasses.replace(run_cfg, dataset=name, output_dir=str(tasks) if tasks else run_cfg.output_dir)
+        folder, summaries = run_many(task_cfg, configs, model=model, dist=dist, control=control)
         ok = ok and all(s.status == "complete" for s in summaries)
     if dist.rank == 0:
-        report(parent)
+        report(tasks or folder)
     return 0 if ok else 1
 
 
-def run_several(run_cfg: RunConfig, gen_cfg: GenerationConfig, strategies, sweep, dist, control=True) -> int:
-    from harness.config import UsageError
-    from harness.generators import baseline_name
-    from harness.model import load_model
-    from harness.plan import expand_strategies, expand_sweep
-    from harness.runner import run_many
-
-    if strategies and sweep:
-        raise UsageError("use either --strategies or --sweep, not both")
-    if sweep and gen_cfg.generation_strategy == baseline_name():
-        raise UsageError("--sweep needs --generation_strategy (the method whose knobs are swept)")
-    model = load_model(run_cfg.model, run_cfg.device, run_cfg.dtype, run_cfg.device_map, run_cfg.exits, run_cfg.core)
-    configs = (expand_strategies(strategies, gen_cfg, model.num_layers, model.exits) if strategies
-               else expand_sweep(sweep, gen_cfg))
-    parent, summaries = run_many(run_cfg, configs, model=model, dist=dist, control=control)
-    if dist.rank == 0:
-        report(parent)
-    return 0 if all(s.status == "complete" for s in summaries) else 1
+def print_runs(results) -> None:
+    """Each run's summary table and where its log is."""
+    for path, summary in results:
+        print(format_summary(summary))
+        print(f"run log: {path}")
 
 
 def report(parent) -> None:

@@ -1,6 +1,8 @@
 """What one invocation runs: --strategies / --sweep text turned into the list of configurations, baseline first."""
 from __future__ import annotations
 
+from typing import Optional
+
 from .config import GenerationConfig, UsageError, for_strategy, parse_value
 
 
@@ -73,4 +75,20 @@ def expand_sweep(items: list[str], base: GenerationConfig) -> list[GenerationCon
     configs = [for_strategy(base, baseline_name())]
     for combo in itertools.product(*axes):
         configs.append(for_strategy(base, strategy, **dict(combo)))
+    return configs
+
+
+def configurations(base: GenerationConfig, strategies: Optional[str], sweep: Optional[list[str]], num_layers: int,
+                   exits=None) -> list[GenerationConfig]:
+    """What one invocation runs, baseline first: --strategies, else --sweep, else --generation_strategy beside the
+    baseline (the baseline alone when that is what was asked)."""
+    if strategies:
+        return expand_strategies(strategies, base, num_layers, exits)
+    if sweep:
+        return expand_sweep(sweep, base)
+    from .generators import baseline_name
+
+    configs = [for_strategy(base, baseline_name())]
+    if base.generation_strategy != baseline_name() or base.exit_layer is not None:
+        configs.append(base)
     return configs
