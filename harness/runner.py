@@ -18,7 +18,6 @@ from .logs import (SCHEMA_VERSION, ExampleRecord, RunInfo, RunWriter, Summary, c
                    new_run_dir)
 from .metrics import METRICS
 from .model import LayeredModel, load_model
-from .plan import all_members, expand_strategies  # noqa: F401 - tests/test_contract.py imports them from here
 from .provenance import data_sha256, environment, invocation_cost_curve, sha256_of, speculation_verdict, trained_note
 from .shards import merge_over_ranks, read_run_info, shard_dir
 from .tasks import DATA_DIR, Example, Task, get_task, load_examples

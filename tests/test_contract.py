@@ -1,7 +1,7 @@
 """The contract every registered decoding method keeps, parametrized over the registry: a method added as one file
 is tested here without being listed anywhere.
 
-Each method runs as `--strategies NAME` would run it (runner.expand_strategies, the shipped exits attached, fp32)
+Each method runs as `--strategies NAME` would run it (plan.expand_strategies, the shipped exits attached, fp32)
 on a real prompt, and must: respect max_steps; stop right after the token that completes a stop string; give one
 exit layer per token within 1..L; keep its counters non-negative (accepted <= drafted); log knobs that serialize
 to JSON; declare a label and a plot family (a new family gets a colour of its own); and, if it declares itself lossless, give the greedy
@@ -40,7 +40,7 @@ def reference(trained, prompt):
 
 
 def _config(model, name: str) -> GenerationConfig:
-    from harness.runner import expand_strategies
+    from harness.plan import expand_strategies
 
     return expand_strategies(name, GenerationConfig(), model.num_layers, exits=model.exits)[-1]
 
@@ -83,7 +83,7 @@ def test_every_registered_method_keeps_the_contract(trained, prompt, reference, 
 
 def test_strategies_all_is_what_the_classes_say():
     """`--strategies all` holds every method that places itself in it, in its place, as often as it asks."""
-    from harness.runner import all_members, expand_strategies
+    from harness.plan import all_members, expand_strategies
     from harness.trained_exits import ExitArtifact, shipped_artifacts
 
     art = ExitArtifact.load(shipped_artifacts()[0])

@@ -103,7 +103,9 @@ def test_control_outside_the_band_is_flagged():
                        "decode_speedup_q75": 0.93, "decode_speedup_min": 0.88, "decode_speedup_max": 0.95,
                        "n_paired": 12}])
     notes = control_notes(g)
-    assert any("cannot be told from 1.0" in n and "0.91x and 1.09x" in n for n in notes)
+    assert any("cannot be told from 1.0" in n and "0.91x and 1.10x" in n for n in notes)  # 1/0.91: a ratio's band
+    g.loc[0, "decode_speedup"] = 2.5  # a wild control (n=1 happens): the band stays positive
+    assert any("between 0.40x and 2.50x" in n for n in control_notes(g))
     g.loc[0, "decode_speedup"] = 1.02
     assert not any("cannot be told" in n for n in control_notes(g))
 

@@ -39,8 +39,9 @@ def control_notes(g: pd.DataFrame) -> list[str]:
             note += f" Its output is {c['flag']}, as the baseline's: it is timed on the examples with a decode step."
         notes.append(note)
         if dev > CONTROL_BAND:
+            lo, hi = sorted((c["decode_speedup"], 1 / c["decode_speedup"]))  # a ratio's noise is symmetric in log
             notes.append(f"WARNING: the A/A control is {100 * dev:.1f}% away from 1.0 (more than "
-                         f"{100 * CONTROL_BAND:.0f}%): speedups between {1 - dev:.2f}x and {1 + dev:.2f}x cannot be "
+                         f"{100 * CONTROL_BAND:.0f}%): speedups between {lo:.2f}x and {hi:.2f}x cannot be "
                          "told from 1.0 in this measurement.")
     return notes
 
