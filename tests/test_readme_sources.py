@@ -152,3 +152,20 @@ def test_readme_step_profile_is_the_committed_one():
         assert attention == f"{g['attention']['ms']:.1f}" and python == f"{j['wall_ms'] - j['operators_ms']:.1f}"
         assert other == f"{sum(v['ms'] for k, v in g.items() if k not in ('matrix products', 'attention')):.1f}"
         assert calls == f"{sum(v['calls'] for v in g.values()):.0f}"
+
+
+# -- Spec-Bench (README "Spec-Bench, by category"): results/spec_bench, written by `make spec-bench` ------------
+def test_readme_spec_bench_tables_and_figures_are_the_committed_reports():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Spec-Bench, by category")[1].split("![decode speedup by Spec-Bench")[0]
+    md = (ROOT / "results" / "spec_bench" / "report" / "report.md").read_text(encoding="utf-8")
+    tables = [t for t in section.split("\n\n") if t.startswith("| method")]
+    assert len(tables) == 2 and all(t.strip() in md for t in tables)
+    rows = {r[0].split(" ")[0]: r for r in _table_rows(md.split("### spec_bench")[1], "")}
+    for name, quoted in (("hybrid_speculative", "hybrid 1.50x [95% CI 1.10-1.67]"),
+                         ("prompt_lookup", "prompt lookup 1.40x [1.12-1.59]"),
+                         ("self_speculative", "self-speculation 0.91x [0.90-0.97]")):
+        speedup, ci = re.search(r"([\d.]+x) \[(?:95% CI )?([\d.]+-[\d.]+)\]", quoted).groups()
+        row = " | ".join(rows[name])
+        assert speedup in row and f"95% CI {ci}," in row, (name, row)
+        assert quoted in section
