@@ -44,8 +44,13 @@ def _per(total: float, n: int) -> Optional[float]:
 def decode_time_per_token(res: GenerationResult) -> Optional[float]:
     """The headline speed: decode seconds per token produced after the prefill (prefill excluded; a conversation
     has one prefill per turn)."""
-    decoded = len(res.tokens) - (len(res.turns) if res.turns else 1)
+    decoded = decoded_count(res)
     return res.decode_seconds / decoded if decoded > 0 else None
+
+
+def decoded_count(res: GenerationResult) -> int:
+    """Tokens decoded after the prefills: one prefill token per turn (logs.decoded_tokens says it of records)."""
+    return max(len(res.tokens) - (len(res.turns) if res.turns else 1), 0)
 
 
 def _sum(values: list) -> Optional[float]:
@@ -82,7 +87,7 @@ def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, runs
                 prediction: str, kept: tuple[int, str], metrics: dict) -> ExampleRecord:
     """One example's record from its timed repeats [(result, slot in the rotation)]; tokens from the first."""
     res = runs[0][0]
-    n, d = len(res.tokens), max(len(res.tokens) - (len(res.turns) if res.turns else 1), 0)
+    n, d = len(res.tokens), decoded_count(res)
     prefill = statistics.median(r.prefill_seconds for r, _ in runs)
     decode = statistics.median(r.decode_seconds for r, _ in runs)
     per_token = [t for t in (decode_time_per_token(r) for r, _ in runs) if t is not None]
