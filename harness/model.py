@@ -502,6 +502,11 @@ class LayeredModel:
         position_ids = self.positions(pos, q)
         return Rope(pos, q, position_ids, self._rotary(h, position_ids), self._mask(q, pos, h))
 
+    def rotary(self, h: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary (cos, sin) of positions pos..pos+q-1 for hidden states `h` (1, q, d): what draft modules
+        (harness.draft_layer) rotate their queries and keys with."""
+        return self._rotary(h, self.positions(pos, h.shape[1]))
+
     def run_layers(self, h: torch.Tensor, start: int, stop: int, cache, pos: int,
                    rope: Optional["Rope"] = None) -> torch.Tensor:
         """Apply layers [start, stop) to hidden states of positions pos..pos+q-1, appending their K/V.
@@ -595,6 +600,10 @@ class LayeredModel:
         if rows is self.exit_vocab:  # a draft head on exactly the candidate rows
             return part
         return part.masked_fill(~self._in_exit_vocab[rows.to(self.head_device)], float("-inf"))
+
+    def head(self, n: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The shared lm_head on states already normed (a draft module's own output), all rows or `rows`."""
+        return self._head(n, rows)
 
     def _head(self, n: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
         """lm_head on normed states, all rows or a subset (the cached candidate rows when given exactly), counted."""

@@ -243,18 +243,28 @@ class Generator(ABC):
     def ids(self, tokens: Sequence[int]) -> torch.Tensor:
         return torch.tensor([list(tokens)], dtype=torch.long, device=self.model.device)
 
-    def prefill(self, prompt_ids: Sequence[int], depth: Optional[int] = None):
+    def prefill(self, prompt_ids: Sequence[int], depth: Optional[int] = None, keep: Optional[int] = None):
         """Prompt through `depth` layers (all by default) and the first token: (cache, token, t0, t1).
 
-        Work counters restart afterwards, so every generator accounts for decode only.
+        keep: also keep the prompt's hidden states after that many layers in `self.prefill_states` (a draft module
+        reads them: Kangaroo's adapter at its exit, EAGLE's head at the last layer, pre-norm). Work counters restart
+        afterwards, so every generator accounts for decode only.
         """
         m = self.model
         cache = m.new_cache()
         self.last_cache = cache  # kept for inspection (tests)
         self.timer.reset()  # before t0: its one-time cost measurement is not part of the generation
         t0 = self.clock()
-        h = m.run_layers(m.embed(self.ids(prompt_ids)), 0, depth or m.num_layers, cache, 0)
-        logits = m.exit_logits(h[:, -1:], layer=depth or m.num_layers)
+        h = m.embed(self.ids(prompt_ids))
+        depth = depth or m.num_layers
+        if keep is not None:
+            rope = m.rope(h, 0)
+            h = m.run_layers(h, 0, keep, cache, 0, rope=rope)
+            self.prefill_states = h
+            h = m.run_layers(h, keep, depth, cache, 0, rope=rope)
+        else:
+            h = m.run_layers(h, 0, depth, cache, 0)
+        logits = m.exit_logits(h[:, -1:], layer=depth)
         token = self.sampler.pick(logits)
         self.gaps = [top2_gap(logits)] if self.records_gaps(depth) else None
         t1 = self.clock()

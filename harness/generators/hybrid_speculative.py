@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from .base import register
 from .proposers import LookupOptions
-from .self_speculative import DraftOptions, SelfSpeculative
+from .self_speculative import SelfSpeculative, SelfSpeculativeOptions
 
 
 @dataclass
-class HybridOptions(LookupOptions, DraftOptions):
+class HybridOptions(LookupOptions, SelfSpeculativeOptions):
     """self-speculation's drafting knobs and prompt lookup's"""
 
 
@@ -19,7 +19,7 @@ class HybridOptions(LookupOptions, DraftOptions):
 class HybridSpeculative(SelfSpeculative):
     """Prompt-lookup drafts when the last n-gram recurs, else early-exit drafts; full-model verification (lossless)."""
 
-    drafters = ("lookup", "exit")
+    drafters = ("lookup", "exit")  # "exit": the model drafter (--drafter: the early exit, or a trained one)
     short = "hybrid"
     options = HybridOptions
     sweep_knobs = ()  # the sweep heatmap is self-speculation's (LayerSkip's view)

@@ -92,39 +92,98 @@ class LookupProposer:
         return Proposal(found, depth=self.num_layers, source="lookup") if found else None
 
 
-class EarlyExitProposer:
+@dataclass
+class Scored:
+    """What the scorer's verification pass computed, for drafters that learn from it (proposer.accepted)."""
+
+    final: torch.Tensor  # (1, n, d) last layer's hidden states (pre-norm) of positions pos..pos+n-1
+    kept: Optional[torch.Tensor] = None  # (1, n, d) hidden states after `keep_layer` layers, where a drafter asked
+
+
+class ModelProposer:
+    """A drafter that runs part of the model or a module of its own, one draft at a time.
+
+    The loop (self_speculative.py) calls `start` after the prefill, `propose` each step, and `accepted` after each
+    verification (whichever proposer drafted), so that a draft module with a K/V cache of its own can crop it to
+    the accepted positions and catch up on them. `keep_layer`: the depth whose hidden states `start` and `accepted`
+    need (None: none).
+    """
+
+    keep_layer: Optional[int] = None
+    STOPS = ("drop", "keep")
+
+    def __init__(self, model, k: int, rows: Optional[torch.Tensor], threshold: float, sampler, ids: Callable,
+                 stop: str = "drop"):
+        if stop not in self.STOPS:
+            raise ValueError(f"unknown draft stop rule {stop!r}")
+        self.model, self.k, self.rows, self.threshold, self.stop = model, k, rows, threshold, stop
+        self.sampler, self.ids = sampler, ids
+
+    def start(self, prompt_ids: Sequence[int], token: int, states: Optional[torch.Tensor]) -> None:
+        """A new generation: the prompt's hidden states after `keep_layer` layers; `token` sits at len(prompt)."""
+
+    def accepted(self, p: Proposal, a: int, nxt: int, pos: int, scored: Scored) -> None:
+        """The verifier kept p.tokens[:a] (at pos+1..pos+a) and then emitted `nxt` (at pos+a+1)."""
+
+    def pick(self, logits: torch.Tensor) -> tuple[int, float, Optional[torch.Tensor]]:
+        """(draft token, its confidence = top-1 probability on the draft head, its distribution q when sampling)."""
+        m = self.model
+        if self.sampler.greedy:
+            j = int(logits.argmax())
+            conf = float(torch.softmax(logits.float(), -1)[j]) if self.threshold > 0 else 1.0
+            q = None
+        else:
+            q = self.sampler.probs(logits)
+            j = int(torch.multinomial(q, 1, generator=self.sampler.rng))
+            conf = float(q.max())
+            if self.rows is not None:  # the draft distribution over the whole vocabulary (0 off the rows)
+                q = torch.zeros(m.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, self.rows, q)
+        return (int(self.rows[j]) if self.rows is not None else j), conf, q
+
+    def chain(self, step: Callable[[int, int], torch.Tensor], token: int, room: int, eos: Collection[int],
+              drafted: list, probs: list) -> int:
+        """Draft up to min(k, room) tokens: step(i, input token) -> the draft head's logits for position i + 1.
+        The confidence rule: `drop` (LayerSkip fork) drops the first draft below the threshold and stops; `keep`
+        (Kangaroo, inference_kangaroo.py:74 at 4f0949d) keeps it, verifies it, and stops after it. Returns the
+        draft passes spent."""
+        passes = 0
+        for i in range(min(self.k, room)):
+            logits = step(i, token)
+            passes += 1
+            token, conf, q = self.pick(logits)
+            unsure = conf < self.threshold
+            if unsure and self.stop == "drop":
+                break
+            drafted.append(token)
+            if q is not None:
+                probs.append(q)
+            if unsure or token in eos:  # nothing useful can follow an end of sequence
+                break
+        return passes
+
+
+class EarlyExitProposer(ModelProposer):
     """LayerSkip's drafter: the first `exit_layer` layers and the exit head, one token at a time."""
 
     def __init__(self, model, exit_layer: int, k: int, rows: Optional[torch.Tensor], threshold: float, sampler,
-                 ids: Callable):
-        self.model, self.exit_layer, self.k, self.rows, self.threshold = model, exit_layer, k, rows, threshold
-        self.sampler, self.ids = sampler, ids
+                 ids: Callable, stop: str = "drop"):
+        super().__init__(model, k, rows, threshold, sampler, ids, stop)
+        self.exit_layer = exit_layer
+
+    def exit_head(self, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """The draft head on the layer-E state of position `pos`: the exit (through its stateless adapter)."""
+        return self.model.exit_logits(h, self.rows, layer=self.exit_layer)[0, -1]
 
     def propose(self, token: int, pos: int, room: int, cache, eos: Collection[int]) -> Proposal:
-        """Up to min(k, room) drafts after `token` (at `pos`). states[i] is the layer-E state of the input at pos+i.
-        A draft below the confidence threshold is dropped and drafting stops; its input's state is kept (the scorer
-        needs it)."""
+        """Up to min(k, room) drafts after `token` (at `pos`). states[i] is the layer-E state of the input at pos+i
+        (an unsure dropped draft's input included: the scorer needs it)."""
         m, E = self.model, self.exit_layer
         states, drafted, probs = [], [], []
-        for i in range(min(self.k, room)):
-            h = m.run_layers(m.embed(self.ids([token])), 0, E, cache, pos + i)
+
+        def step(i: int, tok: int) -> torch.Tensor:
+            h = m.run_layers(m.embed(self.ids([tok])), 0, E, cache, pos + i)
             states.append(h)
-            logits = m.exit_logits(h, self.rows, layer=E)[0, -1]
-            if self.sampler.greedy:
-                j = int(logits.argmax())
-                conf = float(torch.softmax(logits.float(), -1)[j]) if self.threshold > 0 else 1.0
-            else:
-                q = self.sampler.probs(logits)
-                j = int(torch.multinomial(q, 1, generator=self.sampler.rng))
-                conf = float(q.max())
-                if self.rows is not None:  # the draft distribution over the whole vocabulary (0 off the rows)
-                    q = torch.zeros(m.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, self.rows, q)
-            if conf < self.threshold:
-                break
-            token = int(self.rows[j]) if self.rows is not None else j
-            drafted.append(token)
-            if not self.sampler.greedy:
-                probs.append(q)
-            if token in eos:  # nothing useful can follow an end of sequence
-                break
-        return Proposal(drafted, depth=E, source="exit", states=states, probs=probs, passes=len(states))
+            return self.exit_head(h, pos + i)
+
+        passes = self.chain(step, token, room, eos, drafted, probs)
+        return Proposal(drafted, depth=E, source="exit", states=states, probs=probs, passes=passes)

@@ -27,7 +27,12 @@ import torch
 
 from ..config import UsageError, knob
 from .base import GenerationResult, Generator, Output, StopCondition, TokenCallback, register
-from .proposers import LOOKUP_MATCHES, EarlyExitProposer, LookupProposer, Proposal
+from .proposers import LOOKUP_MATCHES, EarlyExitProposer, LookupProposer, ModelProposer, Proposal, Scored
+
+# The model drafters a self-speculation loop can ask after prompt lookup: name -> factory(generator) -> proposer.
+# "exit" is LayerSkip's early exit (below); trained drafters register theirs from their own method files
+# (kangaroo.py, eagle.py), so self_speculative:drafter=kangaroo is LayerSkip's loop with Kangaroo's adapter.
+MODEL_DRAFTERS: dict = {}
 
 DEFAULT_SPECULATIONS = 6
 
@@ -89,6 +94,24 @@ class DraftOptions(DraftLength):
         range=(0.0, 1.0, True))
 
 
+@dataclass
+class DrafterChoice:
+    """which model drafter the loop asks"""
+
+    drafter: str = knob(
+        "exit",
+        "self_speculative, hybrid_speculative: the model drafter: exit = the early exit after --exit_layer layers "
+        "(LayerSkip; through its stateless adapter when trained exits are attached); kangaroo = the early exit "
+        "through the trained Kangaroo adapter (attention + norms, its own K/V) at the layer it was trained for; "
+        "eagle = the trained EAGLE head (one decoder layer over the last layer's features). Trained drafters need an "
+        "exit artifact holding them (--exits; make exits ships them)")
+
+
+@dataclass
+class SelfSpeculativeOptions(DrafterChoice, DraftOptions):
+    """self-speculation's drafting knobs"""
+
+
 @register("self_speculative")
 class SelfSpeculative(Generator):
     """LayerSkip self-speculation: draft with E layers, verify with the rest in one pass (lossless)."""
@@ -98,33 +121,53 @@ class SelfSpeculative(Generator):
     short, family = "SS", "speculative (lossless)"
     label_knobs = ("num_speculations",)
     in_all = 1
-    options = DraftOptions
+    options = SelfSpeculativeOptions
     sweep_knobs = ("exit_layer", "num_speculations")
+    draft_stop = "drop"  # the confidence rule (proposers.ModelProposer.chain): the LayerSkip fork drops an unsure draft
     draft_depth = True
 
     def artifact_key(self) -> str:
-        return "self_speculative"
+        """The early exit's recommendation is fitted to it: another drafter in the same loop has its own key."""
+        drafter = getattr(self.config, "drafter", None) or "exit"
+        return "self_speculative" if drafter == "exit" else f"self_speculative:drafter={drafter}"
+
+    @classmethod
+    def spec_defaults(cls, base, over: dict, num_layers: int, exits) -> dict:
+        if (over.get("drafter") or getattr(base, "drafter", None) or "exit") != "exit":
+            return {}  # a trained drafter's depth is its own
+        return super().spec_defaults(base, over, num_layers, exits)
 
     def validate(self) -> None:
         self.proposers = []
         if "lookup" in self.drafters:
             self.proposers.append(self.lookup_proposer())
         if "exit" in self.drafters:
-            self.proposers.append(self.exit_proposer())
+            self.proposers.append(self.model_proposer())
+        self.keep_layer = next((p.keep_layer for p in self.proposers if getattr(p, "keep_layer", None)), None)
         self.stats = {}
 
-    def exit_proposer(self) -> EarlyExitProposer:
+    def drafter_name(self) -> str:
+        """Which MODEL_DRAFTERS entry drafts (the `drafter` knob where the method has it)."""
+        return getattr(self.config, "drafter", None) or "exit"
+
+    def model_proposer(self) -> ModelProposer:
+        name = self.drafter_name()
+        if name == "exit":
+            return self.exit_proposer()
+        from . import load_all
+
+        load_all()  # the trained drafters register from their method files
+        if name not in MODEL_DRAFTERS:
+            raise UsageError(f"--drafter {name!r}: choose one of exit, {', '.join(sorted(MODEL_DRAFTERS))}")
+        return MODEL_DRAFTERS[name](self)
+
+    def draft_settings(self) -> None:
+        """num_speculations, draft_vocab and draft_threshold, checked: self.k, self.rows, self.threshold."""
         m, c = self.model, self.config
-        L, e = m.num_layers, c.exit_layer
-        if e is None:
-            raise UsageError(f"{self.name} needs --exit_layer E (the draft depth, 1..L-1), or trained exits that "
-                             "recommend one (--exits)")
-        if e >= L:
-            raise UsageError(f"{self.name} needs --exit_layer below the model's {L} layers, got {e}")
         k = c.num_speculations
         if k is not None and k < 1:
             raise UsageError(f"--num_speculations must be >= 1, got {k}")
-        self.k = k or DEFAULT_SPECULATIONS
+        self.k = k or self.default_speculations()
         self.rows = None
         if c.draft_vocab:
             vocab = m.exits.vocab if m.exits is not None else None
@@ -135,10 +178,28 @@ class SelfSpeculative(Generator):
                 raise UsageError(f"--draft_vocab is 0 (full head) or the artifact's {len(vocab)} candidate rows, "
                                  f"got {c.draft_vocab}")
             self.rows = m.exit_vocab if m.exit_vocab is not None else vocab.to(m.head_device)
-        self.threshold = c.draft_threshold or 0.0
+        self.threshold = self.default_threshold() if c.draft_threshold is None else c.draft_threshold
         if not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"--draft_threshold must be in [0, 1], got {self.threshold}")
-        return EarlyExitProposer(m, e, self.k, self.rows, self.threshold, self.sampler, self.ids)
+
+    def default_speculations(self) -> int:
+        """num_speculations when neither the user nor the artifact sets it."""
+        return DEFAULT_SPECULATIONS
+
+    def default_threshold(self) -> float:
+        """draft_threshold when neither the user nor the artifact sets it."""
+        return 0.0
+
+    def exit_proposer(self) -> EarlyExitProposer:
+        m, c = self.model, self.config
+        L, e = m.num_layers, c.exit_layer
+        if e is None:
+            raise UsageError(f"{self.name} needs --exit_layer E (the draft depth, 1..L-1), or trained exits that "
+                             "recommend one (--exits)")
+        if e >= L:
+            raise UsageError(f"{self.name} needs --exit_layer below the model's {L} layers, got {e}")
+        self.draft_settings()
+        return EarlyExitProposer(m, e, self.k, self.rows, self.threshold, self.sampler, self.ids, self.draft_stop)
 
     def lookup_proposer(self) -> LookupProposer:
         c = self.config
@@ -151,6 +212,8 @@ class SelfSpeculative(Generator):
     def knobs(self) -> dict:
         out = {"exit_layer": self.config.exit_layer, "num_speculations": self.k,
                "draft_vocab": 0 if self.rows is None else len(self.rows), "draft_threshold": self.threshold}
+        if hasattr(self.config, "drafter") and "exit" in self.drafters:
+            out["drafter"] = self.drafter_name()
         if "lookup" in self.drafters:
             out.update(lookup_ngram=self.config.lookup_ngram, lookup_tokens=self.config.lookup_tokens,
                        lookup_match=self.config.lookup_match)
@@ -179,15 +242,26 @@ class SelfSpeculative(Generator):
     def score(self, p: Proposal, token: int, pos: int, cache) -> torch.Tensor:
         """Full-model logits at positions pos..pos+len(drafts) (`token` sits at `pos`). Early-exit drafts resume
         at layer E from their kept states, so layers 1..E are never recomputed; other drafts (and none) go
-        through all L layers in one pass."""
-        m = self.model
-        if p.source != "exit":
-            return m.exit_logits(m.run_layers(m.embed(self.ids([token] + p.tokens)), 0, m.num_layers, cache, pos))[0]
+        through all L layers in one pass. What the pass computed is kept in self.scored for the drafters."""
+        m, L = self.model, self.model.num_layers
+        if p.depth >= L:
+            h = m.embed(self.ids([token] + p.tokens))
+            kept = None
+            if self.keep_layer is not None:  # a drafter reads these positions' states at its layer
+                rope = m.rope(h, pos)
+                kept = h = m.run_layers(h, 0, self.keep_layer, cache, pos, rope=rope)
+                h = m.run_layers(h, self.keep_layer, L, cache, pos, rope=rope)
+            else:
+                h = m.run_layers(h, 0, L, cache, pos)
+            self.scored = Scored(h, kept)
+            return m.exit_logits(h)[0]
         E, states = p.depth, p.states
         if len(states) <= len(p.tokens):  # the last draft's input has not been through layers 0..E yet
             last = m.run_layers(m.embed(self.ids((p.tokens or [token])[-1:])), 0, E, cache, pos + len(p.tokens))
             states = states + [last]
-        h = m.run_layers(torch.cat(states, dim=1), E, m.num_layers, cache, pos)
+        kept = torch.cat(states, dim=1)
+        h = m.run_layers(kept, E, L, cache, pos)
+        self.scored = Scored(h, kept if E == self.keep_layer else None)
         return m.exit_logits(h)[0]
 
     # -- verifier ---------------------------------------------------------------------------
@@ -205,7 +279,14 @@ class SelfSpeculative(Generator):
     def generate(self, prompt_ids: Sequence[int], stop: StopCondition,
                  on_tokens: Optional[TokenCallback] = None) -> GenerationResult:
         m, L = self.model, self.model.num_layers
-        cache, token, t0, t1 = self.prefill(prompt_ids)
+        cache, token, t0, t1 = self.prefill(prompt_ids, keep=self.keep_layer)
+        if self.keep_layer is not None:  # draft modules read the prompt (part of the prefill's time)
+            for proposer in self.proposers:
+                if isinstance(proposer, ModelProposer):
+                    proposer.start(prompt_ids, token, self.prefill_states)
+            self.prefill_states = None
+            t1 = self.clock()
+            m.reset_counters()
         out, pos = Output(stop, on_tokens), len(prompt_ids)  # `token` sits at `pos`, not yet processed
         stats = {"drafted": 0, "accepted": 0, "lookup_steps": 0, "lookup_drafted": 0, "lookup_accepted": 0,
                  "steps": 0, "draft_passes": 0}
@@ -225,6 +306,9 @@ class SelfSpeculative(Generator):
             with self.timer("accept"):
                 a, nxt = self.verify(p, logits)
                 m.crop(cache, pos + a + 1)  # keep x, y1..ya; their K/V are now the full model's at every layer
+                for proposer in self.proposers:
+                    if isinstance(proposer, ModelProposer):
+                        proposer.accepted(p, a, nxt, pos, self.scored)
             pos += a + 1
             token = nxt
             before = len(out.tokens)
