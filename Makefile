@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The tested dependency set: every package but torch at the version `make test` passed with (make lock writes it).
 LOCK := constraints.txt
 
-.PHONY: setup demo test bench check gpu-check costs speed exits shipped results spec-bench clean-cache lock
+.PHONY: setup demo test bench check gpu-check costs speed exits drafters drafter-results shipped results spec-bench clean-cache lock
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ lock:
 
 setup: $(VENV)/.installed
 
-DEMO_STRATEGIES := autoregressive:exit_layer=15,self_speculative,hybrid_speculative,prompt_lookup,calm,free,dynamic:criteria=max_probability,policy,hf_prompt_lookup,hf_assistant_early_exit:exit_layer=8
+DEMO_STRATEGIES := autoregressive:exit_layer=15,self_speculative,hybrid_speculative,prompt_lookup,kangaroo,eagle,calm,free,dynamic:criteria=max_probability,policy,hf_prompt_lookup,hf_assistant_early_exit:exit_layer=8
 
 demo: setup
 	$(PY) benchmark.py --dataset cnn_dm_summarization --num_samples 3 --max_steps 48 --fixed_length --strategies $(DEMO_STRATEGIES)
@@ -110,6 +110,23 @@ exits: setup
 		--work_dir $(EXITS_WORK)/calibrate --calibrate_examples 20 --calibrate_grid 8 --calibrate_finest 0.001 \
 		--calibrate_max_steps 24 --calibrate_max_prompt_tokens 384 --calibrate_delta 0.25 --calibrate_epsilon 0.1 \
 		--calibrate_methods $(CALIBRATE_METHODS)
+	$(MAKE) drafters
+
+# The trained drafters (docs/drafters.md), a sibling artifact read with the exit artifact (--exits auto merges
+# them): an EAGLE-style head and Kangaroo's adapter, trained on the frozen model over text of the training pools and
+# the model's own greedy continuations of training-pool prompts (made once, in the run dtype, shared by both),
+# then each fitted on greedy continuations of held-out prompts for its recommended draft length and threshold.
+# About 25 minutes on the team's 2-core CPU (the seconds of each are in the artifact's provenance).
+DRAFTERS := harness/data/exits/SmolLM2-135M-Instruct.drafters.safetensors
+DRAFTER_RUN := --exits $(EXITS) --output $(DRAFTERS) --seed 0 --holdout_docs 200 --max_docs 1000 --seq_len 256 \
+	--batch_size 4 --eval_sequences 16 --log_every 100 --save_every 100 --drafter_text_sequences 256 \
+	--drafter_prompts 96 --drafter_tokens 64 --drafter_continuations $(EXITS_WORK)/drafter_continuations.json \
+	--drafter_fit_prompts 16 --drafter_fit_tokens 64 --drafter_fit_chain 8
+drafters: setup
+	rm -rf $(DRAFTERS) $(EXITS_WORK)/eagle $(EXITS_WORK)/kangaroo $(EXITS_WORK)/drafter_continuations.json
+	$(PY) -m harness.train --recipe eagle $(DRAFTER_RUN) --work_dir $(EXITS_WORK)/eagle --steps 1200 --lr 1e-3
+	$(PY) -m harness.train --recipe kangaroo $(DRAFTER_RUN) --work_dir $(EXITS_WORK)/kangaroo --steps 600 --lr 1e-3 \
+		--kangaroo_exit_layer 2
 
 # What the shipped exits buy, measured against the recommender's prediction (docs/trained_exits.md "Trained exits on the embedded
 # model"): full test prompts, 64 greedy tokens, one invocation with its A/A control; logs and report committed.
@@ -162,6 +179,20 @@ spec-bench: setup
 	find $(SPEC)/runs -name examples.jsonl -exec gzip -9 -n {} +
 	find $(SPEC)/runs -name .lock -delete
 	$(PY) -m harness.report $(SPEC)/runs --out $(SPEC)/report
+
+# What the trained drafters buy (docs/drafters.md): one invocation with its baseline and A/A control, the shipped
+# exits and drafters, the default dtype, 10 examples of CNN/DM, XSum and GSM8K (the shipped-exits run's prompts,
+# plus GSM8K), 64 greedy tokens; about 15 minutes here.
+DRAFT_RESULTS := results/drafters
+DRAFT_STRATEGIES := eagle,kangaroo,self_speculative:drafter=kangaroo,hybrid_speculative:drafter=eagle,prompt_lookup
+drafter-results: setup
+	rm -rf $(DRAFT_RESULTS)/runs $(DRAFT_RESULTS)/report
+	$(PY) benchmark.py --dataset cnn_dm_summarization,xsum_summarization,gsm8k --num_samples 10 --max_steps 64 \
+		--seed 0 --exits $(EXITS) --strategies $(DRAFT_STRATEGIES) --output_dir $(DRAFT_RESULTS)/runs
+	find $(DRAFT_RESULTS)/runs -name report -type d -prune -exec rm -rf {} +
+	find $(DRAFT_RESULTS)/runs -name examples.jsonl -exec gzip -9 -n {} +
+	find $(DRAFT_RESULTS)/runs -name .lock -delete
+	$(PY) -m harness.report $(DRAFT_RESULTS)/runs --out $(DRAFT_RESULTS)/report
 
 clean-cache:
 	rm -rf $${EE_HARNESS_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/early_exit_harness}

@@ -72,15 +72,32 @@ class DraftLayer(nn.Module):
         out.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return out
 
+    def pack(self) -> "DraftLayer":
+        """For inference: projections through lean_layers.PackedLinear, oneDNN-packed where that pays (bf16 on a
+        CPU: a one-position product costs a third less). Training (autograd on) always uses the modules."""
+        from .lean_layers import PackedLinear, pack_layers
+
+        w = self.q_proj.weight
+        do = pack_layers(w.dtype, w.device)
+        self._packed = {n: PackedLinear(m.weight, m.bias, do) for n, m in self.named_children()
+                        if isinstance(m, nn.Linear)}
+        return self
+
+    def proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        packed = getattr(self, "_packed", None)
+        if packed is not None and not torch.is_grad_enabled():
+            return packed[name](x)
+        return getattr(self, name)(x)
+
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: Optional[LayerKV] = None) -> torch.Tensor:
         """h (b, q, hidden) at positions whose rotary (cos, sin) are (b, q, head_dim). With `kv`, the new positions
         are appended to it and attend over every cached one; without, attention is causal over h alone."""
         b, q, _ = h.shape
         x = self.input_layernorm(h) if self.input_layernorm is not None else h
-        qs = self.q_proj(x).view(b, q, self.heads, self.head_dim).transpose(1, 2)
-        ks = self.k_proj(x).view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
-        vs = self.v_proj(x).view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
+        qs = self.proj("q_proj", x).view(b, q, self.heads, self.head_dim).transpose(1, 2)
+        ks = self.proj("k_proj", x).view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
+        vs = self.proj("v_proj", x).view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
         c, s = cos.unsqueeze(1).to(h.dtype), sin.unsqueeze(1).to(h.dtype)
         qs = qs * c + rotate_half(qs) * s
         ks = ks * c + rotate_half(ks) * s
@@ -96,10 +113,10 @@ class DraftLayer(nn.Module):
         else:  # a chunk after cached positions: causal, aligned to the bottom right
             allowed = torch.arange(past + q, device=h.device)[None, :] <= past + torch.arange(q, device=h.device)[:, None]
             a = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed)
-        h = h + self.o_proj(a.transpose(1, 2).reshape(b, q, -1))
+        h = h + self.proj("o_proj", a.transpose(1, 2).reshape(b, q, -1))
         if self.mlp_width:
             x = self.post_attention_layernorm(h)
-            h = h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            h = h + self.proj("down_proj", F.silu(self.proj("gate_proj", x)) * self.proj("up_proj", x))
         return h
 
     def flops(self) -> int:

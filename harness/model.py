@@ -406,7 +406,9 @@ class LayeredModel:
         """Attach trained exits (or None): their adapters apply whenever an exit at their layer is read."""
         self.exits = artifact
         self.adapters = artifact.modules(self) if artifact is not None else {}
-        vocab = artifact.vocab if artifact is not None and self.adapters else None
+        # the candidate rows' weight is gathered once whenever the artifact has them (trained drafters draft on them
+        # too); an exit reads only them where it has a trained adapter (exit_logits)
+        vocab = artifact.vocab if artifact is not None else None
         self.exit_vocab = vocab.to(self.head_device) if vocab is not None else None
         self._in_exit_vocab = self._exit_weight = None
         if vocab is not None:

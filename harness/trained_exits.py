@@ -12,6 +12,11 @@ An *exit artifact* is one safetensors file holding everything a training recipe 
 - any other learned tensors under a namespaced key (the ConsistentEE policy networks, CALM's classifier);
 - provenance: recipe, command, seed, data, steps, seconds, hardware, and the agreement it measured.
 The file records which model it was trained for; attaching it to another model is refused with one line.
+
+Trained drafters (the `kangaroo` and `eagle` recipes: `kangaroo.*` / `eagle.*` tensors, their recommendations and
+provenance) may live in a sibling file, `<stem>.drafters.safetensors` beside the artifact, in the same format:
+loading an artifact reads its sibling too (same model, checked), and saving it writes back only its own parts. The
+shipped exits are two files this way, so that each stays under ~20 MB.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from .config import UsageError
 from .identity import file_sha256
 
 FORMAT = "early-exit-harness/exits/1"
+SIBLING = ".drafters.safetensors"  # an artifact's sibling file of trained drafters
 SHIPPED_DIR = Path(__file__).parent / "data" / "exits"
 
 
@@ -63,6 +69,7 @@ class ExitArtifact:
     provenance: dict = field(default_factory=dict)  # per recipe: command, seed, data, steps, seconds, hardware, metrics
     path: Optional[str] = None  # where it was loaded from (not saved)
     sha256: Optional[str] = None  # content hash of the file it was loaded from (not saved)
+    sibling: Optional[dict] = None  # what was read from the sibling drafters file: path, sha256, keys (not saved)
 
     # -- identity ----------------------------------------------------------------------------------
     @staticmethod
@@ -103,15 +110,18 @@ class ExitArtifact:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        theirs = self.sibling or {}  # the sibling's parts stay in the sibling
         flat = {f"adapter.{layer}.{k}": v.detach().to("cpu").contiguous() for layer, sd in self.adapters.items()
                 for k, v in sd.items()}
         if self.vocab is not None:
             flat["vocab"] = self.vocab.to(torch.int64).cpu().contiguous()
         for k, v in self.tensors.items():
-            flat[f"t.{k}"] = v.detach().to("cpu").contiguous()
+            if k not in theirs.get("tensors", ()):
+                flat[f"t.{k}"] = v.detach().to("cpu").contiguous()
+        mine = lambda d, part: {k: v for k, v in d.items() if k not in theirs.get(part, ())}  # noqa: E731
         meta = {"format": FORMAT, "model": self.model, "adapter_width": self.adapter_width,
-                "adapter_layers": sorted(self.adapters), "recommended": self.recommended,
-                "thresholds": self.thresholds, "provenance": self.provenance}
+                "adapter_layers": sorted(self.adapters), "recommended": mine(self.recommended, "recommended"),
+                "thresholds": self.thresholds, "provenance": mine(self.provenance, "provenance")}
         tmp = path.with_suffix(path.suffix + ".tmp")
         save_file(flat, str(tmp), metadata={"harness": json.dumps(meta, sort_keys=True)})
         tmp.replace(path)  # never a half-written artifact under the real name
@@ -119,6 +129,31 @@ class ExitArtifact:
 
     @classmethod
     def load(cls, path: str | Path) -> "ExitArtifact":
+        """The artifact at `path`, with its sibling drafters file merged in when there is one."""
+        art = cls.load_file(path)
+        sib = Path(path).with_name(Path(path).name.removesuffix(".safetensors") + SIBLING)
+        if not Path(path).name.endswith(SIBLING) and sib.is_file():
+            art.merge_sibling(cls.load_file(sib))
+        return art
+
+    def merge_sibling(self, other: "ExitArtifact") -> None:
+        """Take the sibling's tensors, recommendations and provenance (same model; nothing may be claimed twice)."""
+        if other.model.get("fingerprint") != self.model.get("fingerprint"):
+            raise UsageError(f"--exits {other.path}: made for another model than {self.path}")
+        twice = (set(other.tensors) & set(self.tensors)) | (set(other.recommended) & set(self.recommended)) \
+            | (set(other.provenance) & set(self.provenance))
+        if twice or other.adapters:
+            raise UsageError(f"--exits {other.path}: holds what {self.path} holds too ({sorted(twice)[:3]})")
+        if other.vocab is not None and self.vocab is not None and not torch.equal(other.vocab, self.vocab):
+            raise UsageError(f"--exits {other.path}: its candidate vocabulary differs from {self.path}'s")
+        self.tensors.update(other.tensors)
+        self.recommended.update(other.recommended)
+        self.provenance.update(other.provenance)
+        self.sibling = {"path": other.path, "sha256": other.sha256, "tensors": sorted(other.tensors),
+                        "recommended": sorted(other.recommended), "provenance": sorted(other.provenance)}
+
+    @classmethod
+    def load_file(cls, path: str | Path) -> "ExitArtifact":
         from safetensors import safe_open
 
         path = Path(path)
@@ -161,7 +196,9 @@ class ExitArtifact:
         return {"path": display_path(self.path), "sha256": self.sha256, "adapter_layers": sorted(self.adapters), "adapter_width": self.adapter_width,
                 "vocab": None if self.vocab is None else int(self.vocab.numel()),
                 "recommended": self.recommended, "thresholds": self.thresholds,
-                "recipes": sorted(self.provenance)}
+                "recipes": sorted(self.provenance),
+                **({"drafters": {"path": display_path(self.sibling["path"]), "sha256": self.sibling["sha256"]}}
+                   if self.sibling else {})}
 
 
 def display_path(path: Optional[str]) -> Optional[str]:
@@ -175,7 +212,9 @@ def display_path(path: Optional[str]) -> Optional[str]:
 
 
 def shipped_artifacts() -> list[Path]:
-    return sorted(SHIPPED_DIR.glob("*.safetensors")) if SHIPPED_DIR.is_dir() else []
+    """The shipped exit artifacts (each loads its sibling drafters file, if shipped, with it)."""
+    return sorted(p for p in SHIPPED_DIR.glob("*.safetensors") if not p.name.endswith(SIBLING)) \
+        if SHIPPED_DIR.is_dir() else []
 
 
 def find_shipped(model) -> Optional[ExitArtifact]:

@@ -43,18 +43,33 @@ class EagleHead(nn.Module):
 
     @classmethod
     def like(cls, model) -> "EagleHead":
-        """fc initialised to pass the feature through ([0, I]); the layer from the model's last layer."""
+        """Starts as the identity on the feature: fc = [0, I] and the layer's output projections (o_proj, down_proj)
+        zero, so training begins from "the next feature is this one"; the layer's other weights are the model's
+        last layer's."""
         out = cls(DraftLayer.like(model, model.num_layers - 1, input_norm=False, mlp=True), model.hidden_size)
         with torch.no_grad():
             d = model.hidden_size
             out.fc.weight.zero_()
             out.fc.weight[:, d:] = torch.eye(d)
             out.fc.bias.zero_()
+            out.layer.o_proj.weight.zero_()
+            out.layer.down_proj.weight.zero_()
         return out
+
+    def pack(self) -> "EagleHead":
+        """For inference: packed products (DraftLayer.pack)."""
+        from ..lean_layers import PackedLinear, pack_layers
+
+        self.layer.pack()
+        self._fc = PackedLinear(self.fc.weight, self.fc.bias, pack_layers(self.fc.weight.dtype, self.fc.weight.device))
+        return self
 
     def forward(self, emb: torch.Tensor, feat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: Optional[LayerKV] = None) -> torch.Tensor:
-        return self.layer(self.fc(torch.cat([emb, feat], dim=-1)), cos, sin, kv)
+        x = torch.cat([emb, feat], dim=-1)
+        fc = getattr(self, "_fc", None)
+        x = fc(x) if fc is not None and not torch.is_grad_enabled() else self.fc(x)
+        return self.layer(x, cos, sin, kv)
 
     def flops(self) -> int:
         return 2 * self.fc.weight.numel() + self.layer.flops()
@@ -73,7 +88,7 @@ def stored(model) -> Optional[EagleHead]:
                                   model.layers[0].self_attn.head_dim)
     head = EagleHead(layer, model.hidden_size)
     head.fc.load_state_dict({"weight": state["fc.weight"], "bias": state["fc.bias"]})
-    head = head.to(device=model.head_device, dtype=model.dtype).eval().requires_grad_(False)
+    head = head.to(device=model.head_device, dtype=model.dtype).eval().requires_grad_(False).pack()
     art._eagle = (model, head)
     return head
 
@@ -112,7 +127,7 @@ class EagleProposer(ModelProposer):
         self.catch_up()
 
     def propose(self, token: int, pos: int, room: int, cache, eos) -> Proposal:
-        drafted, probs = [], []
+        drafted, probs, confs = [], [], []
         if room <= 0:
             return Proposal(drafted, depth=self.model.num_layers, source="eagle")
         self.catch_up()
@@ -124,8 +139,8 @@ class EagleProposer(ModelProposer):
                 f = self.run_head(f, [tok], pos + i)
             return self.model.head(f, self.rows)[0, -1]
 
-        passes = self.chain(step, token, room, eos, drafted, probs)
-        return Proposal(drafted, depth=self.model.num_layers, source="eagle", probs=probs, passes=passes)
+        passes = self.chain(step, token, room, eos, drafted, probs, confs)
+        return Proposal(drafted, depth=self.model.num_layers, source="eagle", probs=probs, passes=passes, confs=confs)
 
     def accepted(self, p: Proposal, a: int, nxt: int, pos: int, scored: Scored) -> None:
         """Drop the head's positions past `pos` (made from its own predicted features) and queue the verified ones:
@@ -157,7 +172,7 @@ class Eagle(SelfSpeculative):
     sweep_knobs = ()
     draft_stop = "keep"
     draft_depth = False
-    in_all, all_note = 8, "with a trained EAGLE head"
+    in_all, all_note = 12, "with a trained EAGLE head"
     label_knobs = ("num_speculations", "draft_threshold")
 
     @classmethod

@@ -76,6 +76,7 @@ def stored(model) -> Optional[tuple[KangarooAdapter, int]]:
     adapter.norm.load_state_dict({"weight": state["norm.weight"]})
     E = int(art.tensors[PREFIX + "exit_layer"])
     adapter = adapter.to(device=model.layer_devices[E - 1], dtype=model.dtype).eval().requires_grad_(False)
+    adapter.layer.pack()
     art._kangaroo = (model, (adapter, E))
     return adapter, E
 
@@ -138,7 +139,7 @@ class Kangaroo(SelfSpeculative):
     sweep_knobs = ()
     draft_stop = "keep"
     draft_depth = False  # the exit layer is the adapter's, not a shared --exit_layer's
-    in_all, all_note = 7, "with a trained Kangaroo adapter"
+    in_all, all_note = 11, "with a trained Kangaroo adapter"
     label_knobs = ("num_speculations", "draft_threshold")
 
     @classmethod

@@ -30,6 +30,7 @@ class Proposal:
     states: list = field(default_factory=list)  # early exit: each input's layer-E state (the scorer resumes at E)
     probs: list = field(default_factory=list)  # sampled early-exit drafts: each one's distribution (q)
     passes: int = 0  # drafter forwards spent, an unsure dropped draft's included
+    confs: list = field(default_factory=list)  # model drafts: each kept draft's confidence (top-1 probability)
 
 
 @dataclass
@@ -141,7 +142,7 @@ class ModelProposer:
         return (int(self.rows[j]) if self.rows is not None else j), conf, q
 
     def chain(self, step: Callable[[int, int], torch.Tensor], token: int, room: int, eos: Collection[int],
-              drafted: list, probs: list) -> int:
+              drafted: list, probs: list, confs: Optional[list] = None) -> int:
         """Draft up to min(k, room) tokens: step(i, input token) -> the draft head's logits for position i + 1.
         The confidence rule: `drop` (LayerSkip fork) drops the first draft below the threshold and stops; `keep`
         (Kangaroo, inference_kangaroo.py:74 at 4f0949d) keeps it, verifies it, and stops after it. Returns the
@@ -155,6 +156,8 @@ class ModelProposer:
             if unsure and self.stop == "drop":
                 break
             drafted.append(token)
+            if confs is not None:
+                confs.append(conf)
             if q is not None:
                 probs.append(q)
             if unsure or token in eos:  # nothing useful can follow an end of sequence
@@ -178,12 +181,12 @@ class EarlyExitProposer(ModelProposer):
         """Up to min(k, room) drafts after `token` (at `pos`). states[i] is the layer-E state of the input at pos+i
         (an unsure dropped draft's input included: the scorer needs it)."""
         m, E = self.model, self.exit_layer
-        states, drafted, probs = [], [], []
+        states, drafted, probs, confs = [], [], [], []
 
         def step(i: int, tok: int) -> torch.Tensor:
             h = m.run_layers(m.embed(self.ids([tok])), 0, E, cache, pos + i)
             states.append(h)
             return self.exit_head(h, pos + i)
 
-        passes = self.chain(step, token, room, eos, drafted, probs)
-        return Proposal(drafted, depth=E, source="exit", states=states, probs=probs, passes=passes)
+        passes = self.chain(step, token, room, eos, drafted, probs, confs)
+        return Proposal(drafted, depth=E, source="exit", states=states, probs=probs, passes=passes, confs=confs)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from ..config import UsageError, add_dataclass_args, check_values
 from .common import TrainConfig, seed_everything
 
-RECIPE_MODULES = ("exit_adapters", "layerskip", "calm", "free", "consistentee", "calibrate")
+RECIPE_MODULES = ("exit_adapters", "layerskip", "calm", "free", "consistentee", "calibrate", "kangaroo", "eagle")
 
 # Where each number of the training CLI may lie, as harness.config.check_values reads them: (field, lowest, highest,
 # lowest included). TrainConfig checks its own on construction; a recipe's options are checked by the CLI, where a
@@ -30,7 +30,9 @@ OPTION_RANGES = (("adapters_width", 1, None, True), ("adapters_cache_sequences",
                  ("calm_adapter_width", 1, None, True), ("calm_classifier_lr", 0.0, None, False),
                  ("free_shallow_exit_layer", 1, None, True), ("free_adapter_width", 1, None, True),
                  ("free_kd_temperature", 0.0, None, False), ("consistentee_hidden", 1, None, True),
-                 ("consistentee_samples", 1, None, True))
+                 ("consistentee_samples", 1, None, True), ("drafter_tokens", 1, None, True),
+                 ("drafter_fit_tokens", 2, None, True), ("drafter_fit_chain", 1, None, True),
+                 ("kangaroo_exit_layer", 1, None, True))
 
 
 def check_options(opts) -> None:

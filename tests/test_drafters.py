@@ -1,0 +1,209 @@
+"""Trained drafters (generators/kangaroo.py, generators/eagle.py; recipes train/kangaroo.py, train/eagle.py): lossless
+on real prompts with the shipped modules and with untrained ones, their own K/V kept without holes, exact
+speculative sampling, the recipes' artifact (a sibling file of the exit artifact), resume, and bad input."""
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.config import GenerationConfig, UsageError
+from harness.generators import StopCondition, build_generator
+from harness.trained_exits import SIBLING, ExitArtifact, shipped_artifacts
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 32
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from harness.model import load_model
+
+    return load_model(None, "cpu", "float32", exits="auto")
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    """The model with an artifact holding untrained drafters (identity-initialised EAGLE head, Kangaroo adapter at
+    layer 3): drafts are poor, verification must still keep every output equal to autoregressive's."""
+    from harness.generators.eagle import EagleHead
+    from harness.generators.kangaroo import KangarooAdapter
+    from harness.model import load_model
+
+    m = load_model(None, "cpu", "float32", exits="none")
+    art = ExitArtifact(model=ExitArtifact.identity(m))
+    torch.manual_seed(0)
+    for prefix, module in (("eagle.", EagleHead.like(m)), ("kangaroo.", KangarooAdapter.like(m, 3))):
+        art.tensors.update({prefix + k: v.to(torch.float16) for k, v in module.state_dict().items()})
+    art.tensors["kangaroo.exit_layer"] = torch.tensor(3)
+    m.set_exits(art)
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompts(shipped):
+    from harness.tasks import load_examples
+
+    exs = load_examples("cnn_dm_summarization", 1) + load_examples("gsm8k", 1) + load_examples("xsum_summarization", 1)
+    return [shipped.encode(e.prompt)[-300:] for e in exs]
+
+
+SETTINGS = [("eagle", {}), ("kangaroo", {}), ("eagle", dict(num_speculations=3, draft_threshold=0.4)),
+            ("self_speculative", dict(drafter="kangaroo")), ("hybrid_speculative", dict(drafter="eagle")),
+            ("hybrid_speculative", dict(drafter="kangaroo"))]
+
+
+def _run(m, name, kw, ids, n=N):
+    return build_generator(m, GenerationConfig(generation_strategy=name, **kw)).generate(
+        ids, StopCondition(m, n, eos_ids=set()))
+
+
+@pytest.mark.parametrize("which", ["shipped", "untrained"])
+def test_trained_drafters_are_lossless_on_real_prompts(request, prompts, which):
+    m = request.getfixturevalue(which)
+    if which == "shipped" and "eagle.fc.weight" not in (m.exits.tensors if m.exits else {}):
+        pytest.skip("no shipped drafters")
+    for ids in prompts:
+        ref = build_generator(m, GenerationConfig()).generate(ids, StopCondition(m, N, eos_ids=set()))
+        accepted = collections.Counter()
+        for name, kw in SETTINGS:
+            res = _run(m, name, kw, ids)
+            assert res.tokens == ref.tokens, (which, name, kw)
+            accepted[name] += res.accepted
+        if which == "shipped":  # trained drafters' drafts are accepted: the crop and catch-up paths ran
+            assert accepted["eagle"] > 0 and accepted["kangaroo"] > 0, accepted
+
+
+def test_draft_caches_follow_the_trunk_and_refuse_holes(untrained, prompts):
+    """After a generation each draft module's K/V covers exactly the verified positions before the last token (EAGLE:
+    from position 1), and feeding a position after a hole raises."""
+    m, ids = untrained, prompts[0]
+    for name in ("eagle", "kangaroo"):
+        g = build_generator(m, GenerationConfig(generation_strategy=name))
+        res = g.generate(ids, StopCondition(m, N, eos_ids=set()))
+        (proposer,) = g.proposers
+        trunk = m.cache_length(g.last_cache, 0)
+        assert trunk <= len(ids) + len(res.tokens)
+        if name == "eagle":
+            assert proposer.kv.length + sum(len(t) for _, t in proposer.pending) <= len(ids) + len(res.tokens) - 1
+            with pytest.raises(RuntimeError, match="cache holds"):
+                proposer.run_head(m.norm(torch.zeros(1, 1, m.hidden_size)), [1], proposer.kv.length + 5)
+        else:
+            assert proposer.kv.length <= len(ids) + len(res.tokens)
+            with pytest.raises(RuntimeError, match="cache holds"):
+                proposer.run_adapter(torch.zeros(1, 1, m.hidden_size), proposer.kv.length + 2)
+
+
+@pytest.mark.parametrize("name", ["eagle", "kangaroo"])
+def test_speculative_sampling_with_trained_drafters_keeps_the_model_distribution(untrained, name):
+    """Chi-square over (first, second) token pairs with top-k 3 sampling: the second token is the first one a draft
+    can give; its pairs must follow the full model's p(first) p(second | first)."""
+    m = untrained
+    ids = m.encode("The capital of France is Paris. The capital of Italy is")
+    cfg = GenerationConfig(generation_strategy=name, sample=True, top_k=3, num_speculations=2, seed=7)
+    g = build_generator(m, cfg)
+    trials, pairs = 300, collections.Counter()
+    for _ in range(trials):
+        res = g.generate(ids, StopCondition(m, 2, eos_ids=set()))
+        pairs[tuple(res.tokens[:2])] += 1
+    assert sum(1 for _ in pairs) >= 2
+
+    def top3(seq):
+        with torch.inference_mode():
+            logits = m.hf(torch.tensor([seq])).logits[0, -1].float()
+        v, i = logits.topk(3)
+        return dict(zip(i.tolist(), torch.softmax(v, -1).tolist()))
+
+    p1 = top3(ids)
+    expected = {(a, b): trials * pa * pb for a, pa in p1.items() for b, pb in top3(ids + [a]).items()}
+    assert set(pairs) <= set(expected)
+    cells = [k for k, e in expected.items() if e >= 5]
+    rest = trials - sum(expected[k] for k in cells)
+    chi2 = sum((pairs[k] - expected[k]) ** 2 / expected[k] for k in cells)
+    if rest >= 5:
+        got = trials - sum(pairs[k] for k in cells)
+        chi2 += (got - rest) ** 2 / rest
+    dof = len(cells) - (0 if rest < 5 else -1) - 1
+    critical = (10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59)  # p = 0.001, dof 1..10
+    assert chi2 < critical[max(dof, 1) - 1], (chi2, dof, pairs, expected)
+
+
+def test_bad_input_gets_one_line(untrained):
+    from harness.model import load_model
+
+    bare = load_model(None, "cpu", "float32", exits="none")
+    with pytest.raises(UsageError, match="needs a trained EAGLE head"):
+        build_generator(bare, GenerationConfig(generation_strategy="eagle"))
+    with pytest.raises(UsageError, match="needs a trained Kangaroo adapter"):
+        build_generator(bare, GenerationConfig(generation_strategy="self_speculative", drafter="kangaroo"))
+    with pytest.raises(UsageError, match="trained at exit layer 3"):
+        build_generator(untrained, GenerationConfig(generation_strategy="kangaroo", exit_layer=5))
+    with pytest.raises(UsageError, match="--drafter 'nope'"):
+        build_generator(untrained, GenerationConfig(generation_strategy="self_speculative", drafter="nope",
+                                                    exit_layer=4))
+    with pytest.raises(UsageError, match="does not apply to EAGLE"):
+        build_generator(untrained, GenerationConfig(generation_strategy="eagle", exit_layer=4))
+    out = subprocess.run([sys.executable, "benchmark.py", "--dataset", "gsm8k", "--num_samples", "1", "--max_steps",
+                          "4", "--exits", "none", "--strategies", "eagle"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "EAGLE head" in out.stderr.strip().splitlines()[-1]
+
+
+def test_sibling_drafters_file_is_read_with_its_artifact_and_saved_apart(tmp_path, untrained):
+    main = ExitArtifact(model=ExitArtifact.identity(untrained), recommended={"calm": {"min_exit_layer": 6}})
+    main.provenance["exit_adapters"] = {"seconds": 1}
+    path = main.save(tmp_path / "m.safetensors")
+    drafters = ExitArtifact(model=ExitArtifact.identity(untrained), tensors=dict(untrained.exits.tensors),
+                            recommended={"eagle": {"num_speculations": 3}}, provenance={"eagle": {"seconds": 2}})
+    drafters.save(tmp_path / ("m" + SIBLING))
+    both = ExitArtifact.load(path)
+    assert "eagle.fc.weight" in both.tensors and both.recommended["eagle"] == {"num_speculations": 3}
+    assert both.describe()["drafters"]["path"].endswith("m" + SIBLING)
+    both.recommended["calm"] = {"min_exit_layer": 8}
+    both.save(path)  # a recipe writing the main artifact must not copy the drafters into it
+    alone = ExitArtifact.load_file(path)
+    assert "eagle.fc.weight" not in alone.tensors and "eagle" not in alone.recommended and "eagle" not in \
+        alone.provenance and alone.recommended["calm"] == {"min_exit_layer": 8}
+    assert [p.name for p in shipped_artifacts()] == [p.name for p in shipped_artifacts() if not p.name.endswith(SIBLING)]
+
+
+def test_recipes_write_a_drafters_artifact_fit_it_and_resume(tmp_path):
+    """eagle then kangaroo into one sibling-style file (tiny settings), the eagle run resumed from its checkpoint."""
+    shutil.copy(next(iter(shipped_artifacts())), tmp_path / "exits.safetensors")
+    out = tmp_path / ("exits" + SIBLING)
+    common = ["--exits", str(tmp_path / "exits.safetensors"), "--output", str(out), "--seq_len", "64",
+              "--batch_size", "2", "--max_docs", "40", "--eval_sequences", "2", "--log_every", "2", "--save_every", "2",
+              "--drafter_text_sequences", "6", "--drafter_prompts", "2", "--drafter_tokens", "12",
+              "--drafter_continuations", str(tmp_path / "cont.json"), "--drafter_fit_prompts", "2",
+              "--drafter_fit_tokens", "8", "--drafter_fit_chain", "3", "--drafter_fit_dtype", "float32"]
+
+    def train(*args):
+        r = subprocess.run([sys.executable, "-m", "harness.train", *args, *common], cwd=ROOT, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    train("--recipe", "eagle", "--steps", "2", "--work_dir", str(tmp_path / "eagle"))
+    train("--recipe", "eagle", "--steps", "4", "--work_dir", str(tmp_path / "eagle"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "eagle" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the second run resumed at step 2
+    r = train("--recipe", "kangaroo", "--steps", "2", "--work_dir", str(tmp_path / "kangaroo"),
+              "--kangaroo_exit_layer", "2")
+    assert "greedy continuations from" in r.stdout  # reused, not regenerated
+    art = ExitArtifact.load(tmp_path / "exits.safetensors")
+    assert {"eagle", "kangaroo"} <= set(art.provenance) and art.sibling is not None
+    assert int(art.tensors["kangaroo.exit_layer"]) == 2
+    for recipe in ("eagle", "kangaroo"):
+        prov = art.provenance[recipe]
+        assert prov["seconds"] > 0 and prov["training_data"] and prov["fit"]["acceptance_by_position"]
+        fitted = prov["fit"]["fitted_on"]["documents"]
+        for source, rec in fitted.items():  # fit prompts are held-out documents, never trained on
+            assert not set(rec["records"]) & set(prov["training_data"][source]["records"])
+        assert set(art.recommended[recipe]) >= {"draft_vocab"}
+    assert ExitArtifact.load_file(tmp_path / "exits.safetensors").provenance.keys().isdisjoint({"eagle", "kangaroo"})
