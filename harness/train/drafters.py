@@ -20,7 +20,7 @@ import json
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional, Sequence
@@ -410,3 +410,36 @@ def verdict_line(best: dict) -> str:
     return (f"k {best['num_speculations']} threshold {best['draft_threshold']} predicted "
             f"{best['predicted_speedup']:.2f}x {best['interval']}, {best['tokens_per_step']:.2f} tokens per "
             f"verification ({verdict})")
+
+
+def finish(method: str, cfg: TrainConfig, opts: DrafterOptions, model, module: torch.nn.Module, prefix: str,
+           data: dict, rows: Optional[torch.Tensor], metrics: dict, untrained: dict, seconds_from: float,
+           extra: Optional[dict] = None) -> ExitArtifact:
+    """What both recipes do once trained: the module (fp16) and `extra` tensors into the drafters artifact, the fit
+    for the method (keep rule) and for LayerSkip's loop with it as drafter (drop rule), provenance, save, report."""
+    from .common import provenance
+
+    art = drafter_artifact(cfg, model)
+    if rows is not None and art.vocab is None:
+        art.vocab = rows.cpu()
+    save_module(art, prefix, module)
+    art.tensors.update(extra or {})
+    loop_key = f"self_speculative:drafter={method}"
+    fit = fit_and_recommend(method, art, model, cfg, opts, data["training_data"], {method: "keep", loop_key: "drop"}) \
+        if opts.drafter_fit_prompts else None
+    art.provenance[method] = provenance(
+        cfg, time.perf_counter() - seconds_from, {**metrics, "untrained_agree_heldout": untrained["agree_heldout"]},
+        options=asdict(opts), training_data=data["training_data"],
+        train_sequences=int(len(data["train"])), held_sequences=int(len(data["held"])),
+        data_note=f"{data['text_sequences']} text sequences of the training pools of {cfg.data} and "
+        f"{data['continuations']} greedy continuations of training-pool prompts (the last eighth held out with "
+        f"--eval_sequences text rows for agreement); the fit = greedy continuations of held-out documents",
+        fit=fit)
+    _, out = cfg.paths()
+    art.save(out)
+    print(f"{method}: held-out teacher-forced agreement {untrained['agree_heldout']:.3f} -> "
+          f"{metrics['agree_heldout']:.3f}")
+    if fit is not None:
+        for key in (method, loop_key):
+            print(f"{method}: {key}: {verdict_line(fit[key]['best'])}")
+    return art

@@ -19,7 +19,7 @@ LayerSkip loop's drop rule).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,8 @@ import torch.nn.functional as F
 from ..generators.eagle import PREFIX, EagleHead
 from ..config import _f
 from . import recipe
-from .common import Loop, TrainConfig, provenance
-from .drafters import (DrafterOptions, candidate_rows, drafter_artifact, drafter_data, fit_and_recommend,
-                       head_rows_weight, held_agreement, save_module, soft_ce,
-                       verdict_line)
+from .common import Loop, TrainConfig
+from .drafters import DrafterOptions, candidate_rows, drafter_data, finish, head_rows_weight, held_agreement, soft_ce
 
 
 @dataclass
@@ -78,25 +76,4 @@ def run(cfg: TrainConfig, opts: EagleOptions, model):
 
     untrained = evaluate()
     metrics = Loop(cfg, {"eagle": head}, loss, evaluate).run(data["train"])
-    art = drafter_artifact(cfg, model)
-    if rows is not None and art.vocab is None:
-        art.vocab = rows.cpu()
-    save_module(art, PREFIX, head)
-    fit = fit_and_recommend("eagle", art, model, cfg, opts, data["training_data"],
-                            {"eagle": "keep", "self_speculative:drafter=eagle": "drop"}) \
-        if opts.drafter_fit_prompts else None
-    art.provenance["eagle"] = provenance(
-        cfg, time.perf_counter() - t_start, {**metrics, "untrained_agree_heldout": untrained["agree_heldout"]},
-        options=asdict(opts), training_data=data["training_data"],
-        train_sequences=int(len(data["train"])), held_sequences=int(len(data["held"])),
-        data_note=f"{data['text_sequences']} text sequences of the training pools of {cfg.data} and "
-        f"{data['continuations']} greedy continuations of training-pool prompts (the last eighth held out with "
-        f"--eval_sequences text rows for agreement); the fit = greedy continuations of held-out documents",
-        fit=fit)
-    _, out = cfg.paths()
-    art.save(out)
-    print(f"eagle: held-out teacher-forced agreement {untrained['agree_heldout']:.3f} -> {metrics['agree_heldout']:.3f}")
-    if fit is not None:
-        for key in ("eagle", "self_speculative:drafter=eagle"):
-            print(f"eagle: {key}: {verdict_line(fit[key]['best'])}")
-    return art
+    return finish("eagle", cfg, opts, model, head, PREFIX, data, rows, metrics, untrained, t_start)

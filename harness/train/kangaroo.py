@@ -17,16 +17,15 @@ training-pool prompts (the reference regenerates ShareGPT answers with the model
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from ..config import UsageError, _f
 from ..generators.kangaroo import PREFIX, KangarooAdapter
 from . import recipe
-from .common import Loop, TrainConfig, provenance
-from .drafters import (DrafterOptions, candidate_rows, drafter_artifact, drafter_data, fit_and_recommend,
-                       head_rows_weight, held_agreement, save_module, soft_ce, verdict_line)
+from .common import Loop, TrainConfig
+from .drafters import DrafterOptions, candidate_rows, drafter_data, finish, head_rows_weight, held_agreement, soft_ce
 
 
 @dataclass
@@ -65,27 +64,5 @@ def run(cfg: TrainConfig, opts: KangarooOptions, model):
 
     untrained = evaluate()
     metrics = Loop(cfg, {"kangaroo": adapter}, loss, evaluate).run(data["train"])
-    art = drafter_artifact(cfg, model)
-    if rows is not None and art.vocab is None:
-        art.vocab = rows.cpu()
-    save_module(art, PREFIX, adapter)
-    art.tensors[PREFIX + "exit_layer"] = torch.tensor(E)
-    fit = fit_and_recommend("kangaroo", art, model, cfg, opts, data["training_data"],
-                            {"kangaroo": "keep", "self_speculative:drafter=kangaroo": "drop"}) \
-        if opts.drafter_fit_prompts else None
-    art.provenance["kangaroo"] = provenance(
-        cfg, time.perf_counter() - t_start, {**metrics, "untrained_agree_heldout": untrained["agree_heldout"]},
-        options=asdict(opts), training_data=data["training_data"],
-        train_sequences=int(len(data["train"])), held_sequences=int(len(data["held"])),
-        data_note=f"{data['text_sequences']} text sequences of the training pools of {cfg.data} and "
-        f"{data['continuations']} greedy continuations of training-pool prompts (the last eighth held out with "
-        f"--eval_sequences text rows for agreement); the fit = greedy continuations of held-out documents",
-        fit=fit)
-    _, out = cfg.paths()
-    art.save(out)
-    print(f"kangaroo: held-out teacher-forced agreement at layer {E} {untrained['agree_heldout']:.3f} -> "
-          f"{metrics['agree_heldout']:.3f}")
-    if fit is not None:
-        for key in ("kangaroo", "self_speculative:drafter=kangaroo"):
-            print(f"kangaroo: {key}: {verdict_line(fit[key]['best'])}")
-    return art
+    return finish("kangaroo", cfg, opts, model, adapter, PREFIX, data, rows, metrics, untrained, t_start,
+                  extra={PREFIX + "exit_layer": torch.tensor(E)})
