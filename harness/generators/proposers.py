@@ -5,8 +5,10 @@ turns the text so far into a `Proposal`; self_speculative.py's one scorer and on
                      of the prompt and the text so far; free to make, so its drafts have no layer states
   EarlyExitProposer  LayerSkip's self-speculative drafts: up to k tokens from the first E layers and the shared exit
                      head (through the exit's trained adapter when an artifact is attached; optionally on its
-                     candidate rows only, and stopping at the first unsure draft: Kangaroo's adaptive draft length,
-                     arXiv 2404.18911), keeping each input's layer-E state for the scorer
+                     candidate rows only, and ended by a confidence rule, `drop` or Kangaroo's `keep`), keeping each
+                     input's layer-E state for the scorer
+  ModelProposer      their base: chains of model drafts with start / accepted hooks, through which a draft module
+                     with a K/V cache of its own (kangaroo.py's adapter, eagle.py's head) follows the verified text
 """
 from __future__ import annotations
 
