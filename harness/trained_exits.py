@@ -70,6 +70,23 @@ class ExitArtifact:
     path: Optional[str] = None  # where it was loaded from (not saved)
     sha256: Optional[str] = None  # content hash of the file it was loaded from (not saved)
     sibling: Optional[dict] = None  # what was read from the sibling drafters file: path, sha256, keys (not saved)
+    _built: dict = field(default_factory=dict, repr=False)  # prefix -> (model, module built from its tensors)
+
+    def part(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors under `prefix`, named without it (a draft module's state dict)."""
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def built(self, prefix: str, model, build):
+        """The module made from the tensors under `prefix` for `model`, built once (`build()`) and reused until
+        forget_built()."""
+        cached = self._built.get(prefix)
+        if cached is None or cached[0] is not model:
+            cached = self._built[prefix] = (model, build())
+        return cached[1]
+
+    def forget_built(self) -> None:
+        """Tensors changed (a recipe wrote new ones): modules built from the old ones are dropped."""
+        self._built.clear()
 
     # -- identity ----------------------------------------------------------------------------------
     @staticmethod

@@ -27,7 +27,7 @@ from ..draft_layer import DraftLayer
 from ..lean_layers import LayerKV
 from .base import register
 from .proposers import ModelProposer, Proposal, Scored
-from .self_speculative import MODEL_DRAFTERS, DraftOptions, SelfSpeculative
+from .self_speculative import MODEL_DRAFTERS, SelfSpeculative, TrainedDrafter
 
 PREFIX = "eagle."  # the head's tensors in an exit artifact
 EAGLE_CHAIN = 5
@@ -80,17 +80,16 @@ def stored(model) -> Optional[EagleHead]:
     art = getattr(model, "exits", None)
     if art is None or PREFIX + "fc.weight" not in art.tensors:
         return None
-    cached = getattr(art, "_eagle", None)
-    if cached is not None and cached[0] is model:
-        return cached[1]
-    state = {k[len(PREFIX):]: v for k, v in art.tensors.items() if k.startswith(PREFIX)}
+    return art.built(PREFIX, model, lambda: _build(model, art))
+
+
+def _build(model, art) -> EagleHead:
+    state = art.part(PREFIX)
     layer = DraftLayer.from_state(state, "layer.", getattr(model.config, "rms_norm_eps", 1e-5),
                                   model.layers[0].self_attn.head_dim)
     head = EagleHead(layer, model.hidden_size)
     head.fc.load_state_dict({"weight": state["fc.weight"], "bias": state["fc.bias"]})
-    head = head.to(device=model.head_device, dtype=model.dtype).eval().requires_grad_(False).pack()
-    art._eagle = (model, head)
-    return head
+    return head.to(device=model.head_device, dtype=model.dtype).eval().requires_grad_(False).pack()
 
 
 class EagleProposer(ModelProposer):
@@ -164,30 +163,12 @@ MODEL_DRAFTERS["eagle"] = proposer
 
 
 @register("eagle")
-class Eagle(SelfSpeculative):
+class Eagle(TrainedDrafter):
     """EAGLE-style drafts: a trained head over the last layer's features, chains verified in one pass; lossless."""
 
     short = "eagle"
-    options = DraftOptions
-    sweep_knobs = ()
-    draft_stop = "keep"
-    draft_depth = False
+    marker = PREFIX + "fc.weight"
     in_all, all_note = 12, "with a trained EAGLE head"
-    label_knobs = ("num_speculations", "draft_threshold")
-
-    @classmethod
-    def all_specs(cls, base, exits) -> list[dict]:
-        return [{}] if exits is not None and PREFIX + "fc.weight" in exits.tensors else []
-
-    @classmethod
-    def spec_defaults(cls, base, over: dict, num_layers: int, exits) -> dict:
-        return {}
-
-    def artifact_key(self) -> str:
-        return self.name
-
-    def drafter_name(self) -> str:
-        return "eagle"
 
     def default_speculations(self) -> int:
         return EAGLE_CHAIN

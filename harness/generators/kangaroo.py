@@ -29,7 +29,7 @@ from ..draft_layer import DraftLayer
 from ..lean_layers import LayerKV
 from .base import register
 from .proposers import EarlyExitProposer, Proposal, Scored
-from .self_speculative import MODEL_DRAFTERS, DraftOptions, SelfSpeculative
+from .self_speculative import MODEL_DRAFTERS, SelfSpeculative, TrainedDrafter
 
 PREFIX = "kangaroo."  # the adapter's tensors in an exit artifact
 KANGAROO_STEPS, KANGAROO_THRESHOLD = 6, 0.6
@@ -65,10 +65,11 @@ def stored(model) -> Optional[tuple[KangarooAdapter, int]]:
     art = getattr(model, "exits", None)
     if art is None or PREFIX + "exit_layer" not in art.tensors:
         return None
-    cached = getattr(art, "_kangaroo", None)
-    if cached is not None and cached[0] is model:
-        return cached[1]
-    state = {k[len(PREFIX):]: v for k, v in art.tensors.items() if k.startswith(PREFIX) and k != PREFIX + "exit_layer"}
+    return art.built(PREFIX, model, lambda: _build(model, art))
+
+
+def _build(model, art) -> tuple[KangarooAdapter, int]:
+    state = art.part(PREFIX)
     eps = getattr(model.config, "rms_norm_eps", 1e-5)
     head_dim = model.layers[0].self_attn.head_dim
     layer = DraftLayer.from_state(state, "layer.", eps, head_dim)
@@ -77,7 +78,6 @@ def stored(model) -> Optional[tuple[KangarooAdapter, int]]:
     E = int(art.tensors[PREFIX + "exit_layer"])
     adapter = adapter.to(device=model.layer_devices[E - 1], dtype=model.dtype).eval().requires_grad_(False)
     adapter.layer.pack()
-    art._kangaroo = (model, (adapter, E))
     return adapter, E
 
 
@@ -131,30 +131,12 @@ MODEL_DRAFTERS["kangaroo"] = proposer
 
 
 @register("kangaroo")
-class Kangaroo(SelfSpeculative):
+class Kangaroo(TrainedDrafter):
     """Kangaroo: shallow exit + trained attention adapter drafts, stopped at the first unsure one; lossless."""
 
     short = "kangaroo"
-    options = DraftOptions
-    sweep_knobs = ()
-    draft_stop = "keep"
-    draft_depth = False  # the exit layer is the adapter's, not a shared --exit_layer's
+    marker = PREFIX + "exit_layer"
     in_all, all_note = 11, "with a trained Kangaroo adapter"
-    label_knobs = ("num_speculations", "draft_threshold")
-
-    @classmethod
-    def all_specs(cls, base, exits) -> list[dict]:
-        return [{}] if exits is not None and PREFIX + "exit_layer" in exits.tensors else []
-
-    @classmethod
-    def spec_defaults(cls, base, over: dict, num_layers: int, exits) -> dict:
-        return {}
-
-    def drafter_name(self) -> str:
-        return "kangaroo"
-
-    def artifact_key(self) -> str:
-        return self.name
 
     def default_speculations(self) -> int:
         return KANGAROO_STEPS

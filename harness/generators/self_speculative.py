@@ -326,3 +326,30 @@ class SelfSpeculative(Generator):
         return self.result(out, t0, t1, self.clock(), drafted=stats["drafted"] + stats["lookup_drafted"],
                            accepted=stats["accepted"] + stats["lookup_accepted"], verify_passes=stats["steps"],
                            draft_passes=stats["draft_passes"], accept_lengths=emitted, step_drafts=offered)
+
+
+class TrainedDrafter(SelfSpeculative):
+    """A method whose drafter is a trained module of the exit artifact (kangaroo.py, eagle.py): its own name is its
+    drafter, its artifact key and its place in `all` (only when the artifact holds the module, `marker`); it keeps
+    the reference's confidence rule (Kangaroo's keep) and has no shared draft depth."""
+
+    options = DraftOptions
+    sweep_knobs = ()
+    draft_stop = "keep"
+    draft_depth = False  # the drafter's depth is the module's, not a shared --exit_layer's
+    label_knobs = ("num_speculations", "draft_threshold")
+    marker: str = ""  # a tensor key the artifact holds when it holds this drafter
+
+    @classmethod
+    def all_specs(cls, base, exits) -> list[dict]:
+        return [{}] if exits is not None and cls.marker in exits.tensors else []
+
+    @classmethod
+    def spec_defaults(cls, base, over: dict, num_layers: int, exits) -> dict:
+        return {}
+
+    def artifact_key(self) -> str:
+        return self.name
+
+    def drafter_name(self) -> str:
+        return self.name

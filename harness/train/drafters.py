@@ -399,9 +399,7 @@ def save_module(art: ExitArtifact, prefix: str, module: torch.nn.Module) -> None
         del art.tensors[k]
     for k, v in module.state_dict().items():
         art.tensors[prefix + k] = v.detach().cpu().to(torch.float16)
-    for cached in ("_eagle", "_kangaroo"):  # modules built from the old tensors
-        if hasattr(art, cached):
-            delattr(art, cached)
+    art.forget_built()
 
 
 def verdict_line(best: dict) -> str:
