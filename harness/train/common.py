@@ -178,6 +178,45 @@ def trained_records(art, name: str) -> tuple[set[int], list[str]]:
     return used, by
 
 
+@torch.no_grad()
+def greedy_continuations_of(model, pending: dict[str, list[int]], count: int, max_new: int, prompt_tokens: int,
+                            min_new: int = 1, progress: Optional[str] = None) -> tuple[list, dict, int]:
+    """The full model's greedy continuations of up to `count` documents taken in turn from each source's list
+    (`pending`, consumed from the front): each in its task's prompt format cut from the left to `prompt_tokens`,
+    ended as evaluation ends it (the task's stop strings, EOS, or `max_new` tokens). Continuations shorter than
+    `min_new` tokens are skipped. Returns ([(prompt + continuation ids, prompt length)], record indices used per
+    source, skipped)."""
+    from ..config import GenerationConfig
+    from ..generators import StopCondition, build_generator
+    from ..tasks import TASKS
+
+    gen = build_generator(model, GenerationConfig(max_steps=max_new))  # full depth
+    seqs, used, skipped = [], {s: [] for s in pending}, 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=count, desc=progress, dynamic_ncols=True)
+    while len(seqs) < count and any(pending.values()):
+        for s in pending:
+            if not pending[s] or len(seqs) == count:
+                continue
+            i = pending[s].pop(0)
+            task = TASKS[SPLITS[s][0]]
+            ids = model.encode(task.prompt(source_records(s)[i]))[-prompt_tokens:]
+            res = gen.generate(ids, StopCondition(model, max_new, task.stop))
+            if len(res.tokens) < min_new:
+                skipped += 1
+                continue
+            seqs.append((ids + res.tokens, len(ids)))
+            used[s].append(i)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return seqs, used, skipped
+
+
 def pack(tokenizer, texts: list[str], seq_len: int, limit: Optional[int] = None) -> torch.Tensor:
     """Token ids of the texts, each ended by EOS, concatenated and cut into (N, seq_len) rows."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

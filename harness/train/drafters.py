@@ -29,7 +29,7 @@ import torch
 
 from ..config import UsageError, _f
 from ..trained_exits import ExitArtifact
-from .common import SPLITS, TrainConfig, documents_record, source_records, split_source
+from .common import TrainConfig, documents_record, greedy_continuations_of, source_records, split_source
 
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -65,9 +65,6 @@ def continuation_key(model, cfg: TrainConfig, opts: DrafterOptions) -> dict:
 def training_continuations(model, cfg: TrainConfig, opts: DrafterOptions) -> tuple[list[list[int]], dict]:
     """(prompt tail + greedy continuation ids, documents record): the last documents of each source's training pool
     in the task's prompt format, alternating over sources; read from / written to --drafter_continuations."""
-    from ..config import GenerationConfig
-    from ..generators import StopCondition, build_generator
-    from ..tasks import TASKS
 
     work, _ = cfg.paths()
     path = Path(opts.drafter_continuations or work / "continuations.json")
@@ -84,23 +81,10 @@ def training_continuations(model, cfg: TrainConfig, opts: DrafterOptions) -> tup
     for s in sources:
         pool, _ = split_source(len(source_records(s)), cfg.holdout_docs)
         pending[s] = list(reversed(pool))  # the pool's last documents first
-    gen = build_generator(model, GenerationConfig(max_steps=opts.drafter_tokens))
-    seqs, used = [], {s: [] for s in sources}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=opts.drafter_prompts, desc=f"{cfg.recipe}: greedy continuations", dynamic_ncols=True)
-    while len(seqs) < opts.drafter_prompts and any(pending.values()):
-        for s in sources:
-            if not pending[s] or len(seqs) == opts.drafter_prompts:
-                continue
-            i = pending[s].pop(0)
-            task = TASKS[SPLITS[s][0]]
-            ids = model.encode(task.prompt(source_records(s)[i]))[-(cfg.seq_len - opts.drafter_tokens):]
-            res = gen.generate(ids, StopCondition(model, opts.drafter_tokens, task.stop))
-            seqs.append(ids + res.tokens)
-            used[s].append(i)
-            bar.update(1)
-    bar.close()
+    found, used, _ = greedy_continuations_of(model, pending, opts.drafter_prompts, opts.drafter_tokens,
+                                             cfg.seq_len - opts.drafter_tokens,
+                                             progress=f"{cfg.recipe}: greedy continuations")
+    seqs = [ids for ids, _ in found]
     documents = {s: documents_record(s, v) for s, v in used.items() if v}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

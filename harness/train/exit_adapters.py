@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from ..config import UsageError, _f
 from ..trained_exits import ExitAdapter
 from . import recipe
-from .common import (SPLITS, Loop, TrainConfig, autocast, documents_record, heldout_documents, hidden_states,
-                     provenance, source_records, split_source, start_artifact, train_eval_split, training_documents)
+from .common import (Loop, TrainConfig, autocast, documents_record, greedy_continuations_of, heldout_documents,
+                     hidden_states, provenance, source_records, split_source, start_artifact, train_eval_split,
+                     training_documents)
 
 
 @dataclass
@@ -266,30 +267,14 @@ def greedy_continuations(model, cfg: TrainConfig, opts: AdapterOptions) -> tuple
     by the task's stop strings, EOS or --adapters_fit_tokens as evaluation ends them. Prompts whose continuation
     is one token (the prefill's) have no decode step to draft for and are skipped.
     Returns ([(prompt + continuation ids, prompt length)], record of what was used)."""
-    from ..config import GenerationConfig
-    from ..generators import StopCondition, build_generator
-    from ..tasks import TASKS
 
     sources = [s.strip() for s in cfg.data.split(",") if s.strip()]
     pending = {s: list(heldout_documents(s, cfg.holdout_docs)) for s in sources}
     if not any(pending.values()):
         raise UsageError(f"--holdout_docs {cfg.holdout_docs} leaves no held-out documents for the self-speculation "
                          "fit; raise it or pass --adapters_fit_prompts 0")
-    gen = build_generator(model, GenerationConfig(max_steps=opts.adapters_fit_tokens))  # full depth
-    seqs, used, skipped = [], {s: [] for s in sources}, 0
-    while len(seqs) < opts.adapters_fit_prompts and any(pending.values()):
-        for s in sources:
-            if not pending[s] or len(seqs) == opts.adapters_fit_prompts:
-                continue
-            i = pending[s].pop(0)
-            task = TASKS[SPLITS[s][0]]
-            ids = model.encode(task.prompt(source_records(s)[i]))[-opts.adapters_fit_prompt_tokens:]
-            res = gen.generate(ids, StopCondition(model, opts.adapters_fit_tokens, task.stop))
-            if len(res.tokens) < 2:
-                skipped += 1
-                continue
-            seqs.append((ids + res.tokens, len(ids)))
-            used[s].append(i)
+    seqs, used, skipped = greedy_continuations_of(model, pending, opts.adapters_fit_prompts, opts.adapters_fit_tokens,
+                                                  opts.adapters_fit_prompt_tokens, min_new=2)
     if not seqs:
         raise UsageError("no held-out prompt's greedy continuation is longer than one token; nothing to fit the "
                          "self-speculation recommendation on")
