@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=400, help="cached positions before the pass")
     p.add_argument("--max_k", type=int, default=16)
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--cores", nargs="+", default=["lean"], choices=["lean", "transformers"],
+    p.add_argument("--cores", nargs="+", default=["lean"], choices=["lean", "lean-library", "transformers"],
                    help="which layer core(s) to time (benchmark.py --core)")
     p.add_argument("--out", default="results/core_costs.json")
     args = p.parse_args()
@@ -50,7 +50,7 @@ def main() -> int:
     for dt in args.dtypes:
         model = load_model(args.model, args.device, dt, exits="none")
         for core in args.cores:
-            model.core = core
+            model.use_core(core)
             curve = measure(model, args.context, args.max_k, args.reps)
             print(table(curve, core), flush=True)
             curves.append(dict(curve.as_dict(), core=core))

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native_bf16
+
 
 # -- cache ----------------------------------------------------------------------
 class LayerKV:
@@ -103,14 +105,19 @@ def _mkldnn_usable() -> bool:
 
 
 class PackedLinear:
-    """y = x @ W.T (+ b) with W pre-packed for oneDNN (CPU), or plain `F.linear` where packing does not pay."""
+    """y = x @ W.T (+ b): the native bf16 kernel for up to `native_bf16.ROWS` rows where `native` (CPU bf16), W
+    pre-packed for oneDNN (CPU), or plain `F.linear` where packing does not pay."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], pack: bool,
-                 packed_rows: tuple[int, int] = (1, 1 << 62)):
+                 packed_rows: tuple[int, int] = (1, 1 << 62), native: bool = False):
         self.weight = weight.detach()
         self.packed_rows = packed_rows  # input rows (positions) for which the packed kernel runs
         self.bias = bias.detach() if bias is not None else None
         self.packed = None
+        self.native = None  # (contiguous weight, fp32 bias or None) for the native kernel
+        if native and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
+            self.native = (self.weight.contiguous(),
+                           self.bias.float().contiguous() if self.bias is not None else None)
         if pack and weight.device.type == "cpu" and _mkldnn_usable():
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 8)
@@ -126,6 +133,9 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.numel() // shape[-1]
+        if self.native is not None and rows <= native_bf16.ROWS and x.dtype == torch.bfloat16:
+            y = native_bf16.linear(x.reshape(rows, shape[-1]).contiguous(), *self.native)
+            return y.view(*shape[:-1], y.shape[-1])
         if self.packed is None or not self.packed_rows[0] <= rows <= self.packed_rows[1]:
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.packed, self.bias, "none", [], "")
@@ -136,6 +146,12 @@ def pack_layers(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether decoder-layer products are packed: on CPU in bf16/fp16 (oneDNN's packed path is flat and faster);
     not in fp32, where MKL's unpacked gemv is already at the memory floor for one position."""
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+
+def native_products(dtype: torch.dtype, device: torch.device, core: str) -> bool:
+    """Whether the native bf16 kernel runs the small products: CPU bf16 under --core lean, where it builds."""
+    return core == "lean" and device.type == "cpu" and dtype == torch.bfloat16 \
+        and native_bf16.library() is not None
 
 
 def pack_head(dtype: torch.dtype, device: torch.device) -> bool:
@@ -175,7 +191,7 @@ def lean_supported(layer: nn.Module) -> bool:
 class LeanLayer:
     """One decoder layer's weights, fused and (maybe) packed, and its forward on a StaticKV."""
 
-    def __init__(self, layer: nn.Module, index: int, pack: bool):
+    def __init__(self, layer: nn.Module, index: int, pack: bool, native: bool = False):
         attn, mlp = layer.self_attn, layer.mlp
         self.head_dim = attn.head_dim
         self.q_dim = attn.q_proj.weight.shape[0]
@@ -190,15 +206,16 @@ class LeanLayer:
         # Fused products only where the weights are copied anyway (packing); otherwise the module's own tensors are
         # used as they are, so the lean core costs no memory (a GPU's 7B model is not duplicated).
         self.fused = pack
+        self.native = native  # native bf16 products and attention for passes of <= native_bf16.ROWS positions
         if pack:
-            self.qkv = PackedLinear(*_fused([attn.q_proj, attn.k_proj, attn.v_proj]), True)
-            self.gate_up = PackedLinear(*_fused([mlp.gate_proj, mlp.up_proj]), True)
+            self.qkv = PackedLinear(*_fused([attn.q_proj, attn.k_proj, attn.v_proj]), True, native=native)
+            self.gate_up = PackedLinear(*_fused([mlp.gate_proj, mlp.up_proj]), True, native=native)
         else:
             self.q, self.k, self.v = (PackedLinear(p.weight, p.bias, False) for p in (attn.q_proj, attn.k_proj,
                                                                                       attn.v_proj))
             self.gate, self.up = (PackedLinear(p.weight, p.bias, False) for p in (mlp.gate_proj, mlp.up_proj))
-        self.o = PackedLinear(attn.o_proj.weight, attn.o_proj.bias, pack)
-        self.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias, pack)
+        self.o = PackedLinear(attn.o_proj.weight, attn.o_proj.bias, pack, native=native)
+        self.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias, pack, native=native)
         self.act = mlp.act_fn
         self.params = list(layer.parameters())
         self.versions = self._versions()
@@ -234,6 +251,11 @@ class LeanLayer:
         qs = qs * c + rotate_half(qs) * s
         ks = ks * c + rotate_half(ks) * s
         keys, values = kv.append(ks, vs)
+        if self.native and b == 1 and q <= native_bf16.ROWS and self.head_dim <= 256:
+            # batch-invariant attention: each query over its own prefix, as a one-position step computes it
+            a = native_bf16.attention(qs, kv.k, kv.v, kv.length, self.scaling)
+            h = h + self.o(a)
+            return self._mlp(h)
         # As transformers' sdpa_attention_forward: GQA inside SDPA without a mask, repeated K/V with one.
         if mask is None:
             a = F.scaled_dot_product_attention(qs, keys, values, scale=self.scaling, is_causal=q > 1,
@@ -244,6 +266,9 @@ class LeanLayer:
                 values = values.repeat_interleave(self.groups, dim=1)
             a = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling)
         h = h + self.o(a.transpose(1, 2).reshape(b, q, -1))
+        return self._mlp(h)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         x = self._rms(h, self.post_w, self.post_eps)
         if self.fused:
             g, u = self.gate_up(x).split((self.inter, self.inter), dim=-1)
@@ -266,28 +291,36 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LeanCore:
     """Every decoder layer of a model in lean form, plus the packed full-vocabulary head (built once, on demand)."""
 
-    def __init__(self, layers, lm_head: nn.Linear, dtype: torch.dtype, device: torch.device):
+    def __init__(self, layers, lm_head: nn.Linear, dtype: torch.dtype, device: torch.device, core: str = "lean"):
         self.pack = pack_layers(dtype, device)
         self.pack_head = pack_head(dtype, device)
-        self.dtype = dtype
-        self.layers = [LeanLayer(layer, i, self.pack) for i, layer in enumerate(layers)]
+        self.native = native_products(dtype, device, core)
+        self.dtype, self.device, self.core = dtype, device, core
+        self.layers = [LeanLayer(layer, i, self.pack, self.native) for i, layer in enumerate(layers)]
         self.head = self.head_version = None
         self.full_head(lm_head)
 
     def refresh(self, i: int, layer: nn.Module) -> LeanLayer:
-        self.layers[i] = LeanLayer(layer, i, self.pack)
+        self.layers[i] = LeanLayer(layer, i, self.pack, self.native)
         return self.layers[i]
 
     def full_head(self, lm_head: nn.Linear) -> PackedLinear:
         """The full-vocabulary head, repacked if its weight changed since it was packed."""
         version = _version(lm_head.weight)
         if version != self.head_version:
-            self.head = PackedLinear(lm_head.weight, lm_head.bias, self.pack_head, head_packed_rows(self.dtype))
+            self.head = PackedLinear(lm_head.weight, lm_head.bias, self.pack_head, head_packed_rows(self.dtype),
+                                     native=self.native)
             self.head_version = version
         return self.head
 
     def describe(self) -> dict:
         layer = self.layers[0]
-        return {"core": "lean", "layer_kernel": "onednn-packed" if layer.o.packed is not None else "torch.linear",
-                "head_kernel": "onednn-packed" if self.head.packed is not None else "torch.linear",
-                "kv_cache": "preallocated"}
+        library = {"layer_kernel": "onednn-packed" if layer.o.packed is not None else "torch.linear",
+                   "head_kernel": "onednn-packed" if self.head.packed is not None else "torch.linear"}
+        if self.native:  # batch-invariant native products for small passes, the library's above
+            native = f"native-bf16 (<= {native_bf16.ROWS} positions), "
+            library = {k: native + v for k, v in library.items()}
+        out = {"core": self.core, **library, "kv_cache": "preallocated"}
+        if self.core == "lean" and self.device.type == "cpu" and self.dtype == torch.bfloat16 and not self.native:
+            out["native_kernel"] = native_bf16.status()  # why it is not running
+        return out

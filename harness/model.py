@@ -344,7 +344,7 @@ class Counters:
     adapter_flops: int = 0  # FLOPs of trained exit adapters applied before the exit head
 
 
-CORES = ("lean", "transformers")
+CORES = ("lean", "lean-library", "transformers")
 
 
 class LayeredModel:
@@ -420,7 +420,7 @@ class LayeredModel:
     def lean(self):
         """The lean core, or None where transformers' layers must run: autograd on (training), --core transformers,
         a device map, or a layer it does not reproduce (the reason is kept for describe())."""
-        if self.core != "lean" or torch.is_grad_enabled() or self._lean_reason is not None:
+        if self.core == "transformers" or torch.is_grad_enabled() or self._lean_reason is not None:
             return None
         if self._lean is None:
             from .lean_layers import LeanCore, lean_supported
@@ -430,10 +430,16 @@ class LayeredModel:
             elif not all(lean_supported(layer) for layer in self.layers):
                 self._lean_reason = "layer not reproduced (adapters or another architecture)"
             else:
-                self._lean = LeanCore(self.layers, self.lm_head, self.dtype, self.device)
+                self._lean = LeanCore(self.layers, self.lm_head, self.dtype, self.device, self.core)
             if self._lean is None:
                 return None
         return self._lean
+
+    def use_core(self, core: str) -> None:
+        """Switch the inference core (bench A/B runs); the lean core is rebuilt on its next use."""
+        if core not in CORES:
+            raise UsageError(f"unknown core {core!r}; choose one of {', '.join(CORES)}")
+        self.core, self._lean, self._lean_reason = core, None, None
 
     def core_summary(self) -> dict:
         """Which core runs inference, with which kernels (run.json model.core)."""

@@ -1,0 +1,120 @@
+"""The native bf16 kernels (harness/native_bf16.py): right within bf16 rounding, batch-invariant bit for bit, and
+what makes greedy speculative decoding in bf16 token-identical to bf16 autoregressive decoding. Skipped where the
+kernels do not build (no AVX512-BF16 or no C compiler); the fallback's reporting is tested everywhere."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import native_bf16
+from harness.config import GenerationConfig
+from harness.generators import build_generator
+from harness.generators.base import StopCondition
+
+needs_native = pytest.mark.skipif(native_bf16.library() is None,
+                                  reason=f"native bf16 kernels unavailable: {native_bf16.status().get('why')}")
+
+
+@needs_native
+@pytest.mark.parametrize("rows,n,k,bias", [(1, 960, 576, False), (7, 1001, 577, True), (16, 13, 40, True),
+                                           (3, 576, 1536, False)])
+def test_linear_matches_a_float_reference_and_each_row_is_computed_alone(rows, n, k, bias):
+    g = torch.Generator().manual_seed(rows * n)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    b = torch.randn(n, generator=g) if bias else None
+    got = native_bf16.linear(x, w, b)
+    want = x.float() @ w.float().T + (b if bias else 0)
+    # one bf16 rounding of an fp32 sum: within half an ulp of bf16 (2^-8 relative) plus fp32 summation noise
+    assert torch.allclose(got.float(), want, rtol=2 ** -8, atol=1e-3 * float(want.abs().max()))
+    for i in range(rows):  # batch invariance: a row alone gives the very bits it got among the others
+        assert torch.equal(native_bf16.linear(x[i:i + 1].contiguous(), w, b)[0], got[i])
+
+
+@needs_native
+def test_attention_is_causal_softmax_attention_per_query_and_batch_invariant():
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, cap, q_len, end = 9, 3, 64, 1024, 5, 700
+    q = torch.randn(1, heads, q_len, dim, generator=g).bfloat16()
+    k = (torch.randn(1, kv_heads, cap, dim, generator=g) * 3).bfloat16()
+    v = torch.randn(1, kv_heads, cap, dim, generator=g).bfloat16()
+    k[:, :, end:] = float("nan")  # beyond the valid positions: never read
+    got = native_bf16.attention(q, k, v, end, 0.125)
+    for i in range(q_len):
+        n = end - q_len + i + 1
+        kk = k[0, :, :n].float().repeat_interleave(heads // kv_heads, 0)
+        vv = v[0, :, :n].float().repeat_interleave(heads // kv_heads, 0)
+        want = ((q[0, :, i:i + 1].float() @ kk.transpose(1, 2)) * 0.125).softmax(-1) @ vv
+        assert torch.allclose(got[0, i].float(), want[:, 0].reshape(-1), atol=8e-3)
+        alone = native_bf16.attention(q[:, :, i:i + 1], k, v, end - q_len + i + 1, 0.125)
+        assert torch.equal(alone[0, 0], got[0, i])
+
+
+@pytest.fixture(scope="module")
+def bf16_native():
+    from harness.model import load_model
+
+    return load_model(None, "cpu", "bfloat16", exits="auto")
+
+
+@needs_native
+@torch.inference_mode()
+def test_a_verification_pass_gives_the_logits_of_one_position_steps(bf16_native, real_prompts):
+    m = bf16_native
+    assert m.core_summary()["layer_kernel"].startswith("native-bf16")
+    ids = m.encode(real_prompts[0])[-300:]
+    new = m.encode(" and then the results were reported to the committee")[:9]
+
+    def logits(tokens, cache, pos):
+        h = m.run_layers(m.embed(torch.tensor([tokens])), 0, m.num_layers, cache, pos)
+        return m.exit_logits(h)[0]
+
+    one, block = m.new_cache(), m.new_cache()
+    logits(ids, one, 0), logits(ids, block, 0)
+    steps = torch.cat([logits([t], one, len(ids) + i) for i, t in enumerate(new)])
+    assert torch.equal(logits(new, block, len(ids)), steps)
+
+
+@needs_native
+@torch.inference_mode()
+def test_greedy_speculative_decoding_in_bf16_is_token_identical_to_autoregressive(bf16_native):
+    from harness.tasks import load_examples
+
+    m = bf16_native
+    prompts = [e.prompt for e in load_examples("cnn_dm_summarization", 2) + load_examples("gsm8k", 1)
+               + load_examples("xsum_summarization", 1)]
+    ar = build_generator(m, GenerationConfig())
+    methods = [GenerationConfig(generation_strategy="prompt_lookup"),
+               GenerationConfig(generation_strategy="hybrid_speculative"),
+               GenerationConfig(generation_strategy="self_speculative", exit_layer=8, num_speculations=4),
+               GenerationConfig(generation_strategy="eagle"),
+               GenerationConfig(generation_strategy="kangaroo")]
+    verified = 0
+    for text in prompts:
+        ids = m.encode(text)[-700:]
+        ref = ar.generate(ids, StopCondition(m, 40, eos_ids=set())).tokens
+        for cfg in methods:
+            got = build_generator(m, cfg).generate(ids, StopCondition(m, 40, eos_ids=set()))
+            assert got.tokens == ref, (cfg.generation_strategy, text[:60])
+            verified += got.verify_passes or 0
+    assert verified > 0
+
+
+def test_the_library_core_and_an_unbuildable_kernel_are_reported(monkeypatch, tmp_path):
+    from harness.lean_layers import native_products
+
+    assert not native_products(torch.bfloat16, torch.device("cpu"), "lean-library")
+    assert not native_products(torch.float32, torch.device("cpu"), "lean")
+    monkeypatch.setenv("EE_HARNESS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    monkeypatch.setattr(native_bf16, "_tried", False)
+    monkeypatch.setattr(native_bf16, "_lib", None)
+    monkeypatch.setattr(native_bf16, "_why", None)
+    if native_bf16._cpu_has_bf16():
+        assert native_bf16.library() is None
+        assert native_bf16.status() == {"available": False, "why": "no C compiler (no-such-compiler-xyz) on PATH"}
+    monkeypatch.setattr(native_bf16, "_tried", False)
+    monkeypatch.setenv("EE_HARNESS_NATIVE", "0")
+    assert native_bf16.library() is None and native_bf16.status()["why"] == "EE_HARNESS_NATIVE=0"
+    assert not native_products(torch.bfloat16, torch.device("cpu"), "lean")
+    monkeypatch.setattr(native_bf16, "_tried", False)  # the next user rebuilds from the real environment
