@@ -69,8 +69,8 @@ SPEED_RUN := --dataset cnn_dm_summarization --num_samples 10 --max_steps 64 --fi
 	--breakdown false --strategies autoregressive,prompt_lookup,hf_prompt_lookup,hybrid_speculative,self_speculative
 speed: setup
 	rm -rf $(SPEED) && mkdir -p $(SPEED)
-	$(PY) bench/core_costs.py --cores transformers lean --reps 5 --out $(SPEED)/core_costs.json
-	for c in transformers lean; do for d in bfloat16 float32; do $(PY) bench/step_profile.py --core $$c --dtype $$d \
+	$(PY) bench/core_costs.py --cores transformers lean-library lean --reps 5 --out $(SPEED)/core_costs.json
+	for c in transformers lean-library lean; do for d in bfloat16 float32; do $(PY) bench/step_profile.py --core $$c --dtype $$d \
 		--json $(SPEED)/step_profile_$${c}_$$d.json || exit 1; done; done
 	$(PY) bench/ties.py --dtype bfloat16 > $(SPEED)/ties_bfloat16.txt
 	$(PY) bench/ties.py --dtype float32 --prompts 5 > $(SPEED)/ties_float32.txt

@@ -51,7 +51,7 @@ def label_native_kernels() -> None:
                 return fn(*args, **kwargs)
         return run
 
-    native_bf16.linear = labelled("native_bf16 linear", native_bf16.linear)
+    native_bf16.Weight.__call__ = labelled("native_bf16 linear", native_bf16.Weight.__call__)
     native_bf16.attention = labelled("native_bf16 attention", native_bf16.attention)
 
 

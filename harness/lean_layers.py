@@ -114,10 +114,9 @@ class PackedLinear:
         self.packed_rows = packed_rows  # input rows (positions) for which the packed kernel runs
         self.bias = bias.detach() if bias is not None else None
         self.packed = None
-        self.native = None  # (contiguous weight, fp32 bias or None) for the native kernel
+        self.native = None  # native_bf16.Weight: the weight made ready for the native kernel
         if native and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
-            self.native = (self.weight.contiguous(),
-                           self.bias.float().contiguous() if self.bias is not None else None)
+            self.native = native_bf16.Weight(self.weight, self.bias)
         if pack and weight.device.type == "cpu" and _mkldnn_usable():
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 8)
@@ -134,7 +133,7 @@ class PackedLinear:
         shape = x.shape
         rows = x.numel() // shape[-1]
         if self.native is not None and rows <= native_bf16.ROWS and x.dtype == torch.bfloat16:
-            y = native_bf16.linear(x.reshape(rows, shape[-1]).contiguous(), *self.native)
+            y = self.native(x.reshape(rows, shape[-1]).contiguous())
             return y.view(*shape[:-1], y.shape[-1])
         if self.packed is None or not self.packed_rows[0] <= rows <= self.packed_rows[1]:
             return F.linear(x, self.weight, self.bias)
@@ -318,8 +317,8 @@ class LeanCore:
         library = {"layer_kernel": "onednn-packed" if layer.o.packed is not None else "torch.linear",
                    "head_kernel": "onednn-packed" if self.head.packed is not None else "torch.linear"}
         if self.native:  # batch-invariant native products for small passes, the library's above
-            native = f"native-bf16 (<= {native_bf16.ROWS} positions), "
-            library = {k: native + v for k, v in library.items()}
+            for key, lin in (("layer_kernel", layer.o), ("head_kernel", self.head)):
+                library[key] = f"native-{lin.native.kind} (<= {native_bf16.ROWS} positions), {library[key]}"
         out = {"core": self.core, **library, "kv_cache": "preallocated"}
         if self.core == "lean" and self.device.type == "cpu" and self.dtype == torch.bfloat16 and not self.native:
             out["native_kernel"] = native_bf16.status()  # why it is not running

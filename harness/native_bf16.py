@@ -7,9 +7,10 @@ Why hand-written kernels (measured on the team's 2-core AVX512-BF16 CPU, the 30 
   token-identical to bf16 autoregressive decoding. oneDNN's kernel depends on M and moved ~1% of greedy tokens at
   near-ties (docs/model_core.md). SDPA is not invariant either (with its mask, a 4-query pass differs from
   4 one-query calls by ~2e-3 from layer 5 on), so attention over the cache is native too;
-- speed at one position: 8.8 ms against oneDNN's 12.2 ms for the layers' products (1.4x), the stream of weights
-  being the bound; 10.5 ms at 4 rows, 15 ms at 8, 25 ms at 16 (oneDNN's packed kernel is flat at 12), so above
-  `ROWS` positions (prefill) oneDNN runs.
+- speed: on AMX (Sapphire Rapids and later) a tile's multiply costs the same for 1 and 16 rows, so the layers'
+  products take 10.9 ms at one position and 12.8 ms at 16 (oneDNN's packed kernel: 16.2 and 16.8); on AVX512-BF16
+  alone (AMD Zen 4) one position is as fast (10.9 ms) but each extra row adds compute (16 ms at 8 rows, 30 at 16).
+  Above `ROWS` positions (prefill) oneDNN runs.
 It builds only where it can: Linux on x86-64 with AVX512-BF16, a C compiler (`$CC`, else `cc`) and torch's OpenMP
 runtime already in the process (the kernel's threads are then torch's). Elsewhere `status()` says why and the lean
 core keeps oneDNN.
@@ -30,21 +31,27 @@ from typing import Optional
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "native_bf16.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
+         "-shared", "-fPIC")
 LIBS = ("-lm",)
 ROWS = 16  # the most rows (positions) a product runs natively: every verification pass of <= 15 drafts
 
 _lib: Optional[ctypes.CDLL] = None
 _why: Optional[str] = None  # why the kernel is not available (None: available, or not tried yet)
 _tried = False
+_amx = False  # whether the products run on AMX tiles (the CPU has them and Linux granted the tile state)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
 
 
 def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags
+    return "avx512_bf16" in _cpu_flags()
 
 
 def _openmp_mapped() -> bool:
@@ -66,7 +73,9 @@ def _build(target: Path) -> Optional[str]:
     try:
         done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            return f"{Path(cc).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+            lines = done.stderr.strip().splitlines() or ["?"]
+            first = next((ln for ln in lines if "error" in ln), lines[-1])
+            return f"{Path(cc).name} failed: {first.strip()[:200]}"
         os.replace(tmp, target)  # concurrent builders (test workers) each write a whole file
         return None
     except (OSError, subprocess.SubprocessError) as e:
@@ -100,6 +109,9 @@ def _load() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     fn = lib.ee_linear_bf16
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     fn.restype = None
+    fn = lib.ee_linear_bf16_amx
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    fn.restype = None
     fn = lib.ee_attention_bf16
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_float]
     fn.restype = None
@@ -108,26 +120,54 @@ def _load() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
 
 def library() -> Optional[ctypes.CDLL]:
     """The loaded kernel, built on first call; None where it cannot be (see status())."""
-    global _lib, _why, _tried
+    global _lib, _why, _tried, _amx
     if not _tried:
         _tried = True
         _lib, _why = _load()
+        _amx = _lib is not None and {"amx_tile", "amx_bf16"} <= _cpu_flags() \
+            and os.environ.get("EE_HARNESS_AMX", "1") != "0" and _lib.ee_amx_init() == 1
     return _lib
 
 
 def status() -> dict:
     """{"available": bool, "why": reason when not} for run.json."""
     lib = library()
-    return {"available": True, "rows": ROWS} if lib is not None else {"available": False, "why": _why}
+    if lib is None:
+        return {"available": False, "why": _why}
+    return {"available": True, "rows": ROWS, "products": "amx" if _amx else "avx512-bf16"}
+
+
+class Weight:
+    """A linear layer's weight made ready for the native product: AMX tiles where they run and the shape allows
+    (out % 16 == 0, in % 32 == 0), else the AVX512-BF16 kernel on the row-major weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        n, k = weight.shape
+        self.out = n
+        self.bias = bias.detach().float().contiguous() if bias is not None else None
+        self.amx = _amx and n % 16 == 0 and k % 32 == 0
+        if self.amx:  # [n/16, k/32, 16 pair-rows, 16 outputs, 2]: one 1 KiB B tile per (16 outputs, 32 inputs)
+            self.data = weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+        else:
+            self.data = weight.detach().contiguous()
+
+    @property
+    def kind(self) -> str:
+        return "amx" if self.amx else "avx512-bf16"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows <= ROWS, K) contiguous bf16 -> (rows, out) bf16."""
+        rows, k = x.shape
+        y = torch.empty((rows, self.out), dtype=torch.bfloat16)
+        fn = _lib.ee_linear_bf16_amx if self.amx else _lib.ee_linear_bf16
+        fn(x.data_ptr(), self.data.data_ptr(), self.bias.data_ptr() if self.bias is not None else None,
+           y.data_ptr(), rows, self.out, k)
+        return y
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x (rows, K) @ weight (N, K).T (+ bias, fp32), bf16 in and out; x and weight contiguous CPU bf16."""
-    rows, k = x.shape
-    y = torch.empty((rows, weight.shape[0]), dtype=torch.bfloat16)
-    _lib.ee_linear_bf16(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
-                        y.data_ptr(), rows, weight.shape[0], k)
-    return y
+    """x (rows <= ROWS, K) @ weight (N, K).T (+ bias), bf16 in and out, CPU (the weight prepared on each call)."""
+    return Weight(weight, bias)(x.contiguous())
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, scale: float) -> torch.Tensor:

@@ -13,12 +13,17 @@ from harness.generators.base import StopCondition
 
 needs_native = pytest.mark.skipif(native_bf16.library() is None,
                                   reason=f"native bf16 kernels unavailable: {native_bf16.status().get('why')}")
+# both product kernels where the CPU has AMX (the AVX512-BF16 one is what an AMD Zen 4 runs)
+KINDS = [pytest.param(True, id="amx", marks=pytest.mark.skipif(not native_bf16._amx, reason="no AMX here")),
+         pytest.param(False, id="avx512")]
 
 
 @needs_native
+@pytest.mark.parametrize("amx", KINDS)
 @pytest.mark.parametrize("rows,n,k,bias", [(1, 960, 576, False), (7, 1001, 577, True), (16, 13, 40, True),
-                                           (3, 576, 1536, False)])
-def test_linear_matches_a_float_reference_and_each_row_is_computed_alone(rows, n, k, bias):
+                                           (16, 576, 1536, True), (5, 3072, 576, False)])
+def test_linear_matches_a_float_reference_and_each_row_is_computed_alone(rows, n, k, bias, amx, monkeypatch):
+    monkeypatch.setattr(native_bf16, "_amx", amx)
     g = torch.Generator().manual_seed(rows * n)
     x = torch.randn(rows, k, generator=g).bfloat16()
     w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
@@ -58,10 +63,14 @@ def bf16_native():
 
 
 @needs_native
+@pytest.mark.parametrize("amx", KINDS)
 @torch.inference_mode()
-def test_a_verification_pass_gives_the_logits_of_one_position_steps(bf16_native, real_prompts):
+def test_a_verification_pass_gives_the_logits_of_one_position_steps(bf16_native, real_prompts, amx, monkeypatch):
     m = bf16_native
-    assert m.core_summary()["layer_kernel"].startswith("native-bf16")
+    monkeypatch.setattr(native_bf16, "_amx", amx)
+    m.use_core("lean")  # rebuilt with this product kernel
+    kind = "amx" if amx else "avx512-bf16"
+    assert m.core_summary()["layer_kernel"].startswith(f"native-{kind} (<= 16 positions)")
     ids = m.encode(real_prompts[0])[-300:]
     new = m.encode(" and then the results were reported to the committee")[:9]
 
@@ -73,6 +82,8 @@ def test_a_verification_pass_gives_the_logits_of_one_position_steps(bf16_native,
     logits(ids, one, 0), logits(ids, block, 0)
     steps = torch.cat([logits([t], one, len(ids) + i) for i, t in enumerate(new)])
     assert torch.equal(logits(new, block, len(ids)), steps)
+    monkeypatch.undo()
+    m.use_core("lean")  # back to this machine's own kernel for the next test
 
 
 @needs_native

@@ -187,3 +187,58 @@ void ee_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
         free(scores);
     }
 }
+
+/* -- AMX (Intel Sapphire Rapids and later) ---------------------------------------------------------------------
+ * The same product on AMX tiles: C (M x 16, fp32) += A (M x 32 bf16 of x) . B (32 x 16 bf16 of W, in VNNI pairs).
+ * Each element of C is its own row of A against its own column of B, so the result does not depend on M either;
+ * and a tile's multiply costs the same for 1 and 16 rows, so a pass over up to 16 positions costs about what one
+ * costs: the weights' stream is the only bound. W is pre-packed (ee_pack_amx's layout, made by the Python side):
+ * for each block of 16 output rows and 32 inputs, a 1 KiB tile whose row kk holds, for each of the 16 outputs,
+ * the pair W[n][2kk], W[n][2kk+1]. Needs N % 16 == 0 and K % 32 == 0 (else the AVX512 kernel runs). */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* Ask Linux for the AMX tile state (once per process; oneDNN asks the same); 1 when granted. */
+int ee_amx_init(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+void ee_linear_bf16_amx(const uint16_t *x, const uint16_t *Wp, const float *bias, uint16_t *y,
+                        int64_t M, int64_t N, int64_t K) {
+    const int64_t kblocks = K / 32, nblocks = N / 16;
+#pragma omp parallel
+    {
+        tile_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        cfg.rows[0] = (uint8_t)M; cfg.colsb[0] = 64; /* C: M rows of 16 fp32 */
+        cfg.rows[1] = (uint8_t)M; cfg.colsb[1] = 64; /* A: M rows of 32 bf16 */
+        cfg.rows[2] = 16; cfg.colsb[2] = 64;         /* B: 16 pair-rows of 16 outputs */
+        _tile_loadconfig(&cfg);
+        float c[16 * 16];
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < nblocks; nb++) {
+            const uint16_t *wb = Wp + nb * kblocks * 512;
+            _tile_zero(0);
+            for (int64_t kb = 0; kb < kblocks; kb++) {
+                _tile_loadd(1, x + 32 * kb, K * 2);
+                _tile_loadd(2, wb + 512 * kb, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, c, 64);
+            for (int64_t m = 0; m < M; m++)
+                for (int n = 0; n < 16; n++) {
+                    const float v = c[16 * m + n];
+                    y[m * N + 16 * nb + n] = round_bf16(bias ? v + bias[16 * nb + n] : v);
+                }
+        }
+        _tile_release();
+    }
+}
