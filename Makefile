@@ -73,6 +73,7 @@ speed: setup
 	for c in transformers lean-library lean; do for d in bfloat16 float32; do $(PY) bench/step_profile.py --core $$c --dtype $$d \
 		--json $(SPEED)/step_profile_$${c}_$$d.json || exit 1; done; done
 	$(PY) bench/ties.py --dtype bfloat16 > $(SPEED)/ties_bfloat16.txt
+	$(PY) bench/ties.py --dtype bfloat16 --core lean-library > $(SPEED)/ties_bfloat16_library.txt
 	$(PY) bench/ties.py --dtype float32 --prompts 5 > $(SPEED)/ties_float32.txt
 	$(PY) benchmark.py $(SPEED_RUN) --output_dir $(SPEED)/runs/default_dtype
 	$(PY) benchmark.py $(SPEED_RUN) --dtype float32 --output_dir $(SPEED)/runs/float32

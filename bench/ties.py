@@ -1,7 +1,7 @@
 """How far a verifier's logits can drift from plain decoding's: the tolerance that defines a near-tie per dtype.
 
-A lossless method's verifier scores k positions in one pass; plain decoding scores one. The arithmetic differs
-(other kernel blockings at other M), so the two can pick different argmax tokens where the top two logits are
+A lossless method's verifier scores k positions in one pass; plain decoding scores one. With library kernels the
+arithmetic differs (other kernel blockings at other M; the native kernels of harness/native_bf16.py do not), so the two can pick different argmax tokens where the top two logits are
 closer than that drift. This probe measures the drift on real text, as a verifier would see it: greedy decoding
 of `--tokens` tokens (one position per pass), then the same sequence re-scored `--width` positions per pass; for
 every position it takes plain decoding's top-2 tokens (a, b) and compares the margin l[a] - l[b] between the two
@@ -9,6 +9,7 @@ computations. The tolerance in harness/exactness.py is set above the largest dri
 plain-decoding margin lies below it is called a near-tie; anything else is a bug.
 
     .venv/bin/python bench/ties.py --dtype bfloat16     # ~2 min on the team's CPU; run it alone
+    .venv/bin/python bench/ties.py --dtype bfloat16 --core lean-library   # the library kernels (oneDNN, SDPA)
     python bench/ties.py --device cuda --dtype bfloat16
 
 Prompts come from XSum's validation split (never a reported test file).
@@ -53,7 +54,7 @@ def drift(model, prompt: list[int], tokens: int, width: int) -> list[dict]:
     for one, many in zip(logits, wide):
         a, b = one.topk(2).indices.tolist()
         out.append({"margin": float(one[a] - one[b]), "drift": float((one[a] - one[b]) - (many[a] - many[b])),
-                    "flip": int(many.argmax()) != a})
+                    "flip": int(many.argmax()) != int(one.argmax())})  # topk's order of an exact tie is not argmax's
     return out
 
 
@@ -65,9 +66,11 @@ def main() -> int:
     p.add_argument("--prompt_tokens", type=int, default=400)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--width", type=int, default=8)
+    p.add_argument("--core", default="lean", choices=["lean", "lean-library", "transformers"],
+                   help="benchmark.py --core: lean runs the native batch-invariant kernels where they build")
     p.add_argument("--out", default=None, help="write the per-position figures as JSON")
     args = p.parse_args()
-    model = load_model(None, args.device, args.dtype, exits="none")
+    model = load_model(None, args.device, args.dtype, exits="none", core=args.core)
     task = get_task("xsum_summarization")
     records = _records_from_file(task, DATA_DIR / "xsum_validation.jsonl.gz")[:args.prompts]
     rows = []
@@ -77,7 +80,7 @@ def main() -> int:
     drifts = sorted(abs(r["drift"]) for r in rows)
     flips = [r for r in rows if r["flip"]]
     q = lambda f: drifts[min(len(drifts) - 1, int(f * len(drifts)))]  # noqa: E731
-    print(f"{args.dtype} on {args.device}: {len(rows)} positions, {args.prompts} prompts, width {args.width}")
+    print(f"{args.dtype} on {args.device}, {model.core_summary()['layer_kernel']}: {len(rows)} positions, {args.prompts} prompts, width {args.width}")
     print(f"|margin drift|: median {q(0.5):.4f}, p99 {q(0.99):.4f}, p99.9 {q(0.999):.4f}, max {drifts[-1]:.4f}")
     print(f"argmax flips: {len(flips)}; their plain-decoding margins: "
           f"{', '.join(format(r['margin'], '.4f') for r in flips) or '-'}")

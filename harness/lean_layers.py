@@ -64,6 +64,12 @@ class LayerKV:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def reserve(self, batch: int, heads: int, dim: int, dtype: torch.dtype, device, need: int) -> None:
+        """Make room for `need` positions (the native layer writes K/V into the buffers itself)."""
+        if self.k is None or need > self.k.shape[2]:
+            empty = torch.empty((batch, heads, 0, dim), dtype=dtype, device=device)
+            self._grow(empty, empty, need)
+
     def _grow(self, k: torch.Tensor, v: torch.Tensor, need: int) -> None:
         # Doubling keeps the copies amortized O(1) per position; 256 covers short prompts without a regrowth.
         cap = max(256, need, 2 * (self.k.shape[2] if self.k is not None else 0))
@@ -216,6 +222,10 @@ class LeanLayer:
         self.o = PackedLinear(attn.o_proj.weight, attn.o_proj.bias, pack, native=native)
         self.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias, pack, native=native)
         self.act = mlp.act_fn
+        # the whole layer in one native call: Llama's layer exactly (no q/k norms, SiLU, weights of the native kind)
+        self.native_layer = native and pack and getattr(attn, "q_norm", None) is None \
+            and type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation") \
+            and all(lin.native is not None for lin in (self.qkv, self.o, self.gate_up, self.down))
         self.params = list(layer.parameters())
         self.versions = self._versions()
 
@@ -236,6 +246,8 @@ class LeanLayer:
     def forward(self, h: torch.Tensor, kv: LayerKV, cos: torch.Tensor, sin: torch.Tensor,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:
         b, q, _ = h.shape
+        if self.native_layer and b == 1 and q <= native_bf16.ROWS:
+            return native_bf16.layer(h, self, kv, cos, sin)
         x = self._rms(h, self.in_w, self.in_eps)
         if self.fused:
             qs, ks, vs = self.qkv(x).split((self.q_dim, self.kv_dim, self.kv_dim), dim=-1)

@@ -112,6 +112,11 @@ def _load() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     fn = lib.ee_linear_bf16_amx
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     fn.restype = None
+    fn = lib.ee_layer_bf16
+    fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+                    ctypes.c_float] + [ctypes.POINTER(_WeightStruct)] * 4 + [ctypes.c_int64] * 4
+                   + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float])
+    fn.restype = None
     fn = lib.ee_attention_bf16
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_float]
     fn.restype = None
@@ -137,6 +142,12 @@ def status() -> dict:
     return {"available": True, "rows": ROWS, "products": "amx" if _amx else "avx512-bf16"}
 
 
+class _WeightStruct(ctypes.Structure):
+    """ee_weight in native_bf16.c."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("amx", ctypes.c_int64), ("out", ctypes.c_int64)]
+
+
 class Weight:
     """A linear layer's weight made ready for the native product: AMX tiles where they run and the shape allows
     (out % 16 == 0, in % 32 == 0), else the AVX512-BF16 kernel on the row-major weight."""
@@ -150,6 +161,8 @@ class Weight:
             self.data = weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
         else:
             self.data = weight.detach().contiguous()
+        self.struct = _WeightStruct(self.data.data_ptr(), self.bias.data_ptr() if self.bias is not None else None,
+                                    int(self.amx), n)
 
     @property
     def kind(self) -> str:
@@ -178,4 +191,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, scale
     out = torch.empty((1, rows, heads * dim), dtype=torch.bfloat16)
     _lib.ee_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[2] * dim, out.data_ptr(),
                            heads, k.shape[1], rows, dim, end, scale)
+    return out
+
+
+def layer(h: torch.Tensor, lean, kv, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One lean decoder layer (harness.lean_layers.LeanLayer `lean`) over h (1, Q <= ROWS, d) in one native call;
+    appends the Q positions' K/V to `kv` (a LayerKV) and returns the new hidden states."""
+    _, rows, d = h.shape
+    out = h.contiguous().clone()
+    past = kv.length
+    kv.reserve(1, lean.kv_dim // lean.head_dim, lean.head_dim, h.dtype, h.device, past + rows)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _lib.ee_layer_bf16(out.data_ptr(), rows, d, lean.in_w.data_ptr(), lean.in_eps, lean.post_w.data_ptr(),
+                       lean.post_eps, ctypes.byref(lean.qkv.native.struct), ctypes.byref(lean.o.native.struct),
+                       ctypes.byref(lean.gate_up.native.struct), ctypes.byref(lean.down.native.struct),
+                       lean.q_dim // lean.head_dim, lean.kv_dim // lean.head_dim, lean.head_dim, lean.inter,
+                       cos.data_ptr(), sin.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(), kv.k.shape[2], past,
+                       lean.scaling)
+    kv.length = past + rows
     return out

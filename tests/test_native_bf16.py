@@ -129,3 +129,79 @@ def test_the_library_core_and_an_unbuildable_kernel_are_reported(monkeypatch, tm
     assert native_bf16.library() is None and native_bf16.status()["why"] == "EE_HARNESS_NATIVE=0"
     assert not native_products(torch.bfloat16, torch.device("cpu"), "lean")
     monkeypatch.setattr(native_bf16, "_tried", False)  # the next user rebuilds from the real environment
+
+
+@needs_native
+@torch.inference_mode()
+def test_the_native_layer_is_as_close_to_fp32_as_the_library_kernels(bf16_native, real_prompts):
+    """Its own rounding, not transformers' op for op: judged by the distance to fp32 logits on real text, against
+    the library path's distance (oneDNN, SDPA, torch's elementwise operators) on the same positions."""
+    from harness.model import load_model
+
+    fp32 = load_model(None, "cpu", "float32", exits="none")
+    ids = fp32.encode(real_prompts[4])[-300:]
+    toks = fp32.encode(" The answer follows from the numbers given in the question, step by step.")[:16]
+
+    def logits(m):
+        cache = m.new_cache()
+        m.run_layers(m.embed(torch.tensor([ids])), 0, m.num_layers, cache, 0)
+        return torch.cat([m.exit_logits(m.run_layers(m.embed(torch.tensor([[t]])), 0, m.num_layers, cache,
+                                                     len(ids) + i))[0].float() for i, t in enumerate(toks)])
+
+    ref = logits(fp32)
+    m = bf16_native
+    m.use_core("lean")
+    assert m.lean().layers[0].native_layer
+    native = (logits(m) - ref).abs().mean()
+    m.use_core("lean-library")
+    library = (logits(m) - ref).abs().mean()
+    m.use_core("lean")
+    assert native < 0.2 and native <= 1.25 * library, (float(native), float(library))
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@torch.inference_mode()
+def test_other_architectures_in_bf16_odd_shapes_and_biases(arch):
+    """Tiny random models whose shapes are not the tiles' (hidden 72, head_dim 24: the AVX512 kernel and masked
+    tails), Qwen2's q/k/v biases, and Qwen3's q/k norms (products native, the layer through torch's operators):
+    close to the library path, and speculative output equal to autoregressive."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    from harness.model import LayeredModel
+
+    small = dict(vocab_size=160, hidden_size=72, intermediate_size=136, num_hidden_layers=4, num_attention_heads=3,
+                 num_key_value_heads=1, max_position_embeddings=256, eos_token_id=0)
+    torch.manual_seed(0)
+    cfg = {"llama": lambda: LlamaConfig(**small), "qwen2": lambda: Qwen2Config(**small),
+           "qwen3": lambda: Qwen3Config(**small, head_dim=24)}[arch]()
+    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(torch.bfloat16)
+
+    class Tok:
+        eos_token_id = 0
+        chat_template = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    m = LayeredModel(hf, Tok(), name=arch)
+    assert m.lean().native and m.lean().layers[0].native_layer == (arch != "qwen3")
+    ids = torch.randint(1, 160, (1, 30))
+
+    def logits():
+        cache = m.new_cache()
+        m.run_layers(m.embed(ids[:, :20]), 0, 4, cache, 0)
+        return torch.cat([m.exit_logits(m.run_layers(m.embed(ids[:, p:p + 1]), 0, 4, cache, p))
+                          for p in range(20, 30)], 1).float()
+
+    native = logits()
+    m.use_core("lean-library")
+    library = logits()
+    m.use_core("lean")
+    assert torch.allclose(native, library, atol=0.1 * float(library.abs().max())), arch
+    prompt = ids[0, :20].tolist()
+    stop = StopCondition(m, 12, eos_ids=set())
+    ar = build_generator(m, GenerationConfig()).generate(prompt, stop)
+    ss = build_generator(m, GenerationConfig(generation_strategy="self_speculative", exit_layer=2,
+                                             num_speculations=3)).generate(prompt, stop)
+    assert ss.tokens == ar.tokens and (ss.verify_passes or 0) > 0
