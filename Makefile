@@ -61,15 +61,17 @@ costs: setup
 	$(PY) bench/core_costs.py --out results/core_costs.json
 
 # The model core's figures (docs/model_core.md; ~15 min here, run it ALONE): the cost curve per dtype for
-# transformers' layers and ours, the near-tie drift per dtype, and the speed table: CNN/DM, 10 articles, full
-# prompts, 64 tokens, in the default dtype (--dtype auto) and in fp32, each invocation with its A/A control; then
-# self-speculation with the verdict re-costed in the default dtype (docs/model_core.md: the prediction against the measurement).
+# transformers' layers and ours (library kernels, native kernels; bf16 also without AMX), the step profile, the
+# near-tie drift per dtype and kernel, and the speed table: CNN/DM, 10 articles, full prompts, 64 tokens, in the
+# default dtype (--dtype auto) and in fp32, each invocation with its A/A control; then self-speculation with the
+# verdict re-costed in the default dtype (docs/model_core.md: the prediction against the measurement).
 SPEED := results/core_speed
 SPEED_RUN := --dataset cnn_dm_summarization --num_samples 10 --max_steps 64 --fixed_length --seed 0 --exits auto \
 	--breakdown false --strategies autoregressive,prompt_lookup,hf_prompt_lookup,hybrid_speculative,self_speculative
 speed: setup
 	rm -rf $(SPEED) && mkdir -p $(SPEED)
 	$(PY) bench/core_costs.py --cores transformers lean-library lean --reps 5 --out $(SPEED)/core_costs.json
+	EE_HARNESS_AMX=0 $(PY) bench/core_costs.py --dtypes bfloat16 --cores lean --reps 5 --out $(SPEED)/core_costs_avx512.json
 	for c in transformers lean-library lean; do for d in bfloat16 float32; do $(PY) bench/step_profile.py --core $$c --dtype $$d \
 		--json $(SPEED)/step_profile_$${c}_$$d.json || exit 1; done; done
 	$(PY) bench/ties.py --dtype bfloat16 > $(SPEED)/ties_bfloat16.txt

@@ -139,50 +139,77 @@ static inline __m512 exp_ps(__m512 x) {
  * q: (H, Q, D) contiguous; k, v: (KVH, capacity, D) with `head_stride` = capacity * D; out: (Q, H, D).
  * Scores are dot products in fp32 (dot_row), softmax in fp32 with the max subtracted (exp_ps), then a weighted sum of
  * V in fp32, rounded once to bf16. Every step is a fixed function of the query's own n scores. */
+/* Heads h0 .. h0+G-1 (G <= 8, all reading the same K/V head) for query i over its n keys: each key's K row and V
+ * row are loaded once for the G heads. Per head, the arithmetic is the same whatever G is: dot_row scores, then
+ * max, exp and sum 16 scores at a time (a fixed function of the head's n scores), then V summed in key order. */
+static void attend(const uint16_t *q, const uint16_t *kh, const uint16_t *vh, uint16_t *out, int64_t h0, int64_t G,
+                   int64_t i, int64_t Q, int64_t H, int64_t D, int64_t n, float scale, float *scores) {
+    const int64_t chunks = D / 32, lanes = (D + 15) / 16;
+    const __mmask32 tail = (__mmask32)((1ull << (D % 32)) - 1);
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t g = 0; g < G; g++)
+            scores[g * n + j] = dot_row(kh + j * D, q + ((h0 + g) * Q + i) * D, chunks, tail) * scale;
+    float total[8];
+    for (int64_t g = 0; g < G; g++) {
+        float *sg = scores + g * n;
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+            vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, sg + j));
+        }
+        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + j), top));
+            _mm512_mask_storeu_ps(sg + j, m, e);
+            vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
+        }
+        total[g] = _mm512_reduce_add_ps(vsum);
+    }
+    __m512 acc[8][16]; /* G <= 8 heads, head_dim <= 256 */
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t l = 0; l < lanes; l++) acc[g][l] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        const uint16_t *vj = vh + j * D;
+        for (int64_t l = 0; l < lanes; l++) {
+            const __mmask16 m = D - 16 * l >= 16 ? 0xffff : (__mmask16)((1u << (D - 16 * l)) - 1);
+            const __m512 x = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, vj + 16 * l));
+            for (int64_t g = 0; g < G; g++) acc[g][l] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + j]), x, acc[g][l]);
+        }
+    }
+    float buf[16];
+    for (int64_t g = 0; g < G; g++) {
+        uint16_t *o = out + (i * H + h0 + g) * D;
+        for (int64_t l = 0; l < lanes; l++) {
+            _mm512_storeu_ps(buf, _mm512_div_ps(acc[g][l], _mm512_set1_ps(total[g])));
+            for (int64_t e = 0; e < 16 && 16 * l + e < D; e++) o[16 * l + e] = round_bf16(buf[e]);
+        }
+    }
+}
+
 void ee_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t head_stride,
                        uint16_t *out, int64_t H, int64_t KVH, int64_t Q, int64_t D, int64_t end, float scale) {
-    const int64_t groups = H / KVH, chunks = D / 32, lanes = (D + 15) / 16;
-    const __mmask32 tail = (__mmask32)((1ull << (D % 32)) - 1);
+    const int64_t groups = H / KVH, parts = (groups + 7) / 8;
+    /* one position: a task per head (9 tasks share 2 threads evenly); more: a task per (K/V head, query, <= 8 of
+     * its heads), sharing each key's loads. Each head's numbers are the same either way. */
+    const int64_t tasks = Q == 1 ? H : KVH * Q * parts;
 #pragma omp parallel
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(end > 0 ? end : 1));
+        float *scores = (float *)malloc(sizeof(float) * 8 * (size_t)(end > 0 ? end : 1));
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < H * Q; t++) {
-            const int64_t h = t / Q, i = t % Q, n = end - Q + i + 1, kvh = h / groups;
-            const uint16_t *qv = q + (h * Q + i) * D, *kh = k + kvh * head_stride, *vh = v + kvh * head_stride;
-            for (int64_t j = 0; j < n; j++) scores[j] = dot_row(kh + j * D, qv, chunks, tail) * scale;
-            /* max, exp and sum 16 scores at a time (masked tail): a fixed function of the n scores */
-            __m512 vmax = _mm512_set1_ps(-INFINITY);
-            for (int64_t j = 0; j < n; j += 16) {
-                const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
-                vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, scores + j));
+        for (int64_t t = 0; t < tasks; t++) {
+            int64_t h0, G, i;
+            if (Q == 1) {
+                h0 = t, G = 1, i = 0;
+            } else {
+                const int64_t kvh = t / (Q * parts), rest = t % (Q * parts), part = rest % parts;
+                i = rest / parts;
+                h0 = kvh * groups + 8 * part;
+                G = groups - 8 * part < 8 ? groups - 8 * part : 8;
             }
-            const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-            __m512 vsum = _mm512_setzero_ps();
-            for (int64_t j = 0; j < n; j += 16) {
-                const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
-                const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), top));
-                _mm512_mask_storeu_ps(scores + j, m, e);
-                vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
-            }
-            const float total = _mm512_reduce_add_ps(vsum);
-            __m512 acc[16]; /* head_dim <= 256 */
-            for (int64_t l = 0; l < lanes; l++) acc[l] = _mm512_setzero_ps();
-            for (int64_t j = 0; j < n; j++) {
-                const __m512 p = _mm512_set1_ps(scores[j]);
-                const uint16_t *vj = vh + j * D;
-                for (int64_t l = 0; l < lanes; l++) {
-                    const __mmask16 m = D - 16 * l >= 16 ? 0xffff : (__mmask16)((1u << (D - 16 * l)) - 1);
-                    const __m512 x = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, vj + 16 * l));
-                    acc[l] = _mm512_fmadd_ps(p, x, acc[l]);
-                }
-            }
-            uint16_t *o = out + (i * H + h) * D;
-            float buf[16];
-            for (int64_t l = 0; l < lanes; l++) {
-                _mm512_storeu_ps(buf, _mm512_div_ps(acc[l], _mm512_set1_ps(total)));
-                for (int64_t e = 0; e < 16 && 16 * l + e < D; e++) o[16 * l + e] = round_bf16(buf[e]);
-            }
+            const int64_t kvh = h0 / groups, n = end - Q + i + 1;
+            attend(q, k + kvh * head_stride, v + kvh * head_stride, out, h0, G, i, Q, H, D, n, scale, scores);
         }
         free(scores);
     }
