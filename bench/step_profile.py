@@ -24,7 +24,8 @@ from harness.model import load_model  # noqa: E402
 from harness.speedup_model import median_time  # noqa: E402
 
 # operator name fragments -> group (first match wins; everything else is "other tensor ops")
-GROUPS = (("matrix products", ("linear", "addmm", "mm", "matmul", "mkldnn", "bmm")),
+GROUPS = (("native layer", ("native_bf16 layer",)),  # harness/native_bf16.py: a whole decoder layer in one call
+          ("matrix products", ("linear", "addmm", "mm", "matmul", "mkldnn", "bmm")),
           ("attention", ("scaled_dot_product", "attention", "softmax", "repeat_interleave")),
           ("norms", ("rsqrt", "pow", "mean", "rms_norm")),
           ("rotary", ("cat", "neg", "chunk")),
@@ -53,6 +54,7 @@ def label_native_kernels() -> None:
 
     native_bf16.Weight.__call__ = labelled("native_bf16 linear", native_bf16.Weight.__call__)
     native_bf16.attention = labelled("native_bf16 attention", native_bf16.attention)
+    native_bf16.layer = labelled("native_bf16 layer", native_bf16.layer)
 
 
 def main() -> int:

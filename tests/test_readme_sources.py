@@ -67,8 +67,8 @@ def test_readme_cost_curve_is_the_committed_one():
 
     curves = {(c["dtype"], c["core"]): c for c in json.loads((SPEED / "core_costs.json").read_text())["curves"]}
     rows = [r for r in _table_rows(CORE, "float32") + _table_rows(CORE, "bfloat16")
-            if r[1] in ("transformers", "lean") and len(r) == 12]
-    assert len(rows) == 4
+            if r[1] in ("transformers", "lean-library", "lean") and len(r) == 12]
+    assert len(rows) == 6
     for row in rows:
         c = curves[(row[0], row[1])]
         total = {p["k"]: p["total"] for p in c["points"]}
@@ -80,7 +80,7 @@ def test_readme_speed_table_is_the_committed_reports():
     import csv
 
     rows = [r for r in _table_rows(CORE, "float32 |") + _table_rows(CORE, "bfloat16 (auto)")
-            if r[1] not in ("transformers", "lean")]
+            if r[1] not in ("transformers", "lean-library", "lean")]
     assert len(rows) == 12
     for row in rows:
         folder = "float32" if row[0] == "float32" else "default_dtype"
@@ -126,31 +126,43 @@ def test_readme_recosted_self_speculation_figures_are_the_committed_run():
     import json
 
     flat = " ".join(CORE.split())
-    report = {r["strategy"]: r for r in csv.DictReader((SPEED / "report_recosted_bf16" / "report.csv").open())
-              if r["control"] == "False"}
-    r = report["self_speculative"]
-    assert (f"{float(r['decode_speedup']):.2f}x [{float(r['decode_speedup_ci95_low']):.2f}-"
-            f"{float(r['decode_speedup_ci95_high']):.2f}] (oracle {float(r['oracle_speedup']):.2f}x)") in flat
-    assert f"acceptance there was {float(r['acceptance_rate']):.2f}" in flat
+
+    def ss(folder):
+        report = {r["strategy"]: r for r in csv.DictReader((SPEED / folder / "report.csv").open())
+                  if r["control"] == "False"}
+        r = report["self_speculative"]
+        return r, (f"{float(r['decode_speedup']):.2f}x [{float(r['decode_speedup_ci95_low']):.2f}-"
+                   f"{float(r['decode_speedup_ci95_high']):.2f}]")
+
+    r, figure = ss("report_default_dtype")
+    assert f"said E6 k1 (measured {figure}, oracle {float(r['oracle_speedup']):.2f}x)" in flat
+    r, figure = ss("report_recosted_bf16")
+    assert f"measured {figure} with acceptance {float(r['acceptance_rate']):.3f}" in flat
     (run,) = (SPEED / "runs" / "recosted_bf16").rglob("*self_speculative*/run.json")
     v = json.loads(run.read_text())["model"]["speculation_verdict"]
     lo, hi = v["best"]["predicted_speedup_ci95"]
-    assert f"predicted {v['predicted_speedup']:.2f}x [{lo:.2f}-{hi:.2f}]" in flat
+    assert not v["speculate"] and f"predicted {v['best']['predicted_speedup']:.2f}x [{lo:.2f}-{hi:.2f}]" in flat
     assert f"against {v['best']['acceptance']:.2f} on the fit's continuations" in flat
     assert v["fitted_dtype"] == "bfloat16" and v["recosted_from"]["costed_on"]["dtype"] == "float32"
+    r, figure = ss("report_float32")
+    assert f"E6 k2 measured {figure}, because the drafts' acceptance on CNN/DM was " \
+           f"{float(r['acceptance_rate']):.2f}" in flat
 
 
 def test_readme_step_profile_is_the_committed_one():
     import json
 
-    rows = [r for r in _table_rows(CORE, "float32") + _table_rows(CORE, "bfloat16") if len(r) == 8]
-    assert len(rows) == 4
-    for dtype, core, wall, products, attention, other, python, calls in rows:
+    rows = [r for r in _table_rows(CORE, "float32") + _table_rows(CORE, "bfloat16") if len(r) == 9]
+    assert len(rows) == 6
+    for dtype, core, wall, native, products, attention, other, python, calls in rows:
         j = json.loads((SPEED / f"step_profile_{core}_{dtype}.json").read_text())
         g = j["groups"]
-        assert wall == f"{j['wall_ms']:.1f}" and products == f"{g['matrix products']['ms']:.1f}"
-        assert attention == f"{g['attention']['ms']:.1f}" and python == f"{j['wall_ms'] - j['operators_ms']:.1f}"
-        assert other == f"{sum(v['ms'] for k, v in g.items() if k not in ('matrix products', 'attention')):.1f}"
+        ms = lambda group: g.get(group, {"ms": 0.0})["ms"]  # noqa: E731
+        assert wall == f"{j['wall_ms']:.1f}" and products == f"{ms('matrix products'):.1f}"
+        assert native == f"{ms('native layer'):.1f}" and attention == f"{ms('attention'):.1f}"
+        assert python == f"{j['wall_ms'] - j['operators_ms']:.1f}"
+        split = ("matrix products", "attention", "native layer")
+        assert other == f"{sum(v['ms'] for k, v in g.items() if k not in split):.1f}"
         assert calls == f"{sum(v['calls'] for v in g.values()):.0f}"
 
 
