@@ -201,7 +201,7 @@ def layer(h: torch.Tensor, lean, kv, cos: torch.Tensor, sin: torch.Tensor) -> to
     out = h.contiguous().clone()
     past = kv.length
     kv.reserve(1, lean.kv_dim // lean.head_dim, lean.head_dim, h.dtype, h.device, past + rows)
-    cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = cos.to(torch.bfloat16).contiguous(), sin.to(torch.bfloat16).contiguous()  # read as bf16 bits
     _lib.ee_layer_bf16(out.data_ptr(), rows, d, lean.in_w.data_ptr(), lean.in_eps, lean.post_w.data_ptr(),
                        lean.post_eps, ctypes.byref(lean.qkv.native.struct), ctypes.byref(lean.o.native.struct),
                        ctypes.byref(lean.gate_up.native.struct), ctypes.byref(lean.down.native.struct),
