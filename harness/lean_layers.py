@@ -306,6 +306,8 @@ class LeanCore:
         self.pack = pack_layers(dtype, device)
         self.pack_head = pack_head(dtype, device)
         self.native = native_products(dtype, device, core)
+        if core == "lean" and device.type == "cpu" and dtype == torch.bfloat16 and not self.native:
+            native_bf16.warn_unavailable()
         self.dtype, self.device, self.core = dtype, device, core
         self.layers = [LeanLayer(layer, i, self.pack, self.native) for i, layer in enumerate(layers)]
         self.head = self.head_version = None

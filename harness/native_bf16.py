@@ -134,6 +134,21 @@ def library() -> Optional[ctypes.CDLL]:
     return _lib
 
 
+_warned = False
+
+
+def warn_unavailable() -> None:
+    """One stderr line per process where the default core wanted the native kernels and cannot have them."""
+    global _warned
+    why = status().get("why")
+    if _warned or why == "EE_HARNESS_NATIVE=0":  # asked for: nothing to say
+        return
+    _warned = True
+    print(f"native bf16 kernels unavailable ({why}): the core runs the library kernels (oneDNN, SDPA), so bf16 "
+          "speculative output can part from autoregressive output at near-ties (run.json model.core)",
+          file=sys.stderr)
+
+
 def status() -> dict:
     """{"available": bool, "why": reason when not} for run.json."""
     lib = library()

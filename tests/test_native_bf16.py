@@ -111,7 +111,7 @@ def test_greedy_speculative_decoding_in_bf16_is_token_identical_to_autoregressiv
     assert verified > 0
 
 
-def test_the_library_core_and_an_unbuildable_kernel_are_reported(monkeypatch, tmp_path):
+def test_the_library_core_and_an_unbuildable_kernel_are_reported(monkeypatch, tmp_path, capsys):
     from harness.lean_layers import native_products
 
     assert not native_products(torch.bfloat16, torch.device("cpu"), "lean-library")
@@ -124,6 +124,11 @@ def test_the_library_core_and_an_unbuildable_kernel_are_reported(monkeypatch, tm
     if native_bf16._cpu_has_bf16():
         assert native_bf16.library() is None
         assert native_bf16.status() == {"available": False, "why": "no C compiler (no-such-compiler-xyz) on PATH"}
+        monkeypatch.setattr(native_bf16, "_warned", False)
+        native_bf16.warn_unavailable()
+        native_bf16.warn_unavailable()  # once per process
+        err = capsys.readouterr().err
+        assert err.count("native bf16 kernels unavailable (no C compiler") == 1
     monkeypatch.setattr(native_bf16, "_tried", False)
     monkeypatch.setenv("EE_HARNESS_NATIVE", "0")
     assert native_bf16.library() is None and native_bf16.status()["why"] == "EE_HARNESS_NATIVE=0"
