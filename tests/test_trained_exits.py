@@ -213,6 +213,10 @@ def test_exit_adapters_recipe_lowers_loss_and_resumes(model, tmp_path, monkeypat
         model.set_exits(art)
         gen = build_generator(model, GenerationConfig(generation_strategy="self_speculative", exit_layer=7))
         assert gen.trained_knobs == {} and gen.knobs()["num_speculations"] == 6  # its own defaults
+        # without --exit_layer the run is refused with the verdict, not with "needs --exit_layer ... or exits"
+        with pytest.raises(UsageError, match=r"recommender predicts no setting at or above 1\.0x .* don't "
+                                             r"speculate; pass --exit_layer E"):
+            build_generator(model, GenerationConfig(generation_strategy="self_speculative"))
     finally:
         model.set_exits(None)
 
