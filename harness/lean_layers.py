@@ -153,10 +153,14 @@ def pack_layers(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
+def wants_native(dtype: torch.dtype, device: torch.device, core: str) -> bool:
+    """Whether the core asks for the native bf16 kernels: CPU bf16 under --core lean."""
+    return core == "lean" and device.type == "cpu" and dtype == torch.bfloat16
+
+
 def native_products(dtype: torch.dtype, device: torch.device, core: str) -> bool:
-    """Whether the native bf16 kernel runs the small products: CPU bf16 under --core lean, where it builds."""
-    return core == "lean" and device.type == "cpu" and dtype == torch.bfloat16 \
-        and native_bf16.library() is not None
+    """Whether the native bf16 kernel runs the small products: where the core asks for it and it builds."""
+    return wants_native(dtype, device, core) and native_bf16.library() is not None
 
 
 def pack_head(dtype: torch.dtype, device: torch.device) -> bool:
@@ -306,9 +310,10 @@ class LeanCore:
         self.pack = pack_layers(dtype, device)
         self.pack_head = pack_head(dtype, device)
         self.native = native_products(dtype, device, core)
-        if core == "lean" and device.type == "cpu" and dtype == torch.bfloat16 and not self.native:
+        self.native_missing = wants_native(dtype, device, core) and not self.native  # asked for, could not build
+        if self.native_missing:
             native_bf16.warn_unavailable()
-        self.dtype, self.device, self.core = dtype, device, core
+        self.dtype, self.core = dtype, core
         self.layers = [LeanLayer(layer, i, self.pack, self.native) for i, layer in enumerate(layers)]
         self.head = self.head_version = None
         self.full_head(lm_head)
@@ -334,6 +339,6 @@ class LeanCore:
             for key, lin in (("layer_kernel", layer.o), ("head_kernel", self.head)):
                 library[key] = f"native-{lin.native.kind} (<= {native_bf16.ROWS} positions), {library[key]}"
         out = {"core": self.core, **library, "kv_cache": "preallocated"}
-        if self.core == "lean" and self.device.type == "cpu" and self.dtype == torch.bfloat16 and not self.native:
+        if self.native_missing:
             out["native_kernel"] = native_bf16.status()  # why it is not running
         return out

@@ -106,20 +106,17 @@ def _load() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
         return None, f"could not load {target.name}: {e}"
-    fn = lib.ee_linear_bf16
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    fn.restype = None
-    fn = lib.ee_linear_bf16_amx
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    fn.restype = None
-    fn = lib.ee_layer_bf16
-    fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
-                    ctypes.c_float] + [ctypes.POINTER(_WeightStruct)] * 4 + [ctypes.c_int64] * 4
-                   + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float])
-    fn.restype = None
-    fn = lib.ee_attention_bf16
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_float]
-    fn.restype = None
+    product = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3  # x, weight, bias, y, M, N, K
+    signatures = {
+        "ee_linear_bf16": product, "ee_linear_bf16_amx": product,
+        "ee_layer_bf16": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
+                          ctypes.c_void_p, ctypes.c_float] + [ctypes.POINTER(_WeightStruct)] * 4
+        + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float],
+        "ee_attention_bf16": [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5
+        + [ctypes.c_float]}
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
     return lib, None
 
 
