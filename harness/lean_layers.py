@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native_bf16
+from . import hugepages, native_bf16
 
 
 # -- cache ----------------------------------------------------------------------
@@ -226,12 +226,19 @@ class LeanLayer:
         self.o = PackedLinear(attn.o_proj.weight, attn.o_proj.bias, pack, native=native)
         self.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias, pack, native=native)
         self.act = mlp.act_fn
+        if native:  # the layer's prepared weights in one huge-page arena: a decode step streams all of them
+            native_bf16.rehome([lin.native for lin in self.linears() if lin.native is not None])
         # the whole layer in one native call: Llama's layer exactly (no q/k norms, SiLU, weights of the native kind)
         self.native_layer = native and pack and getattr(attn, "q_norm", None) is None \
             and type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation") \
             and all(lin.native is not None for lin in (self.qkv, self.o, self.gate_up, self.down))
         self.params = list(layer.parameters())
         self.versions = self._versions()
+
+    def linears(self) -> list[PackedLinear]:
+        """The layer's products."""
+        names = ("qkv", "o", "gate_up", "down") if self.fused else ("q", "k", "v", "o", "gate", "up", "down")
+        return [getattr(self, n) for n in names]
 
     def _versions(self) -> tuple:
         return tuple(_version(p) for p in self.params)
@@ -328,6 +335,8 @@ class LeanCore:
         if version != self.head_version:
             self.head = PackedLinear(lm_head.weight, lm_head.bias, self.pack_head, head_packed_rows(self.dtype),
                                      native=self.native)
+            if self.head.native is not None:
+                native_bf16.rehome([self.head.native])
             self.head_version = version
         return self.head
 
@@ -338,6 +347,10 @@ class LeanCore:
         if self.native:  # batch-invariant native products for small passes, the library's above
             for key, lin in (("layer_kernel", layer.o), ("head_kernel", self.head)):
                 library[key] = f"native-{lin.native.kind} (<= {native_bf16.ROWS} positions), {library[key]}"
+            linears = [lin for lean in self.layers for lin in lean.linears()] + [self.head]
+            prepared = [lin.native.data for lin in linears if lin.native is not None]
+            huge, total = hugepages.backed(prepared)
+            library["native_weights_in_huge_pages"] = f"{huge / 1e6:.0f} of {total / 1e6:.0f} MB"
         out = {"core": self.core, **library, "kv_cache": "preallocated"}
         if self.native_missing:
             out["native_kernel"] = native_bf16.status()  # why it is not running

@@ -37,9 +37,13 @@ def test_linear_matches_a_float_reference_and_each_row_is_computed_alone(rows, n
 
 
 @needs_native
-def test_attention_is_causal_softmax_attention_per_query_and_batch_invariant():
+@pytest.mark.parametrize("amx", KINDS)
+@pytest.mark.parametrize("heads,kv_heads,dim,q_len,end", [(9, 3, 64, 5, 700), (12, 2, 128, 16, 37), (4, 4, 48, 3, 19)])
+def test_attention_is_causal_softmax_attention_per_query_and_batch_invariant(heads, kv_heads, dim, q_len, end, amx,
+                                                                             monkeypatch):
+    monkeypatch.setattr(native_bf16, "_amx", amx)  # scores on tiles, or dot_row (and always for dim 48)
     g = torch.Generator().manual_seed(0)
-    heads, kv_heads, dim, cap, q_len, end = 9, 3, 64, 1024, 5, 700
+    cap = 1024
     q = torch.randn(1, heads, q_len, dim, generator=g).bfloat16()
     k = (torch.randn(1, kv_heads, cap, dim, generator=g) * 3).bfloat16()
     v = torch.randn(1, kv_heads, cap, dim, generator=g).bfloat16()

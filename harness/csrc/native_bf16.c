@@ -1,4 +1,5 @@
-/* bf16 linear products for the decode-time core on x86-64 CPUs with AVX512-BF16.
+/* The decode-time core's bf16 kernels on x86-64 CPUs with AVX512-BF16 (and AMX where present): linear products,
+ * attention over the KV cache, and a whole Llama decoder layer in one call, for passes of up to 16 positions.
  *
  * y = x @ W.T (+ bias) with x (M, K), W (N, K) and y (M, N) in bf16, accumulated in fp32.
  *
@@ -9,7 +10,7 @@
  * per M and its sums differ in the last bits. (2) a one-position product is bound by how fast one core pulls weights
  * from memory; reading four rows at once with software prefetch ahead of the stream measured ~12.8 GB/s per core
  * here against oneDNN's ~9.5.
- * Built at first use by harness/bf16_linear.py with the system C compiler; OpenMP is the process's own (torch's)
+ * Built at first use by harness/native_bf16.py with the system C compiler; OpenMP is the process's own (torch's)
  * runtime, so the threads are torch's.
  */
 #include <immintrin.h>
@@ -27,6 +28,17 @@ static inline uint16_t round_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even (as torch) */
     return (uint16_t)(u >> 16);
 }
+
+/* 16 bf16 lanes (masked) to fp32 and back. VCVTNEPS2BF16 rounds to nearest even, as round_bf16 does; it differs
+ * only on fp32 denormals (flushed), which no activation here reaches. Each lane alone: per element. */
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, p));
+}
+static inline void store_bf16(uint16_t *p, __m512 x, __mmask16 m) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
+}
+static inline __m512 round_ps(__m512 x) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(x)); }
+static inline __mmask16 lanes_left(int64_t n) { return n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
 
 static inline __m512 dot_step(__m512 acc, const uint16_t *w, const uint16_t *x, __mmask32 mask) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(mask, w),
@@ -133,6 +145,103 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(y, n));
 }
 
+/* -- AMX (Intel Sapphire Rapids and later) ---------------------------------------------------------------------
+ * Tiles: C (rows x 16, fp32) += A (rows x 32 bf16) . B (32 x 16 bf16, in VNNI pairs: B's row kk holds, for each of
+ * its 16 columns, the pair of inputs 2kk, 2kk+1). Each element of C is its own row of A against its own column of B,
+ * so it does not depend on the other rows or columns, and a tile's multiply costs the same for 1 and 16 of them. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* Ask Linux for the AMX tile state (once per process; oneDNN asks the same); 1 when granted. */
+int ee_amx_init(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles 0 (C), 1 (A) and 2 (B), A and C with `rows` rows, B a full 16 x 32. */
+static void tiles_configure(int rows) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = (uint8_t)rows; cfg.colsb[0] = 64; /* C: rows of 16 fp32 */
+    cfg.rows[1] = (uint8_t)rows; cfg.colsb[1] = 64; /* A: rows of 32 bf16 */
+    cfg.rows[2] = 16; cfg.colsb[2] = 64;            /* B: 16 pair-rows of 16 columns */
+    _tile_loadconfig(&cfg);
+}
+
+/* Attention scores on tiles (D % 32 == 0, D <= 256, G <= 16, the calling thread configured by tiles_configure(16)):
+ * for 16 keys at a time, C = K rows (A, read in place from the cache) . the G heads' query vectors (B columns).
+ * Replaces n reductions per head (dot_row's) with n/16 tile multiplies per D/32 chunk, the same for every G and Q:
+ * each score is its key row against its query column alone, chunks of 32 in order. */
+static void scores_amx(const uint16_t *q, const uint16_t *kh, int64_t h0, int64_t G, int64_t i, int64_t Q,
+                       int64_t D, int64_t n, float scale, float *scores) {
+    const int64_t chunks = D / 32;
+    uint16_t b[8][16][32] __attribute__((aligned(64)));
+    uint16_t last[16 * 256] __attribute__((aligned(64)));
+    float c[16 * 16] __attribute__((aligned(64)));
+    memset(b, 0, sizeof(uint16_t) * 512 * chunks);
+    for (int64_t g = 0; g < G; g++) {
+        const uint16_t *qg = q + ((h0 + g) * Q + i) * D;
+        for (int64_t ch = 0; ch < chunks; ch++)
+            for (int kk = 0; kk < 16; kk++) {
+                b[ch][kk][2 * g] = qg[32 * ch + 2 * kk];
+                b[ch][kk][2 * g + 1] = qg[32 * ch + 2 * kk + 1];
+            }
+    }
+    for (int64_t j = 0; j < n; j += 16) {
+        const int64_t rows = n - j < 16 ? n - j : 16;
+        const uint16_t *a = kh + j * D;
+        if (rows < 16) { /* the last keys, zero-padded: nothing past the query's prefix is read */
+            memset(last, 0, sizeof(uint16_t) * 16 * D);
+            memcpy(last, a, sizeof(uint16_t) * rows * D);
+            a = last;
+        }
+        _tile_zero(0);
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            _tile_loadd(1, a + 32 * ch, D * 2);
+            _tile_loadd(2, b[ch], 64);
+            _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, c, 64);
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t g = 0; g < G; g++) scores[g * n + j + r] = c[16 * r + g] * scale;
+    }
+}
+
+/* One head's output: the n values weighted by their exp-scores p, summed in key order in fp32 (one accumulator per
+ * 16 lanes), divided by the scores' total and rounded once to bf16. Inlined with a constant `lanes` so that the
+ * accumulators stay in registers (the generic call spills them, same numbers). */
+static inline __attribute__((always_inline)) void weigh_values(const float *p, const uint16_t *vh, int64_t n,
+                                                               int64_t D, const int64_t lanes, float total,
+                                                               uint16_t *o) {
+    __m512 acc[16]; /* head_dim <= 256 */
+    __mmask16 mask[16];
+#pragma GCC unroll 16
+    for (int64_t l = 0; l < lanes; l++) {
+        acc[l] = _mm512_setzero_ps();
+        mask[l] = D - 16 * l >= 16 ? 0xffff : (__mmask16)((1u << (D - 16 * l)) - 1);
+    }
+    for (int64_t j = 0; j < n; j++) {
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        const uint16_t *vj = vh + j * D;
+#pragma GCC unroll 16
+        for (int64_t l = 0; l < lanes; l++)
+            acc[l] = _mm512_fmadd_ps(pj, _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(mask[l], vj + 16 * l)),
+                                     acc[l]);
+    }
+    float buf[16];
+    for (int64_t l = 0; l < lanes; l++) {
+        _mm512_storeu_ps(buf, _mm512_div_ps(acc[l], _mm512_set1_ps(total)));
+        for (int64_t e = 0; e < 16 && 16 * l + e < D; e++) o[16 * l + e] = round_bf16(buf[e]);
+    }
+}
+
 /* Attention of Q new positions (the last Q of `end` cached ones) for one sequence, each query over its own causal
  * prefix: query i reads keys 0 .. end-Q+i. Like the products, every query is computed alone and the same way
  * whatever Q is: a verification pass gives the attention of one-position steps bit for bit.
@@ -143,12 +252,15 @@ static inline __m512 exp_ps(__m512 x) {
  * row are loaded once for the G heads. Per head, the arithmetic is the same whatever G is: dot_row scores, then
  * max, exp and sum 16 scores at a time (a fixed function of the head's n scores), then V summed in key order. */
 static void attend(const uint16_t *q, const uint16_t *kh, const uint16_t *vh, uint16_t *out, int64_t h0, int64_t G,
-                   int64_t i, int64_t Q, int64_t H, int64_t D, int64_t n, float scale, float *scores) {
+                   int64_t i, int64_t Q, int64_t H, int64_t D, int64_t n, float scale, float *scores, int amx) {
     const int64_t chunks = D / 32, lanes = (D + 15) / 16;
     const __mmask32 tail = (__mmask32)((1ull << (D % 32)) - 1);
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t g = 0; g < G; g++)
-            scores[g * n + j] = dot_row(kh + j * D, q + ((h0 + g) * Q + i) * D, chunks, tail) * scale;
+    if (amx)
+        scores_amx(q, kh, h0, G, i, Q, D, n, scale, scores);
+    else
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t g = 0; g < G; g++)
+                scores[g * n + j] = dot_row(kh + j * D, q + ((h0 + g) * Q + i) * D, chunks, tail) * scale;
     float total[8];
     for (int64_t g = 0; g < G; g++) {
         float *sg = scores + g * n;
@@ -167,36 +279,29 @@ static void attend(const uint16_t *q, const uint16_t *kh, const uint16_t *vh, ui
         }
         total[g] = _mm512_reduce_add_ps(vsum);
     }
-    __m512 acc[8][16]; /* G <= 8 heads, head_dim <= 256 */
-    for (int64_t g = 0; g < G; g++)
-        for (int64_t l = 0; l < lanes; l++) acc[g][l] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j++) {
-        const uint16_t *vj = vh + j * D;
-        for (int64_t l = 0; l < lanes; l++) {
-            const __mmask16 m = D - 16 * l >= 16 ? 0xffff : (__mmask16)((1u << (D - 16 * l)) - 1);
-            const __m512 x = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, vj + 16 * l));
-            for (int64_t g = 0; g < G; g++) acc[g][l] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + j]), x, acc[g][l]);
-        }
-    }
-    float buf[16];
     for (int64_t g = 0; g < G; g++) {
         uint16_t *o = out + (i * H + h0 + g) * D;
-        for (int64_t l = 0; l < lanes; l++) {
-            _mm512_storeu_ps(buf, _mm512_div_ps(acc[g][l], _mm512_set1_ps(total[g])));
-            for (int64_t e = 0; e < 16 && 16 * l + e < D; e++) o[16 * l + e] = round_bf16(buf[e]);
-        }
+        if (lanes == 4) /* head_dim 64 and 128 with every accumulator in a register */
+            weigh_values(scores + g * n, vh, n, D, 4, total[g], o);
+        else if (lanes == 8)
+            weigh_values(scores + g * n, vh, n, D, 8, total[g], o);
+        else
+            weigh_values(scores + g * n, vh, n, D, lanes, total[g], o);
     }
 }
 
 void ee_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t head_stride,
-                       uint16_t *out, int64_t H, int64_t KVH, int64_t Q, int64_t D, int64_t end, float scale) {
+                       uint16_t *out, int64_t H, int64_t KVH, int64_t Q, int64_t D, int64_t end, float scale,
+                       int64_t amx) {
     const int64_t groups = H / KVH, parts = (groups + 7) / 8;
+    const int tiles = amx && D % 32 == 0 && D <= 256; /* scores on tiles (scores_amx), else dot_row */
     /* one position: a task per head (9 tasks share 2 threads evenly); more: a task per (K/V head, query, <= 8 of
      * its heads), sharing each key's loads. Each head's numbers are the same either way. */
     const int64_t tasks = Q == 1 ? H : KVH * Q * parts;
 #pragma omp parallel
     {
         float *scores = (float *)malloc(sizeof(float) * 8 * (size_t)(end > 0 ? end : 1));
+        if (tiles) tiles_configure(16);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             int64_t h0, G, i;
@@ -209,46 +314,24 @@ void ee_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
                 G = groups - 8 * part < 8 ? groups - 8 * part : 8;
             }
             const int64_t kvh = h0 / groups, n = end - Q + i + 1;
-            attend(q, k + kvh * head_stride, v + kvh * head_stride, out, h0, G, i, Q, H, D, n, scale, scores);
+            attend(q, k + kvh * head_stride, v + kvh * head_stride, out, h0, G, i, Q, H, D, n, scale, scores, tiles);
         }
+        if (tiles) _tile_release();
         free(scores);
     }
 }
 
-/* -- AMX (Intel Sapphire Rapids and later) ---------------------------------------------------------------------
- * The same product on AMX tiles: C (M x 16, fp32) += A (M x 32 bf16 of x) . B (32 x 16 bf16 of W, in VNNI pairs).
- * Each element of C is its own row of A against its own column of B, so the result does not depend on M either;
- * and a tile's multiply costs the same for 1 and 16 rows, so a pass over up to 16 positions costs about what one
- * costs: the weights' stream is the only bound. W is pre-packed (ee_pack_amx's layout, made by the Python side):
- * for each block of 16 output rows and 32 inputs, a 1 KiB tile whose row kk holds, for each of the 16 outputs,
- * the pair W[n][2kk], W[n][2kk+1]. Needs N % 16 == 0 and K % 32 == 0 (else the AVX512 kernel runs). */
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-/* Ask Linux for the AMX tile state (once per process; oneDNN asks the same); 1 when granted. */
-int ee_amx_init(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
+/* The product on AMX tiles: C (M x 16) += A (M x 32 of x) . B (32 x 16 of W). The result does not depend on M
+ * (see the tiles above), and a pass over up to 16 positions costs about what one costs: the weights' stream is the
+ * only bound. W is pre-packed by the Python side (native_bf16.Weight): for each block of 16 output rows and 32
+ * inputs, a 1 KiB tile whose row kk holds, for each of the 16 outputs, the pair W[n][2kk], W[n][2kk+1]. Needs
+ * N % 16 == 0 and K % 32 == 0 (else the AVX512 kernel runs). */
 void ee_linear_bf16_amx(const uint16_t *x, const uint16_t *Wp, const float *bias, uint16_t *y,
                         int64_t M, int64_t N, int64_t K) {
     const int64_t kblocks = K / 32, nblocks = N / 16;
 #pragma omp parallel
     {
-        tile_config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette = 1;
-        cfg.rows[0] = (uint8_t)M; cfg.colsb[0] = 64; /* C: M rows of 16 fp32 */
-        cfg.rows[1] = (uint8_t)M; cfg.colsb[1] = 64; /* A: M rows of 32 bf16 */
-        cfg.rows[2] = 16; cfg.colsb[2] = 64;         /* B: 16 pair-rows of 16 outputs */
-        _tile_loadconfig(&cfg);
+        tiles_configure((int)M);
         float c[16 * 16];
 #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < nblocks; nb++) {
@@ -260,11 +343,9 @@ void ee_linear_bf16_amx(const uint16_t *x, const uint16_t *Wp, const float *bias
                 _tile_dpbf16ps(0, 1, 2);
             }
             _tile_stored(0, c, 64);
-            for (int64_t m = 0; m < M; m++)
-                for (int n = 0; n < 16; n++) {
-                    const float v = c[16 * m + n];
-                    y[m * N + 16 * nb + n] = round_bf16(bias ? v + bias[16 * nb + n] : v);
-                }
+            const __m512 b = bias ? _mm512_loadu_ps(bias + 16 * nb) : _mm512_setzero_ps();
+            for (int64_t m = 0; m < M; m++) /* + bias (or + 0: exact), rounded to bf16, 16 outputs at once */
+                store_bf16(y + m * N + 16 * nb, _mm512_add_ps(_mm512_loadu_ps(c + 16 * m), b), 0xffff);
         }
         _tile_release();
     }
@@ -297,21 +378,57 @@ static void run_linear(const ee_weight *w, const uint16_t *x, uint16_t *y, int64
     else ee_linear_bf16(x, w->data, w->bias, y, M, w->out, K);
 }
 
+/* Per position: fp32 sum of squares (16 lanes, then one reduction), then weight * round(x * rsqrt(mean + eps)). */
 static void rms_norm(const uint16_t *h, const uint16_t *w, float eps, uint16_t *out, int64_t M, int64_t d) {
     for (int64_t m = 0; m < M; m++) {
         const uint16_t *hm = h + m * d;
-        float ss = 0.f;
-        for (int64_t i = 0; i < d; i++) ss += bf(hm[i]) * bf(hm[i]);
-        const float r = 1.0f / sqrtf(ss / (float)d + eps);
-        for (int64_t i = 0; i < d; i++) out[m * d + i] = round_bf16(bf(w[i]) * rbf(bf(hm[i]) * r));
+        __m512 ss = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 16) {
+            const __m512 x = load_bf16(hm + i, lanes_left(d - i));
+            ss = _mm512_fmadd_ps(x, x, ss);
+        }
+        const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)d + eps));
+        for (int64_t i = 0; i < d; i += 16) {
+            const __mmask16 k = lanes_left(d - i);
+            store_bf16(out + m * d + i, _mm512_mul_ps(load_bf16(w + i, k), round_ps(_mm512_mul_ps(load_bf16(hm + i, k), r))), k);
+        }
+    }
+}
+
+/* h += r, rounded to bf16, per element. */
+static void add_residual(uint16_t *h, const uint16_t *r, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = lanes_left(n - i);
+        store_bf16(h + i, _mm512_add_ps(load_bf16(h + i, k), load_bf16(r + i, k)), k);
+    }
+}
+
+/* Rotary on one head's D values: round(round(x * cos) + round(rotate_half(x) * sin)), rotate_half(x) being
+ * (-x[half:], x[:half]); 16 lanes at a time where half % 16 == 0, else element by element (same numbers). */
+static void rotate(const uint16_t *x, const uint16_t *c, const uint16_t *s, uint16_t *dst, int64_t D) {
+    const int64_t half = D / 2;
+    if (half % 16 == 0) {
+        for (int64_t i = 0; i < D; i += 16) {
+            const __m512 rot = i < half ? _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(
+                                              load_bf16(x + i + half, 0xffff)), _mm512_set1_epi32((int)0x80000000u)))
+                                        : load_bf16(x + i - half, 0xffff); /* negated by its sign bit, as -x */
+            const __m512 a = round_ps(_mm512_mul_ps(load_bf16(x + i, 0xffff), load_bf16(c + i, 0xffff)));
+            store_bf16(dst + i, _mm512_add_ps(a, round_ps(_mm512_mul_ps(rot, load_bf16(s + i, 0xffff)))), 0xffff);
+        }
+        return;
+    }
+    for (int64_t i = 0; i < D; i++) {
+        const float rot = i < half ? -bf(x[i + half]) : bf(x[i - half]);
+        dst[i] = round_bf16(rbf(bf(x[i]) * bf(c[i])) + rbf(rot * bf(s[i])));
     }
 }
 
 void ee_layer_bf16(uint16_t *h, int64_t M, int64_t d, const uint16_t *in_w, float in_eps, const uint16_t *post_w,
                    float post_eps, const ee_weight *qkv, const ee_weight *o, const ee_weight *gate_up,
                    const ee_weight *down, int64_t H, int64_t KVH, int64_t D, int64_t inter, const uint16_t *cos,
-                   const uint16_t *sin, uint16_t *kc, uint16_t *vc, int64_t cap, int64_t past, float scale) {
-    const int64_t qd = H * D, kvd = KVH * D, width = qd + 2 * kvd, half = D / 2;
+                   const uint16_t *sin, uint16_t *kc, uint16_t *vc, int64_t cap, int64_t past, float scale,
+                   int64_t amx) {
+    const int64_t qd = H * D, kvd = KVH * D, width = qd + 2 * kvd;
     uint16_t *x = malloc(2 * M * d), *proj = malloc(2 * M * width), *qs = malloc(2 * M * qd);
     uint16_t *att = malloc(2 * M * qd), *gu = malloc(2 * M * 2 * inter), *act = malloc(2 * M * inter);
     uint16_t *res = malloc(2 * M * d);
@@ -319,20 +436,14 @@ void ee_layer_bf16(uint16_t *h, int64_t M, int64_t d, const uint16_t *in_w, floa
     run_linear(qkv, x, proj, M, d);
     for (int64_t m = 0; m < M; m++) {
         const uint16_t *c = cos + m * D, *s = sin + m * D, *row = proj + m * width;
-        for (int64_t hh = 0; hh < H + KVH; hh++) { /* query heads, then key heads: rotary */
-            const uint16_t *src = row + hh * D;
-            uint16_t *dst = hh < H ? qs + (hh * M + m) * D : kc + (hh - H) * cap * D + (past + m) * D;
-            for (int64_t i = 0; i < D; i++) {
-                const float rot = i < half ? -bf(src[i + half]) : bf(src[i - half]);
-                dst[i] = round_bf16(rbf(bf(src[i]) * bf(c[i])) + rbf(rot * bf(s[i])));
-            }
-        }
+        for (int64_t hh = 0; hh < H + KVH; hh++) /* query heads, then key heads: rotary */
+            rotate(row + hh * D, c, s, hh < H ? qs + (hh * M + m) * D : kc + (hh - H) * cap * D + (past + m) * D, D);
         for (int64_t g = 0; g < KVH; g++) /* values as they are */
             memcpy(vc + g * cap * D + (past + m) * D, row + qd + kvd + g * D, 2 * D);
     }
-    ee_attention_bf16(qs, kc, vc, cap * D, att, H, KVH, M, D, past + M, scale);
+    ee_attention_bf16(qs, kc, vc, cap * D, att, H, KVH, M, D, past + M, scale, amx);
     run_linear(o, att, res, M, qd);
-    for (int64_t i = 0; i < M * d; i++) h[i] = round_bf16(bf(h[i]) + bf(res[i]));
+    add_residual(h, res, M * d);
     rms_norm(h, post_w, post_eps, x, M, d);
     run_linear(gate_up, x, gu, M, d);
     for (int64_t m = 0; m < M; m++) /* SiLU(gate) * up, 16 lanes at a time (each lane alone: per element) */
@@ -347,6 +458,6 @@ void ee_layer_bf16(uint16_t *h, int64_t M, int64_t d, const uint16_t *in_w, floa
             _mm256_mask_storeu_epi16(act + m * inter + i, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sr, u)));
         }
     run_linear(down, act, res, M, inter);
-    for (int64_t i = 0; i < M * d; i++) h[i] = round_bf16(bf(h[i]) + bf(res[i]));
+    add_residual(h, res, M * d);
     free(x); free(proj); free(qs); free(att); free(gu); free(act); free(res);
 }
