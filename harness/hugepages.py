@@ -48,6 +48,26 @@ def copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def rehome_parameters(module: torch.nn.Module, smallest: int = 1 << 16) -> int:
+    """Moves the module's contiguous CPU parameters of at least `smallest` bytes into one huge-page arena, in place
+    (p.data), so that every core and every product streams them from 2 MiB pages. Each Parameter moves once (tied
+    ones stay tied), and each old buffer is freed as its copy lands, so memory does not double. Returns the bytes
+    moved."""
+    params = [p for p in module.parameters() if p.device.type == "cpu" and p.is_contiguous()
+              and p.numel() * p.element_size() >= smallest]
+    sizes = [-(-p.numel() * p.element_size() // ALIGN) * ALIGN for p in params]
+    if not params:
+        return 0
+    arena, at = empty(sum(sizes)), 0
+    with torch.no_grad():
+        for p, size in zip(params, sizes):
+            view = arena[at:at + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+            view.copy_(p.data)
+            p.data = view
+            at += size
+    return at
+
+
 def backed(tensors: Sequence[torch.Tensor]) -> tuple[int, int]:
     """(bytes in huge pages of the mappings that hold `tensors`, at most their bytes; their bytes), from
     /proc/self/smaps; (0, bytes) where that cannot be read."""

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import hugepages
 from .config import UsageError
 from .lean_layers import rotate_half
 
@@ -278,6 +279,8 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
         raise UsageError(f"--model {spec}: no tokenizer could be loaded from {where}")
     if placement is None:
         hf.to(dev)
+        if dev.type == "cpu":  # a CPU decode step streams every weight: from 2 MiB pages it streams ~2x faster
+            hugepages.rehome_parameters(hf)
     hf.eval()
     model = LayeredModel(hf, tok, name=name, core=core)
     model.dtype_choice = dtype_why
@@ -680,7 +683,14 @@ class LayeredModel:
                 "checkpoint": self.checkpoint, "sliding_window": self.window, "core": self.core_summary(),
                 "dtype_choice": self.dtype_choice,
                 "exits": self.exits.describe() if self.exits is not None else None,
-                "device_map": self.device_map_summary()}
+                "device_map": self.device_map_summary(), "weights_in_huge_pages": self.huge_pages_summary()}
+
+    def huge_pages_summary(self) -> Optional[str]:
+        """How much of the CPU weights sits in 2 MiB pages (harness.hugepages), e.g. "538 of 538 MB"; None off CPU."""
+        if self.device.type != "cpu":
+            return None
+        huge, total = hugepages.backed(list(self.hf.parameters()))
+        return f"{huge / 1e6:.0f} of {total / 1e6:.0f} MB"
 
     def device_map_summary(self) -> Optional[dict]:
         """Device -> number of decoder layers on it (None without a device map)."""

@@ -40,3 +40,21 @@ def test_an_arena_is_backed_by_huge_pages_where_linux_offers_them():
     assert total == 4 * hugepages.HUGE
     assert huge >= hugepages.HUGE  # compaction may fail for some pages on a busy machine, not for all of them
     assert hugepages.backed([torch.ones(10)])[1] == 40
+
+
+def test_rehome_parameters_moves_each_parameter_once_and_keeps_ties_and_values():
+    emb = torch.nn.Embedding(4096, 64)
+    head = torch.nn.Linear(64, 4096, bias=False)
+    head.weight = emb.weight  # tied, as the embedded model's head is
+    norm = torch.nn.LayerNorm(64)  # under the size floor: stays where it is
+    model = torch.nn.ModuleDict({"emb": emb, "head": head, "norm": norm})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    norm_ptr = norm.weight.data_ptr()
+    moved = hugepages.rehome_parameters(model)
+    assert moved == 4096 * 64 * 4
+    assert head.weight is emb.weight and emb.weight.data_ptr() % hugepages.HUGE == 0
+    assert norm.weight.data_ptr() == norm_ptr
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+    x = torch.randn(3, 64)
+    assert torch.equal(head(x), x @ before["emb.weight"].T)
