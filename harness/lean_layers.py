@@ -115,8 +115,11 @@ class PackedLinear:
     pre-packed for oneDNN (CPU), or plain `F.linear` where packing does not pay."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], pack: bool,
-                 packed_rows: tuple[int, int] = (1, 1 << 62), native: bool = False):
+                 packed_rows: tuple[int, int] = (1, 1 << 62), native: bool = False, native_f32: bool = False):
         self.weight = weight.detach()
+        # fp32 verification passes (2..ROWS rows) on the native kernel, on the weight as it is (no copy)
+        self.native_f32 = native_f32 and weight.dtype == torch.float32 and weight.device.type == "cpu" \
+            and self.weight.is_contiguous() and (bias is None or bias.dtype == torch.float32)
         self.packed_rows = packed_rows  # input rows (positions) for which the packed kernel runs
         self.bias = bias.detach() if bias is not None else None
         self.packed = None
@@ -141,6 +144,10 @@ class PackedLinear:
         if self.native is not None and rows <= native_bf16.ROWS and x.dtype == torch.bfloat16:
             y = self.native(x.reshape(rows, shape[-1]).contiguous())
             return y.view(*shape[:-1], y.shape[-1])
+        if self.native_f32 and 2 <= rows <= native_bf16.ROWS and x.dtype == torch.float32:
+            y = native_bf16.linear_f32(x.reshape(rows, shape[-1]), self.weight,
+                                       None if self.bias is None else self.bias.contiguous())
+            return y.view(*shape[:-1], y.shape[-1])
         if self.packed is None or not self.packed_rows[0] <= rows <= self.packed_rows[1]:
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.packed, self.bias, "none", [], "")
@@ -161,6 +168,12 @@ def wants_native(dtype: torch.dtype, device: torch.device, core: str) -> bool:
 def native_products(dtype: torch.dtype, device: torch.device, core: str) -> bool:
     """Whether the native bf16 kernel runs the small products: where the core asks for it and it builds."""
     return wants_native(dtype, device, core) and native_bf16.library() is not None
+
+
+def native_f32_products(dtype: torch.dtype, device: torch.device, core: str) -> bool:
+    """Whether fp32 verification passes (2..native_bf16.ROWS positions) run the native fp32 product: CPU fp32 under
+    --core lean where the kernels build. One-position steps and prefill keep MKL either way."""
+    return core == "lean" and device.type == "cpu" and dtype == torch.float32 and native_bf16.library() is not None
 
 
 def pack_head(dtype: torch.dtype, device: torch.device) -> bool:
@@ -200,7 +213,7 @@ def lean_supported(layer: nn.Module) -> bool:
 class LeanLayer:
     """One decoder layer's weights, fused and (maybe) packed, and its forward on a StaticKV."""
 
-    def __init__(self, layer: nn.Module, index: int, pack: bool, native: bool = False):
+    def __init__(self, layer: nn.Module, index: int, pack: bool, native: bool = False, native_f32: bool = False):
         attn, mlp = layer.self_attn, layer.mlp
         self.head_dim = attn.head_dim
         self.q_dim = attn.q_proj.weight.shape[0]
@@ -220,11 +233,12 @@ class LeanLayer:
             self.qkv = PackedLinear(*_fused([attn.q_proj, attn.k_proj, attn.v_proj]), True, native=native)
             self.gate_up = PackedLinear(*_fused([mlp.gate_proj, mlp.up_proj]), True, native=native)
         else:
-            self.q, self.k, self.v = (PackedLinear(p.weight, p.bias, False) for p in (attn.q_proj, attn.k_proj,
-                                                                                      attn.v_proj))
-            self.gate, self.up = (PackedLinear(p.weight, p.bias, False) for p in (mlp.gate_proj, mlp.up_proj))
-        self.o = PackedLinear(attn.o_proj.weight, attn.o_proj.bias, pack, native=native)
-        self.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias, pack, native=native)
+            self.q, self.k, self.v = (PackedLinear(p.weight, p.bias, False, native_f32=native_f32)
+                                      for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+            self.gate, self.up = (PackedLinear(p.weight, p.bias, False, native_f32=native_f32)
+                                  for p in (mlp.gate_proj, mlp.up_proj))
+        self.o = PackedLinear(attn.o_proj.weight, attn.o_proj.bias, pack, native=native, native_f32=native_f32)
+        self.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias, pack, native=native, native_f32=native_f32)
         self.act = mlp.act_fn
         if native:  # the layer's prepared weights in one huge-page arena: a decode step streams all of them
             native_bf16.rehome([lin.native for lin in self.linears() if lin.native is not None])
@@ -317,16 +331,17 @@ class LeanCore:
         self.pack = pack_layers(dtype, device)
         self.pack_head = pack_head(dtype, device)
         self.native = native_products(dtype, device, core)
+        self.native_f32 = native_f32_products(dtype, device, core)
         self.native_missing = wants_native(dtype, device, core) and not self.native  # asked for, could not build
         if self.native_missing:
             native_bf16.warn_unavailable()
         self.dtype, self.core = dtype, core
-        self.layers = [LeanLayer(layer, i, self.pack, self.native) for i, layer in enumerate(layers)]
+        self.layers = [LeanLayer(layer, i, self.pack, self.native, self.native_f32) for i, layer in enumerate(layers)]
         self.head = self.head_version = None
         self.full_head(lm_head)
 
     def refresh(self, i: int, layer: nn.Module) -> LeanLayer:
-        self.layers[i] = LeanLayer(layer, i, self.pack, self.native)
+        self.layers[i] = LeanLayer(layer, i, self.pack, self.native, self.native_f32)
         return self.layers[i]
 
     def full_head(self, lm_head: nn.Linear) -> PackedLinear:
@@ -334,7 +349,7 @@ class LeanCore:
         version = _version(lm_head.weight)
         if version != self.head_version:
             self.head = PackedLinear(lm_head.weight, lm_head.bias, self.pack_head, head_packed_rows(self.dtype),
-                                     native=self.native)
+                                     native=self.native, native_f32=self.native_f32)
             if self.head.native is not None:
                 native_bf16.rehome([self.head.native])
             self.head_version = version
@@ -351,6 +366,9 @@ class LeanCore:
             prepared = [lin.native.data for lin in linears if lin.native is not None]
             huge, total = hugepages.backed(prepared)
             library["native_weights_in_huge_pages"] = f"{huge / 1e6:.0f} of {total / 1e6:.0f} MB"
+        if self.native_f32:  # fp32 verification passes native, one-position steps and prefill the library's
+            for key, lin in (("layer_kernel", layer.o), ("head_kernel", self.head)):
+                library[key] = f"native-fp32 (2-{native_bf16.ROWS} positions), {library[key]}"
         out = {"core": self.core, **library, "kv_cache": "preallocated"}
         if self.native_missing:
             out["native_kernel"] = native_bf16.status()  # why it is not running

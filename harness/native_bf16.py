@@ -14,6 +14,9 @@ Why hand-written kernels (measured on the team's 2-core AVX512-BF16 CPU, the 30 
   live in 2 MiB pages (rehome, harness.hugepages): with both, a one-position pass after 400 cached positions fell
   from 23.7 to 17.6 ms, and 8 positions from 29.0 to 20.4 (medians of 6 runs interleaved with the earlier kernels).
   Above `ROWS` positions (prefill) oneDNN runs.
+- fp32 verification passes (2..ROWS positions, linear_f32): MKL's small-M path ran 8 rows of the layers' products
+  at 2.0x one row (40.7 against 20.8 ms, weights in huge pages); this kernel at 1.26x (26.2 ms). One-position
+  steps and prefill keep MKL, whose arithmetic the fp32 golden tokens are pinned to.
 It builds only where it can: Linux on x86-64 with AVX512-BF16, a C compiler (`$CC`, else `cc`) and torch's OpenMP
 runtime already in the process (the kernel's threads are then torch's). Elsewhere `status()` says why and the lean
 core keeps oneDNN.
@@ -113,7 +116,7 @@ def _load() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
         return None, f"could not load {target.name}: {e}"
     product = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3  # x, weight, bias, y, M, N, K
     signatures = {
-        "ee_linear_bf16": product, "ee_linear_bf16_amx": product,
+        "ee_linear_bf16": product, "ee_linear_bf16_amx": product, "ee_linear_f32": product,
         "ee_layer_bf16": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
                           ctypes.c_void_p, ctypes.c_float] + [ctypes.POINTER(_WeightStruct)] * 4
         + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int64],
@@ -206,6 +209,17 @@ def rehome(weights: Sequence[Weight]) -> None:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x (rows <= ROWS, K) @ weight (N, K).T (+ bias), bf16 in and out, CPU (the weight prepared on each call)."""
     return Weight(weight, bias)(x.contiguous())
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """fp32 x (2..ROWS rows, K) @ weight (N, K).T (+ bias) for verification passes: the weight streamed once, each
+    row's result independent of the number of rows (ee_linear_f32). weight and bias contiguous fp32 on CPU."""
+    rows, k = x.shape
+    x = x.contiguous()
+    y = torch.empty((rows, weight.shape[0]), dtype=torch.float32)
+    _lib.ee_linear_f32(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
+                       rows, weight.shape[0], k)
+    return y
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, scale: float) -> torch.Tensor:

@@ -37,6 +37,22 @@ def test_linear_matches_a_float_reference_and_each_row_is_computed_alone(rows, n
 
 
 @needs_native
+@pytest.mark.parametrize("rows,n,k,bias", [(2, 1536, 576, False), (8, 1001, 577, True), (16, 13, 40, True),
+                                           (5, 7, 1100, True), (3, 49152 // 64, 576, False)])
+def test_fp32_verification_product_matches_float64_and_each_row_is_computed_alone(rows, n, k, bias):
+    g = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g) * 0.05
+    b = torch.randn(n, generator=g) if bias else None
+    got = native_bf16.linear_f32(x, w, b)
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    for i in range(rows):  # the same bits in a pass of 2 rows as among all of them (one row runs MKL instead)
+        pair = native_bf16.linear_f32(torch.stack([x[i], x[(i + 1) % rows]]), w, b)
+        assert torch.equal(pair[0], got[i])
+
+
+@needs_native
 @pytest.mark.parametrize("amx", KINDS)
 @pytest.mark.parametrize("heads,kv_heads,dim,q_len,end", [(9, 3, 64, 5, 700), (12, 2, 128, 16, 37), (4, 4, 48, 3, 19)])
 def test_attention_is_causal_softmax_attention_per_query_and_batch_invariant(heads, kv_heads, dim, q_len, end, amx,

@@ -125,6 +125,93 @@ void ee_linear_bf16(const uint16_t *x, const uint16_t *W, const float *bias, uin
     }
 }
 
+/* -- fp32 products for verification passes ----------------------------------------------------------------------
+ * y = x @ W.T (+ bias) in fp32 for 2 <= M <= 16 rows (a one-position step keeps MKL's gemv, whose arithmetic the
+ * fp32 golden tokens are pinned to). MKL and oneDNN run 8 rows at ~1.8x one row here (compute-bound small-M
+ * paths); this streams the row-major weight once, 4 rows at a time against up to 4 inputs, 16 lanes per FMA, one
+ * accumulator per element with chunks of 16 along K in order, so each row's result does not depend on M. */
+static inline void block4_f32(const float *w, const float *x, int64_t K, const int Q, int prefetch, float out[4][4]) {
+    __m512 a[4][4];
+    const int64_t chunks = K / 16;
+    const __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++)
+#pragma GCC unroll 4
+        for (int q = 0; q < Q; q++) a[r][q] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; c++) {
+        if (prefetch) { /* a chunk is one cache line per row */
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w + r * K + 16 * c + PREFETCH / 2), _MM_HINT_T1);
+        }
+        __m512 xv[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < Q; q++) xv[q] = _mm512_loadu_ps(x + q * K + 16 * c);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const __m512 wv = _mm512_loadu_ps(w + r * K + 16 * c);
+#pragma GCC unroll 4
+            for (int q = 0; q < Q; q++) a[r][q] = _mm512_fmadd_ps(wv, xv[q], a[r][q]);
+        }
+    }
+    if (tail) {
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(tail, w + r * K + 16 * chunks);
+#pragma GCC unroll 4
+            for (int q = 0; q < Q; q++)
+                a[r][q] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + q * K + 16 * chunks), a[r][q]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++)
+#pragma GCC unroll 4
+        for (int q = 0; q < Q; q++) out[q][r] = _mm512_reduce_add_ps(a[r][q]);
+}
+
+void ee_linear_f32(const float *x, const float *W, const float *bias, float *y, int64_t M, int64_t N, int64_t K) {
+    const int64_t blocks = (N + 3) / 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n = 4 * b, rows = n + 4 <= N ? 4 : N - n;
+        float wpad[4 * 1024]; /* the last block's missing rows, when N % 4 != 0 and K <= 1024 */
+        const float *w = W + n * K;
+        if (rows < 4) {
+            if (K > 1024) { /* rare shapes: row by row with the same arithmetic (a block of one) */
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t r = 0; r < rows; r++) {
+                        __m512 a = _mm512_setzero_ps();
+                        int64_t c = 0;
+                        for (; c + 16 <= K; c += 16)
+                            a = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * K + c), _mm512_loadu_ps(x + m * K + c), a);
+                        if (c < K) {
+                            const __mmask16 t = (__mmask16)((1u << (K - c)) - 1);
+                            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, w + r * K + c), _mm512_maskz_loadu_ps(t, x + m * K + c), a);
+                        }
+                        const float v = _mm512_reduce_add_ps(a);
+                        y[m * N + n + r] = bias ? v + bias[n + r] : v;
+                    }
+                continue;
+            }
+            memset(wpad, 0, sizeof(float) * 4 * K);
+            memcpy(wpad, w, sizeof(float) * rows * K);
+            w = wpad;
+        }
+        for (int64_t m = 0; m < M; m += 4) {
+            const int Q = M - m < 4 ? (int)(M - m) : 4;
+            float out[4][4];
+            const int pf = m == 0 && rows == 4;
+            switch (Q) {
+            case 1: block4_f32(w, x + m * K, K, 1, pf, out); break;
+            case 2: block4_f32(w, x + m * K, K, 2, pf, out); break;
+            case 3: block4_f32(w, x + m * K, K, 3, pf, out); break;
+            default: block4_f32(w, x + m * K, K, 4, pf, out); break;
+            }
+            for (int q = 0; q < Q; q++)
+                for (int64_t r = 0; r < rows; r++) y[(m + q) * N + n + r] = bias ? out[q][r] + bias[n + r] : out[q][r];
+        }
+    }
+}
+
 /* e^x, 16 lanes, each lane alone: Cephes' expf polynomial on x - n ln2 with |x - n ln2| <= ln2/2, scaled by 2^n;
  * below -87 it is 0 (fp32 underflow), above ~88.7 infinity. ~1 ulp, like libm's expf. */
 static inline __m512 exp_ps(__m512 x) {
