@@ -7,6 +7,8 @@ reading the weights once costs at the copy bandwidth measured on the same machin
 """
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -70,34 +72,49 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256, reps: int = 5) ->
 def measure(model, context: int = 400, max_k: int = 16, reps: int = 7, ks=None, quick: bool = False) -> CostCurve:
     """Time one pass over k new positions (layers, head, both) after `context` cached positions.
 
+    Interleaved: each repetition times every k in turn (after one untimed warm-up of each), so that a machine
+    whose speed drifts during the measurement moves all k alike and the ratios between them stay true.
     `quick` (the runner's per-invocation curve): the layers are not timed alone but taken as full pass - head."""
     m = model
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, m.vocab_size, (1, context), generator=gen).to(m.device)
     cache = m.new_cache()
     m.run_layers(m.embed(ids), 0, m.num_layers, cache, 0)
-    points = []
-    for k in (ks or range(1, max_k + 1)):
+    ks = list(ks or range(1, max_k + 1))
+    parts: dict[int, dict] = {}
+    for k in ks:
         x = torch.randint(0, m.vocab_size, (1, k), generator=gen).to(m.device)
         h0 = m.embed(x)
         rope = m.rope(h0, context)
-        out = {}
+        out: dict = {}
 
-        def layers():
+        def layers(h0=h0, rope=rope, out=out):
             out["h"] = m.run_layers(h0, 0, m.num_layers, cache, context, rope=rope)
             m.crop(cache, context)
 
-        def head():
+        def head(out=out):
             m.exit_logits(out["h"])
 
-        def both():
+        def both(layers=layers, head=head):
             layers()
             head()
 
-        t_total = median_time(both, m.synchronize, reps)
-        t_head = median_time(head, m.synchronize, reps)
-        t_layers = t_total - t_head if quick else median_time(layers, m.synchronize, reps)
-        points.append(CostPoint(k=k, layers=t_layers, head=t_head, total=t_total))
+        parts[k] = {"total": both, "head": head} if quick else {"total": both, "head": head, "layers": layers}
+        both()  # warm-up
+    times: dict[tuple[int, str], list[float]] = {(k, name): [] for k in ks for name in parts[k]}
+    for _ in range(reps):
+        for k in ks:
+            for name, fn in parts[k].items():
+                m.synchronize()
+                t = time.perf_counter()
+                fn()
+                m.synchronize()
+                times[(k, name)].append(time.perf_counter() - t)
+    points = []
+    for k in ks:
+        total, head = (statistics.median(times[(k, n)]) for n in ("total", "head"))
+        layers = total - head if quick else statistics.median(times[(k, "layers")])
+        points.append(CostPoint(k=k, layers=layers, head=head, total=total))
     m.reset_counters()
     weight_bytes = sum(p.numel() * p.element_size() for p in m.hf.parameters())
     copy, read = copy_bandwidth(m.device), read_bandwidth(m.device)
