@@ -213,9 +213,10 @@ class RunConfig:
                     "native bf16 (AVX512-BF16/AMX) bfloat16 only if a one-time measurement finds it >= 11%% faster "
                     "than float32 (cached per machine), else float32; run.json model.dtype_choice says which and why")
     core: str = _f("lean", "model core: lean = the harness's own layer forward (preallocated KV cache, packed "
-                   "kernels; fp32 logits identical to transformers'; on a CPU in bf16, native batch-invariant "
-                   "kernels for passes of <= 16 positions, so speculative bf16 output equals autoregressive bf16 "
-                   "output, where they build: run.json model.core says), lean-library = the same forward on "
+                   "kernels; fp32 steps' logits identical to transformers', fp32 verification passes of 2-16 "
+                   "positions on a native product; on a CPU in bf16, native batch-invariant kernels for passes of "
+                   "<= 16 positions, so speculative bf16 output equals autoregressive bf16 output, where they "
+                   "build: run.json model.core says), lean-library = the same forward on "
                    "oneDNN/MKL and SDPA only, transformers = transformers' decoder layers (the reference path, for "
                    "A/B checks)", choices=("lean", "lean-library", "transformers"))
     warmup: int = _f(1, "untimed warm-up generations before measuring: each configuration once on the first prompt; "
