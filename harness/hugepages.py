@@ -34,17 +34,28 @@ def empty(nbytes: int) -> torch.Tensor:
     return base[start:start + nbytes]
 
 
+def _padded(t: torch.Tensor) -> int:
+    """Bytes `t` takes in an arena: its own, rounded up to a cache line."""
+    return -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+
+
+def _slots(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Uninitialised views shaped like `tensors`, one after another (each on a cache line) in one huge-page arena;
+    its pages are only allocated as they are written."""
+    sizes = [_padded(t) for t in tensors]
+    arena, at, out = empty(sum(sizes)), 0, []
+    for t, size in zip(tensors, sizes):
+        out.append(arena[at:at + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
+        at += size
+    return out
+
+
 def copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Contiguous copies of CPU `tensors`, one after another in one huge-page arena (one mapping, so that only its
     last page can be partly used)."""
-    sizes = [-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors]
-    arena = empty(sum(sizes))
-    out, at = [], 0
-    for t, size in zip(tensors, sizes):
-        view = arena[at:at + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    out = _slots(tensors)
+    for view, t in zip(out, tensors):
         view.copy_(t)
-        out.append(view)
-        at += size
     return out
 
 
@@ -55,17 +66,13 @@ def rehome_parameters(module: torch.nn.Module, smallest: int = 1 << 16) -> int:
     moved."""
     params = [p for p in module.parameters() if p.device.type == "cpu" and p.is_contiguous()
               and p.numel() * p.element_size() >= smallest]
-    sizes = [-(-p.numel() * p.element_size() // ALIGN) * ALIGN for p in params]
     if not params:
         return 0
-    arena, at = empty(sum(sizes)), 0
     with torch.no_grad():
-        for p, size in zip(params, sizes):
-            view = arena[at:at + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+        for p, view in zip(params, _slots(params)):
             view.copy_(p.data)
             p.data = view
-            at += size
-    return at
+    return sum(_padded(p) for p in params)
 
 
 def backed(tensors: Sequence[torch.Tensor]) -> tuple[int, int]:

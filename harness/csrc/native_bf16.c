@@ -197,28 +197,12 @@ void ee_linear_f32(const float *x, const float *W, const float *bias, float *y, 
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n = 4 * b, rows = n + 4 <= N ? 4 : N - n;
-        float wpad[4 * 1024]; /* the last block's missing rows, when N % 4 != 0 and K <= 1024 */
         const float *w = W + n * K;
+        float *pad = NULL; /* the last block, when N % 4 != 0: its rows, then zero rows */
         if (rows < 4) {
-            if (K > 1024) { /* rare shapes: row by row with the same arithmetic (a block of one) */
-                for (int64_t m = 0; m < M; m++)
-                    for (int64_t r = 0; r < rows; r++) {
-                        __m512 a = _mm512_setzero_ps();
-                        int64_t c = 0;
-                        for (; c + 16 <= K; c += 16)
-                            a = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * K + c), _mm512_loadu_ps(x + m * K + c), a);
-                        if (c < K) {
-                            const __mmask16 t = (__mmask16)((1u << (K - c)) - 1);
-                            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, w + r * K + c), _mm512_maskz_loadu_ps(t, x + m * K + c), a);
-                        }
-                        const float v = _mm512_reduce_add_ps(a);
-                        y[m * N + n + r] = bias ? v + bias[n + r] : v;
-                    }
-                continue;
-            }
-            memset(wpad, 0, sizeof(float) * 4 * K);
-            memcpy(wpad, w, sizeof(float) * rows * K);
-            w = wpad;
+            pad = calloc(4 * (size_t)K, sizeof(float));
+            memcpy(pad, w, sizeof(float) * rows * K);
+            w = pad;
         }
         for (int64_t m = 0; m < M; m += 4) {
             const int Q = M - m < 4 ? (int)(M - m) : 4;
@@ -233,6 +217,7 @@ void ee_linear_f32(const float *x, const float *W, const float *bias, float *y, 
             for (int q = 0; q < Q; q++)
                 for (int64_t r = 0; r < rows; r++) y[(m + q) * N + n + r] = bias ? out[q][r] + bias[n + r] : out[q][r];
         }
+        free(pad);
     }
 }
 
@@ -336,7 +321,7 @@ static inline __attribute__((always_inline)) void weigh_values(const float *p, c
 #pragma GCC unroll 16
     for (int64_t l = 0; l < lanes; l++) {
         acc[l] = _mm512_setzero_ps();
-        mask[l] = D - 16 * l >= 16 ? 0xffff : (__mmask16)((1u << (D - 16 * l)) - 1);
+        mask[l] = lanes_left(D - 16 * l);
     }
     for (int64_t j = 0; j < n; j++) {
         const __m512 pj = _mm512_set1_ps(p[j]);
@@ -394,13 +379,13 @@ static void attend(const uint16_t *q, const uint16_t *kh, const uint16_t *vh, ui
         float *sg = scores + g * n;
         __m512 vmax = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < n; j += 16) {
-            const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+            const __mmask16 m = lanes_left(n - j);
             vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, sg + j));
         }
         const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
         __m512 vsum = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
-            const __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+            const __mmask16 m = lanes_left(n - j);
             const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + j), top));
             _mm512_mask_storeu_ps(sg + j, m, e);
             vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
@@ -576,14 +561,13 @@ void ee_layer_bf16(uint16_t *h, int64_t M, int64_t d, const uint16_t *in_w, floa
     run_linear(gate_up, x, gu, M, d);
     for (int64_t m = 0; m < M; m++) /* SiLU(gate) * up, 16 lanes at a time (each lane alone: per element) */
         for (int64_t i = 0; i < inter; i += 16) {
-            const __mmask16 mask = inter - i >= 16 ? 0xffff : (__mmask16)((1u << (inter - i)) - 1);
-            const __m512 g = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(mask, gu + m * 2 * inter + i));
-            const __m512 u = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(mask, gu + m * 2 * inter + inter + i));
+            const __mmask16 mask = lanes_left(inter - i);
+            const __m512 g = load_bf16(gu + m * 2 * inter + i, mask);
+            const __m512 u = load_bf16(gu + m * 2 * inter + inter + i, mask);
             const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
             const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-            /* round SiLU to bf16 (as the module graph does), multiply by up, round again: cvtne is RNE like round_bf16 */
-            const __m512 sr = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(silu));
-            _mm256_mask_storeu_epi16(act + m * inter + i, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sr, u)));
+            /* round SiLU to bf16 (as the module graph does), multiply by up, round again */
+            store_bf16(act + m * inter + i, _mm512_mul_ps(round_ps(silu), u), mask);
         }
     run_linear(down, act, res, M, inter);
     add_residual(h, res, M * d);
