@@ -147,11 +147,11 @@ shipped: setup
 	$(PY) -m harness.report $(SHIPPED)/runs --out $(SHIPPED)/report
 
 # Reference results on the embedded model (docs/reference_results.md; hours on a 2-core CPU): every method and
-# transformers peer on the four tasks, 20 examples each, with the shipped trained exits and without them (the
-# methods that read exits), then the report (regenerable byte for byte from the logs: tests/test_reference.py)
-# and exit diagnostics. Logs are gzipped (deterministically) to keep the committed folder small.
+# transformers peer on the four tasks, 10 examples each (full prompts, at most 64 new tokens, the default dtype),
+# with the shipped trained exits and without them (the methods that read exits), then the report (regenerable
+# byte for byte from the logs: tests/test_reference.py) and exit diagnostics. Logs are gzipped (deterministically) to keep the committed folder small.
 RESULTS := results/reference
-REF_RUN := --dataset all --num_samples 20 --max_steps 24 --max_prompt_tokens 384 --seed 0
+REF_RUN := --dataset all --num_samples 10 --max_steps 64 --seed 0
 REF_EXTRA := autoregressive:exit_layer=12,calm:confidence=contrastive:vocab_reduction=decaying:threshold=0.9
 REF_DYNAMIC := dynamic:criteria=cosine_similarity,dynamic:criteria=token_repeat,dynamic:criteria=entropy_based
 REF_DYNAMIC := $(REF_DYNAMIC),dynamic:criteria=max_probability,dynamic:criteria=convergence

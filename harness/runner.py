@@ -20,6 +20,7 @@ from .metrics import METRICS
 from .model import LayeredModel, load_model
 from .provenance import data_sha256, environment, invocation_cost_curve, sha256_of, speculation_verdict, trained_note
 from .shards import merge_over_ranks, read_run_info, shard_dir
+from .speedup_model import predicted
 from .tasks import DATA_DIR, Example, Task, get_task, load_examples
 
 
@@ -155,7 +156,7 @@ class Benchmark:
         if verdict and "recosted_from" in verdict and not control:
             was = verdict["recosted_from"]
             said = (f"{verdict['knobs']} predicted {verdict['predicted_speedup']:.2f}x" if verdict["speculate"] else
-                    f"don't speculate (best {verdict['best']['predicted_speedup']:.2f}x)")
+                    f"don't speculate (best {predicted(verdict['best'])})")
             print(f"{self.generator.name}: the exit artifact's self-speculation recommendation was timed on "
                   f"{was['costed_on']['device']} {was['costed_on']['dtype']} ({was.get('knobs')}); re-costed on {self.model.device.type} {dtype} from its acceptance pattern: "
                   f"{said}", file=sys.stderr)
@@ -165,8 +166,8 @@ class Benchmark:
                   f"(predicted {verdict.get('predicted_speedup', float('nan')):.2f}x there); this run is "
                   f"{self.model.device.type} {dtype}, where that prediction was not made", file=sys.stderr)
         if verdict and not verdict["speculate"] and not control:
-            print(f"{self.generator.name}: the exit artifact's recommender predicts no self-speculative setting at or "
-                  f"above 1.0x on this machine (best {verdict['best'].get('predicted_speedup', float('nan')):.2f}x): "
+            print(f"{self.generator.name}: the exit artifact's recommender predicts no self-speculative setting "
+                  f"clearly above 1.0x on this machine (best {predicted(verdict['best'])}): "
                   "don't speculate; running the untrained defaults as asked", file=sys.stderr)
         room = self.model.max_context - self.max_steps  # the prompt and the generation must fit the context
         if room < 1:

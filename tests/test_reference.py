@@ -58,9 +58,6 @@ def test_each_invocation_ran_one_commit_of_this_repository(runs):
             assert subprocess.run(["git", "merge-base", "--is-ancestor", sha, "HEAD"], cwd=ROOT).returncode == 0, sha
 
 
-@pytest.mark.xfail(strict=True, reason="the committed logs of the tasks after the first in each invocation record "
-                   "a -dirty commit (docs/reference_results.md); issue 18 re-makes them from committed code, and "
-                   "then this test passes and the marker must go")
 def test_reference_logs_were_made_from_committed_code(runs):
     dirty = sorted({c for v in _commits(runs).values() for c in v if not c or c.endswith("-dirty")})
     assert not dirty, dirty

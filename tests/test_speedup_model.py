@@ -1,5 +1,6 @@
 """The self-speculation speed model on hand-computed cases: `simulate` walks the generator's steps exactly, and
-`best_setting` picks the fastest setting or says "don't speculate" when none is predicted at or above 1.0x."""
+`best_setting` picks the fastest setting, and the verdict says "don't speculate" unless that setting's interval
+lies above 1.0x."""
 from __future__ import annotations
 
 import pytest
@@ -65,25 +66,42 @@ def test_best_setting_picks_the_fastest_setting_and_vocabulary():
     # k = 1 on the rows: t = 0 (one agreeing draft, emits 2, 2 + 5 = 7 s), t = 2 (the same, 7 s), t = 4 (room 0,
     # a plain step, 5 s): 19 s -> 25 / 19, below k = 2's 25 / 16; the full head: 25 / 17.5 (k = 2), 25 / 20 (k = 1)
     assert len(table) == 4
-    assert best["speculate"] is True
     assert (best["exit_layer"], best["num_speculations"], best["draft_vocab"]) == (1, 2, 100)
     assert best["predicted_speedup"] == pytest.approx(25 / 16)
     k1 = next(r for r in table if r["num_speculations"] == 1 and r["draft_vocab"] == 100)
     assert k1["predicted_speedup"] == pytest.approx(25 / 19)
 
 
-def test_best_setting_says_dont_speculate_when_nothing_reaches_one():
+def test_best_setting_when_nothing_reaches_one():
     # the draft exit never agrees, confidence 0.4 everywhere; E = 1, 4 positions.
     # threshold 0: k = 1: t = 0,1,2 one rejected draft each (2 + 5 = 7 s), t = 3 plain (5 s): 26 s -> 20 / 26;
     #   k = 2: 9 + 9 + 7 + 5 = 30 s -> 20 / 30
     # threshold 0.5: every attempt stops at once (0.4 < 0.5), the state is reused: 2 + 4 = 6 s for t = 0,1,2,
     #   then room 0 at t = 3 (5 s): 23 s -> 20 / 23 for k = 1 and k = 2 alike; the first of the tie is kept
     best, table = best_setting({1: ([False] * 4, [0.4] * 4)}, unit_costs(), ks=(1, 2), thresholds=(0.0, 0.5))
-    assert best["speculate"] is False
     assert best["predicted_speedup"] == pytest.approx(20 / 23)
     assert (best["num_speculations"], best["draft_threshold"]) == (1, 0.5)
     assert sorted(round(r["predicted_speedup"], 6) for r in table) == sorted(
         round(x, 6) for x in (20 / 26, 20 / 23, 20 / 30, 20 / 23))
+
+
+def test_the_verdict_speculates_only_when_the_interval_lies_above_one():
+    """A point prediction above 1.0x is not enough: one prompt that drafts well and one that does not pool to
+    1.29x, but resampling the prompts reaches 0.63x, so the verdict is "don't speculate" with no knobs."""
+    from harness.speedup_model import verdict, worth_speculating
+
+    good, poor = [True] * 11 + [False], [False] * 3 + [True]
+    mixed = {(1, 100): ([good, poor], [[1.0] * 12, [1.0] * 4])}
+    rec, _ = verdict(mixed, mixed[(1, 100)], 1, unit_costs(), 3)
+    assert rec["best"]["predicted_speedup"] == pytest.approx(80 / 62)  # 16 tokens: 80 s of AR against 62 s
+    assert rec["best"]["predicted_speedup_ci95"][0] < 1.0 < rec["best"]["predicted_speedup_ci95"][1]
+    assert rec["speculate"] is False and rec["knobs"] == {}
+    assert rec["predicted_speedup"] == rec["untrained_default"]["predicted_speedup"]
+    both_good = {(1, 100): ([good, good], [[1.0] * 12, [1.0] * 12])}
+    rec, _ = verdict(both_good, mixed[(1, 100)], 1, unit_costs(), 3)
+    assert rec["speculate"] is True and rec["knobs"]["exit_layer"] == 1
+    assert rec["best"]["predicted_speedup_ci95"][0] > 1.0
+    assert not worth_speculating((0.98, 1.05)) and not worth_speculating((1.0, 1.2)) and worth_speculating((1.01, 1.2))
 
 
 def test_recommendation_reads_the_recorded_verdict():

@@ -194,15 +194,15 @@ class SelfSpeculative(Generator):
         m, c = self.model, self.config
         L, e = m.num_layers, c.exit_layer
         if e is None:
-            from ..speedup_model import recommendation
+            from ..speedup_model import predicted, recommendation
 
             rec = recommendation(m.exits) if m.exits is not None and self.artifact_key() == "self_speculative" \
                 else None
             if rec is not None and not rec["speculate"]:  # the exits were given, and their verdict here is "don't"
-                best = rec.get("best", {}).get("predicted_speedup", float("nan"))
-                raise UsageError(f"{self.name}: the exit artifact's recommender predicts no setting at or above 1.0x "
+                raise UsageError(f"{self.name}: the exit artifact's recommender predicts no setting clearly above 1.0x "
                                  f"on this {m.device.type} in {str(m.dtype).removeprefix('torch.')} (best "
-                                 f"{best:.2f}x): don't speculate; pass --exit_layer E to run it anyway")
+                                 f"{predicted(rec.get('best', {}))}): don't speculate; pass --exit_layer E to run it "
+                                 "anyway")
             raise UsageError(f"{self.name} needs --exit_layer E (the draft depth, 1..L-1), or trained exits that "
                              "recommend one (--exits)")
         if e >= L:

@@ -44,6 +44,18 @@ def never_engaged(run: dict) -> bool:
     return bool(reads_exits(info) and layers and decoded and all(x == layers for x in decoded))
 
 
+def against_verdict(run: dict) -> str:
+    """What the exit artifact's recommender predicted when it said "don't speculate" for a configuration that ran
+    anyway (run.json model.speculation_verdict; the method then runs its untrained defaults, as asked), e.g.
+    "best 1.02x [0.98-1.05]"; "" where it said speculate, or gave no verdict."""
+    from ..speedup_model import predicted
+
+    v = field(run["run"], "model", "speculation_verdict")
+    if not isinstance(v, dict) or v.get("speculate") is not False or run["run"].get("control"):
+        return ""
+    return "best " + predicted(v.get("best") or {})
+
+
 def acceptance_by_position(run: dict) -> Optional[list[float]]:
     """Per draft position i = 1..K (K the longest draft of the run): of the steps that drafted at least i tokens, the
     share whose accepted count (accept_length - 1) reached i. None without step_drafts and accept_lengths."""

@@ -88,6 +88,18 @@ def never_engaged_note(rows: pd.DataFrame, where: bool = False) -> list[str]:
             + ", ".join(n + (f" ({', '.join(dict.fromkeys(ds))})" if where else "") for n, ds in names.items()) + "."]
 
 
+def against_verdict_note(rows: pd.DataFrame) -> list[str]:
+    """The note naming rows that ran although their exit artifact's recommender said "don't speculate" (report.csv
+    `against_verdict`), so that a slow row is read as the untrained defaults it is, not as the recommendation."""
+    said = [f"{tagged(r)} ({r['against_verdict']})" for _, r in rows.iterrows()
+            if isinstance(r.get("against_verdict"), str) and r["against_verdict"]]
+    if not said:
+        return []
+    return ["Run against its exit artifact's verdict (the recommender predicted no setting clearly above 1.0x on "
+            "this device and dtype and said don't speculate; the method ran its untrained defaults as asked): "
+            + ", ".join(said) + "."]
+
+
 def findings(g: pd.DataFrame) -> list[str]:
     """The prose of one (model, dataset) table: a speedup or a quality delta is stated only when its 95% CI
     excludes no effect; degenerate rows are never a finding, whatever their speedup."""
@@ -104,6 +116,7 @@ def findings(g: pd.DataFrame) -> list[str]:
                      "whatever the speedup): " + ", ".join(f"{tagged(r)} ({r['flag'].split('(')[1]}"
                                                            for _, r in degenerate.iterrows()) + ".")
     notes += never_engaged_note(rows)
+    notes += against_verdict_note(rows)
     rows = rows[~rows["degenerate"].astype(bool)]
     speed: dict = {}
     for _, r in rows.iterrows():

@@ -152,6 +152,7 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
         per = consistency.per_example(run, base)
         row.update(consistency.means(per.values()) if per else {})
         row["never_engaged"] = guards.never_engaged(run)
+        row["against_verdict"] = guards.against_verdict(run)
         per_example_consistency[info["run_id"]] = per
         rows.append(row)
     df = pd.DataFrame(rows, columns=_COLUMNS)
@@ -181,6 +182,7 @@ _COLUMNS = [
     "speedup_note", "n_paired", *SPEEDUP_COLS, "oracle_speedup", "latency_ratio",
     *[c for k in QUALITY for c in (f"delta_{k}", f"delta_{k}_ci95_low", f"delta_{k}_ci95_high", f"delta_{k}_n")],
     *EXACT_COUNTS, "real_margin_max", "tolerance", *consistency.COLUMNS, "never_engaged",
+    "against_verdict",
 ]
 
 

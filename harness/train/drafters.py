@@ -12,7 +12,7 @@ on those tokens: at each position the draft module's caches hold exactly what ge
 draft's correctness and confidence are recorded, and costs are timed on the same copy: a draft pass (median over the
 fit) and a verification pass over q positions (speedup_model.measure_costs). A walk along each sequence then
 predicts the speedup of every (draft length, threshold) under the method's stop rule; the best is recommended, or
-"don't speculate" when none reaches 1.0x.
+"don't speculate" when its 95% interval does not lie above 1.0x (speedup_model.worth_speculating).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import UsageError, _f
+from ..speedup_model import worth_speculating
 from ..trained_exits import ExitArtifact
 from .common import TrainConfig, documents_record, greedy_continuations_of, source_records, split_source
 
@@ -276,11 +277,12 @@ def by_position(fit: ChainFit) -> list[dict]:
 
 
 def recommend(fit: ChainFit, stop: str, ks: Sequence[int]) -> tuple[dict, list[dict]]:
-    """The best (draft length, threshold) by predicted speedup under the stop rule; speculate False below 1.0x."""
+    """The best (draft length, threshold) by predicted speedup under the stop rule; speculate only where its
+    interval lies above 1.0x (speedup_model.worth_speculating)."""
     table = [predict(fit, k, th, stop) for k in ks for th in THRESHOLDS]
     best = max(table, key=lambda r: r["predicted_speedup"])
-    best = {**best, "interval": interval(fit, best["num_speculations"], best["draft_threshold"], stop),
-            "speculate": best["predicted_speedup"] >= 1.0}
+    ci = interval(fit, best["num_speculations"], best["draft_threshold"], stop)
+    best = {**best, "interval": ci, "speculate": worth_speculating(ci)}
     return best, sorted(table, key=lambda r: -r["predicted_speedup"])[:10]
 
 

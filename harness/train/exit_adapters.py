@@ -13,8 +13,8 @@ so that the shared LM head reads the shallow state as if it came from the last l
 - at the end it measures this machine's layer and head costs, generates the full model's greedy continuations
   of held-out prompts (the last --holdout_docs documents of each --data source, which no recipe trains on) and
   recommends the self-speculative exit layer, draft length, draft-confidence threshold and draft vocabulary with
-  the highest predicted speedup on them (harness/speedup_model.py), or recommends not to speculate when no
-  setting is predicted at or above 1.0x. `self_speculative` uses the recommendation when no --exit_layer is
+  the highest predicted speedup on them (harness/speedup_model.py), or recommends not to speculate when the
+  best setting's 95% interval does not lie above 1.0x (speedup_model.worth_speculating). `self_speculative` uses the recommendation when no --exit_layer is
   given; "don't speculate" leaves it at its untrained defaults (recommended.self_speculative = {}) and is
   recorded with the predictions in provenance.exit_adapters.recommendation (speedup_model.recommendation).
 The final layer is untouched by construction. Trained exits are candidate-vocabulary exits (the model scores
