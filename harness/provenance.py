@@ -23,13 +23,20 @@ from .tasks import DATA_DIR, Task
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> Optional[str]:
-    """HEAD (+ "-dirty" if tracked files differ), read once per process: the code this process loaded at its
-    start, even if the working tree is edited while a long run goes on (benchmark.py calls it first thing)."""
-    root = Path(__file__).resolve().parents[1]
+    """HEAD (+ "-dirty" if tracked files outside results/ differ), read once per process: the code this process
+    loaded at its start, even if the working tree is edited while a long run goes on (benchmark.py calls it first
+    thing)."""
+    return commit_of(Path(__file__).resolve().parents[1])
+
+
+def commit_of(root: Path) -> Optional[str]:
+    """`root`'s HEAD (+ "-dirty" if tracked files outside results/ differ), None outside a git checkout. results/
+    holds what the harness writes: `make results` first removes the committed logs it replaces, and that must not
+    make its own runs look as if uncommitted code had made them."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results"], cwd=root, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     if sha.returncode != 0:
@@ -70,7 +77,10 @@ def speculation_verdict(generator: Generator) -> Optional[dict]:
 def invocation_cost_curve(model: LayeredModel) -> Optional[dict]:
     """The core's cost curve (k = 1, 2, 4, 8 after 400 cached positions; harness.cost_curve), measured once per
     loaded model (~3 s here) so that every run.json says what a pass cost in this invocation; None where a pass
-    is not cheap to time (weights offloaded by a device map)."""
+    is not cheap to time (weights offloaded by a device map), or where $EE_HARNESS_COST_CURVE is 0 (the test suite's
+    many short CLI runs; the report's oracle column is then blank)."""
+    if os.environ.get("EE_HARNESS_COST_CURVE", "1") == "0":
+        return None
     if getattr(model, "cost_curve", None) is None:
         if model.device_map and any(v in ("cpu", "disk") for v in model.device_map.values()):
             return None

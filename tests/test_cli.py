@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,9 +17,9 @@ from harness.model import hub_reachable
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script, *args, stdin=None):
+def run(script, *args, stdin=None, env=None):
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          cwd=ROOT, input=stdin, timeout=600)
+                          cwd=ROOT, input=stdin, timeout=600, env=env)
 
 
 def assert_one_line_error(proc, needle):
@@ -29,8 +30,9 @@ def assert_one_line_error(proc, needle):
 
 
 def test_benchmark_writes_the_documented_run_log(tmp_path):
+    curve_on = {**os.environ, "EE_HARNESS_COST_CURVE": "1"}  # conftest leaves it out of the other runs
     proc = run("benchmark.py", "--dataset", "gsm8k", "--num_samples", "2", "--max_steps", "12", "--n_shot", "1",
-               "--exit_layer", "20", "--output_dir", str(tmp_path), "--warmup", "1")
+               "--exit_layer", "20", "--output_dir", str(tmp_path), "--warmup", "1", env=curve_on)
     assert proc.returncode == 0, proc.stderr
     assert "| decode ms/token (median)" in proc.stdout
     (run_dir,) = tmp_path.iterdir()
@@ -38,6 +40,9 @@ def test_benchmark_writes_the_documented_run_log(tmp_path):
     assert set(info) == {f.name for f in dataclasses.fields(RunInfo)}
     assert info["strategy"] == "autoregressive" and info["knobs"] == {"exit_layer": 20}
     assert info["model"]["num_layers"] == 30 and info["environment"]["packages"]["torch"]
+    curve = info["cost_curve"]  # the invocation's own: k = 1, 2, 4, 8 after 400 cached positions
+    assert [p["k"] for p in curve["points"]] == [1, 2, 4, 8] and curve["context"] == 400
+    assert all(p["total"] > 0 for p in curve["points"]) and curve["floor"] > 0
     lines = (run_dir / "examples.jsonl").read_text().splitlines()
     assert len(lines) == 2
     fields = {f.name for f in dataclasses.fields(ExampleRecord)}

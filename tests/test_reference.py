@@ -35,8 +35,10 @@ def test_every_task_method_and_peer_with_and_without_trained_exits(runs):
             assert sum(bool(r["run"]["control"]) for r in mine) == 1  # each invocation has its A/A control
             attached = {bool(r["run"]["model"]["exits"]) for r in mine}
             assert attached == {exits == "trained_exits"}
+    examples = {"cnn_dm_summarization": 10, "human_eval": 10, "xsum_summarization": 20, "gsm8k": 20}  # REF_SETS
     for r in runs:
-        assert len(r["examples"]) >= 20 and r["summary"]["status"] == "complete"
+        assert len(r["examples"]) == examples[r["run"]["task"]["name"]] and r["summary"]["status"] == "complete"
+        assert r["run"]["generation"]["max_steps"] == 64 and r["run"]["run"]["max_prompt_tokens"] is None
 
 
 def _commits(runs) -> dict:
@@ -113,3 +115,22 @@ def test_reference_report_tables_show_no_run_id_as_a_figure(runs):
     xsum = md.split("### xsum_summarization (")[1].split("\n### ")[0]
     line = next(x for x in xsum.splitlines() if x.startswith("| autoregressive exit_layer=12 [trained exits]"))
     assert "nothing to time" in line and "degenerate (20/20 empty)" in line
+
+
+def test_a_run_is_dirty_for_edited_code_not_for_what_make_results_removes(tmp_path):
+    """`make results` removes the committed logs before it writes new ones: its runs must still record a clean
+    commit, while an edit to a tracked file elsewhere marks them -dirty."""
+    from harness.provenance import commit_of
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    (tmp_path / "results" / "reference").mkdir(parents=True)
+    (tmp_path / "results" / "reference" / "old.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "c"]):
+        subprocess.run(git + cmd, check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert commit_of(tmp_path) == head
+    (tmp_path / "results" / "reference" / "old.json").unlink()
+    assert commit_of(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert commit_of(tmp_path) == head + "-dirty"
