@@ -7,14 +7,12 @@ reading the weights once costs at the copy bandwidth measured on the same machin
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .model import synchronize
-from .speedup_model import median_time
+from .speedup_model import interleaved_medians, median_time
 
 
 @dataclass
@@ -100,20 +98,11 @@ def measure(model, context: int = 400, max_k: int = 16, reps: int = 7, ks=None, 
             head()
 
         parts[k] = {"total": both, "head": head} if quick else {"total": both, "head": head, "layers": layers}
-        both()  # warm-up
-    times: dict[tuple[int, str], list[float]] = {(k, name): [] for k in ks for name in parts[k]}
-    for _ in range(reps):
-        for k in ks:
-            for name, fn in parts[k].items():
-                m.synchronize()
-                t = time.perf_counter()
-                fn()
-                m.synchronize()
-                times[(k, name)].append(time.perf_counter() - t)
+    t = interleaved_medians({(k, name): fn for k in ks for name, fn in parts[k].items()}, m.synchronize, reps)
     points = []
     for k in ks:
-        total, head = (statistics.median(times[(k, n)]) for n in ("total", "head"))
-        layers = total - head if quick else statistics.median(times[(k, "layers")])
+        total, head = t[(k, "total")], t[(k, "head")]
+        layers = total - head if quick else t[(k, "layers")]
         points.append(CostPoint(k=k, layers=layers, head=head, total=total))
     m.reset_counters()
     weight_bytes = sum(p.numel() * p.element_size() for p in m.hf.parameters())

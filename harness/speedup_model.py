@@ -51,6 +51,23 @@ def median_time(fn, sync, reps: int = 7) -> float:
     return statistics.median(ts)
 
 
+def interleaved_medians(fns: dict, sync, reps: int = 7) -> dict:
+    """Median seconds of each of `fns` (name -> callable), after one untimed warm-up of each: every repetition times
+    all of them in turn, so that a machine whose speed drifts while they are timed (just after a model loads, say)
+    moves them alike and the ratios between them, which are what a verdict or a cost curve reads, stay true."""
+    for fn in fns.values():
+        fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 @torch.inference_mode()
 def measure_costs(model, rows: Optional[torch.Tensor] = None, context: int = 512, max_q: int = 8) -> Costs:
     """Time a layer, the full head and the reduced head on this model and device at `context` positions."""
@@ -58,26 +75,30 @@ def measure_costs(model, rows: Optional[torch.Tensor] = None, context: int = 512
     ids = torch.randint(0, m.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(m.device)
     cache = m.new_cache()
     m.run_layers(m.embed(ids), 0, 1, cache, 0)
-    layer_chunk, head = {}, {}
+    fns: dict = {}
     for q in range(1, max_q + 1):
         h = torch.randn(1, q, m.hidden_size, device=m.device, dtype=m.dtype)
         rope = m.rope(h, context)
 
-        def one_layer():
+        def one_layer(h=h, rope=rope):
             m.run_layers(h, 0, 1, cache, context, rope=rope)
             m.crop(cache, context, [0])
 
-        layer_chunk[q] = median_time(one_layer, m.synchronize)
-        head[q] = median_time(lambda: m.exit_logits(h), m.synchronize)
+        fns[("layer", q)] = one_layer
+        fns[("head", q)] = lambda h=h: m.exit_logits(h)
     h1 = torch.randn(1, 1, m.hidden_size, device=m.device, dtype=m.dtype)
-    head_rows = median_time(lambda: m.exit_logits(h1, rows), m.synchronize) if rows is not None else head[1]
-    adapter = 0.0
+    if rows is not None:
+        fns[("head_rows", 1)] = lambda: m.exit_logits(h1, rows)
     if m.adapters:
         a = next(iter(m.adapters.values()))
-        adapter = median_time(lambda: a(h1), m.synchronize)
+        fns[("adapter", 1)] = lambda: a(h1)
+    t = interleaved_medians(fns, m.synchronize, reps=15)
     m.reset_counters()
-    return Costs(layer=layer_chunk[1], layer_chunk=layer_chunk, head=head, head_rows=head_rows, adapter=adapter,
-                 context=context, layer_count=m.num_layers, rows=0 if rows is None else int(rows.numel()))
+    layer_chunk = {q: t[("layer", q)] for q in range(1, max_q + 1)}
+    head = {q: t[("head", q)] for q in range(1, max_q + 1)}
+    return Costs(layer=layer_chunk[1], layer_chunk=layer_chunk, head=head, head_rows=t.get(("head_rows", 1), head[1]),
+                 adapter=t.get(("adapter", 1), 0.0), context=context, layer_count=m.num_layers,
+                 rows=0 if rows is None else int(rows.numel()))
 
 
 def _walk(agree: Sequence[bool], conf: Sequence[float], E: int, k: int, threshold: float, costs: Costs,

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT / "results" / "reference"
 TASKS = {"cnn_dm_summarization", "xsum_summarization", "human_eval", "gsm8k"}
 TRAINED = {"autoregressive", "self_speculative", "hybrid_speculative", "calm", "free", "dynamic", "policy",
-           "hf_generate", "hf_prompt_lookup", "hf_assistant_early_exit"}
+           "prompt_lookup", "kangaroo", "eagle", "hf_generate", "hf_prompt_lookup", "hf_assistant_early_exit"}
 UNTRAINED = {"autoregressive", "self_speculative", "hybrid_speculative", "calm", "free", "dynamic"}
 CRITERIA = {"cosine_similarity", "token_repeat", "entropy_based", "max_probability", "convergence"}
 

@@ -155,3 +155,15 @@ def test_a_verdict_timed_elsewhere_is_recosted_where_the_run_happens():
     assert rec["fitted_on"]["decode_positions"] == shipped["fitted_on"]["decode_positions"]
     fp32 = load_model(None, "cpu", "float32", exits="auto")
     assert recommendation(fp32.exits) == shipped
+
+
+def test_costs_are_timed_interleaved_after_one_warm_up_each():
+    """Each repetition times every operation in turn (drift then moves them alike); one untimed warm-up each."""
+    from harness.speedup_model import interleaved_medians
+
+    calls, syncs = [], []
+    out = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                              lambda: syncs.append(1), reps=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+    assert len(syncs) == 2 * 2 * 3  # before and after each timed call
