@@ -214,8 +214,9 @@ def test_exit_adapters_recipe_lowers_loss_and_resumes(model, tmp_path, monkeypat
         gen = build_generator(model, GenerationConfig(generation_strategy="self_speculative", exit_layer=7))
         assert gen.trained_knobs == {} and gen.knobs()["num_speculations"] == 6  # its own defaults
         # without --exit_layer the run is refused with the verdict, not with "needs --exit_layer ... or exits"
-        with pytest.raises(UsageError, match=r"recommender predicts no setting at or above 1\.0x .* don't "
-                                             r"speculate; pass --exit_layer E"):
+        with pytest.raises(UsageError, match=r"recommender predicts no setting clearly above 1\.0x .* "
+                                             r"\(best [0-9.]+x \[[0-9.]+-[0-9.]+\]\): don't speculate; "
+                                             r"pass --exit_layer E"):
             build_generator(model, GenerationConfig(generation_strategy="self_speculative"))
     finally:
         model.set_exits(None)
@@ -242,7 +243,7 @@ def test_shipped_exits_improved_on_held_out_text():
 
 def test_shipped_self_speculation_recommendation_is_honest():
     """The shipped artifact's self-speculation verdict was fitted on greedy continuations of held-out prompts,
-    recommends knobs only when they are predicted at or above 1.0x, and says so otherwise."""
+    recommends knobs only when their interval lies above 1.0x, and says so otherwise."""
     from harness.speedup_model import recommendation
     from harness.trained_exits import shipped_artifacts
 
