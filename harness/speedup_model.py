@@ -40,15 +40,7 @@ class Costs:
 
 def median_time(fn, sync, reps: int = 7) -> float:
     """Median seconds of `fn` over `reps` synchronized runs, after one untimed warm-up run."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return interleaved_medians({"fn": fn}, sync, reps)["fn"]
 
 
 def interleaved_medians(fns: dict, sync, reps: int = 7) -> dict:
