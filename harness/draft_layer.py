@@ -72,14 +72,16 @@ class DraftLayer(nn.Module):
         out.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return out
 
-    def pack(self) -> "DraftLayer":
+    def pack(self, native: bool = False) -> "DraftLayer":
         """For inference: projections through lean_layers.PackedLinear, oneDNN-packed where that pays (bf16 on a
-        CPU: a one-position product costs a third less). Training (autograd on) always uses the modules."""
+        CPU: a one-position product costs a third less), and on the native bf16 product for drafting's few
+        positions where `native` (the trunk's core runs it: lean_layers.native_products). Training (autograd on)
+        always uses the modules."""
         from .lean_layers import PackedLinear, pack_layers
 
         w = self.q_proj.weight
         do = pack_layers(w.dtype, w.device)
-        self._packed = {n: PackedLinear(m.weight, m.bias, do) for n, m in self.named_children()
+        self._packed = {n: PackedLinear(m.weight, m.bias, do, native=native) for n, m in self.named_children()
                         if isinstance(m, nn.Linear)}
         return self
 

@@ -444,6 +444,13 @@ class LayeredModel:
             raise UsageError(f"unknown core {core!r}; choose one of {', '.join(CORES)}")
         self.core, self._lean, self._lean_reason = core, None, None
 
+    def native_products(self) -> bool:
+        """Whether this model's inference core runs the native bf16 products (draft modules then use them too)."""
+        from .lean_layers import native_products
+
+        return self.core != "transformers" and not self.device_map and native_products(self.dtype, self.device,
+                                                                                      self.core)
+
     def core_summary(self) -> dict:
         """Which core runs inference, with which kernels (run.json model.core)."""
         if self.core == "transformers":
@@ -587,7 +594,8 @@ class LayeredModel:
         if adapter is None:
             return h
         self.counters.adapter_flops += adapter.flops() * h.shape[0] * h.shape[1]
-        return adapter(h)
+        lean = self.lean()
+        return adapter(h, lean.product if lean is not None and lean.native else None)
 
     def exit_logits(self, h: torch.Tensor, rows: Optional[torch.Tensor] = None,
                     layer: Optional[int] = None) -> torch.Tensor:
@@ -627,8 +635,11 @@ class LayeredModel:
                 return lean.full_head(self.lm_head)(n)
             return self.lm_head(n)
         self.counters.head_rows += positions * rows.numel()
-        weight = self._exit_weight if rows is self.exit_vocab else self.lm_head.weight[rows.to(self.head_device)]
-        return F.linear(n.to(self.head_device), weight)
+        if rows is self.exit_vocab:  # the candidate rows, gathered once: on the native product where it runs
+            lean = self.lean()
+            product = lean.product(self._exit_weight) if lean is not None else None
+            return product(n) if product is not None else F.linear(n.to(self.head_device), self._exit_weight)
+        return F.linear(n.to(self.head_device), self.lm_head.weight[rows.to(self.head_device)])
 
     def head_flops(self, rows: int) -> int:
         """Multiply-adds x2 of the exit head over `rows` vocabulary rows for one position."""

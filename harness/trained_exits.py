@@ -47,8 +47,10 @@ class ExitAdapter(nn.Module):
         self.down = nn.Linear(width, hidden, bias=False)
         nn.init.zeros_(self.down.weight)  # identity at start: training begins from the untrained exit
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.down(torch.nn.functional.silu(self.up(self.norm(h))))
+    def forward(self, h: torch.Tensor, product=None) -> torch.Tensor:
+        """`product(weight)`: a prepared product for inference (LeanCore.product), else the modules' own."""
+        up, down = (product(self.up.weight), product(self.down.weight)) if product is not None else (self.up, self.down)
+        return h + down(torch.nn.functional.silu(up(self.norm(h))))
 
     def flops(self) -> int:
         """Multiply-adds x2 per position."""

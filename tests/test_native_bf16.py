@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from harness import native_bf16
 from harness.config import GenerationConfig
@@ -131,6 +132,32 @@ def test_greedy_speculative_decoding_in_bf16_is_token_identical_to_autoregressiv
             assert got.tokens == ref, (cfg.generation_strategy, text[:60])
             verified += got.verify_passes or 0
     assert verified > 0
+
+
+@needs_native
+@torch.inference_mode()
+def test_exit_adapters_and_the_candidate_head_run_the_native_product_and_follow_their_weights(bf16_native):
+    """The draft path's small products (an exit adapter's, the candidate-row head) run natively, agree with torch's
+    within bf16 rounding, and are prepared again when a weight changes (a product of stale weights is wrong)."""
+    m = bf16_native
+    lean = m.lean()
+    layer = next(iter(m.adapters))
+    adapter = m.adapters[layer]
+    h = torch.randn(1, 1, m.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    native = m.exit_logits(h, m.exit_vocab, layer=layer).float()
+    torch_path = F.linear(m.norm(adapter(h)), m._exit_weight).float()
+    assert torch.allclose(native, torch_path, rtol=2 ** -6, atol=0.05 * float(torch_path.abs().max()))
+    assert {id(adapter.up.weight), id(adapter.down.weight), id(m._exit_weight)} <= set(lean.products)
+    assert all(lean.products[id(w)][1].native is not None for w in (adapter.up.weight, m._exit_weight))
+    before = lean.product(m._exit_weight)
+    saved = m._exit_weight
+    try:
+        m._exit_weight = saved * 2  # another tensor (set_exits gathers a new one): a new product
+        doubled = m.exit_logits(h, m.exit_vocab, layer=layer).float()
+        assert lean.product(m._exit_weight) is not before
+        assert torch.allclose(doubled, 2 * native, rtol=2 ** -6, atol=0.05 * float(native.abs().max()))
+    finally:
+        m._exit_weight = saved
 
 
 def test_the_library_core_and_an_unbuildable_kernel_are_reported(monkeypatch, tmp_path, capsys):

@@ -56,12 +56,13 @@ class EagleHead(nn.Module):
             out.layer.down_proj.weight.zero_()
         return out
 
-    def pack(self) -> "EagleHead":
-        """For inference: packed products (DraftLayer.pack)."""
+    def pack(self, native: bool = False) -> "EagleHead":
+        """For inference: packed products, native where `native` (DraftLayer.pack)."""
         from ..lean_layers import PackedLinear, pack_layers
 
-        self.layer.pack()
-        self._fc = PackedLinear(self.fc.weight, self.fc.bias, pack_layers(self.fc.weight.dtype, self.fc.weight.device))
+        self.layer.pack(native)
+        self._fc = PackedLinear(self.fc.weight, self.fc.bias, pack_layers(self.fc.weight.dtype, self.fc.weight.device),
+                                native=native)
         return self
 
     def forward(self, emb: torch.Tensor, feat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -89,7 +90,7 @@ def _build(model, art) -> EagleHead:
                                   model.layers[0].self_attn.head_dim)
     head = EagleHead(layer, model.hidden_size)
     head.fc.load_state_dict({"weight": state["fc.weight"], "bias": state["fc.bias"]})
-    return head.to(device=model.head_device, dtype=model.dtype).eval().requires_grad_(False).pack()
+    return head.to(device=model.head_device, dtype=model.dtype).eval().requires_grad_(False).pack(model.native_products())
 
 
 class EagleProposer(ModelProposer):

@@ -77,7 +77,7 @@ def _build(model, art) -> tuple[KangarooAdapter, int]:
     adapter.norm.load_state_dict({"weight": state["norm.weight"]})
     E = int(art.tensors[PREFIX + "exit_layer"])
     adapter = adapter.to(device=model.layer_devices[E - 1], dtype=model.dtype).eval().requires_grad_(False)
-    adapter.layer.pack()
+    adapter.layer.pack(model.native_products())
     return adapter, E
 
 
