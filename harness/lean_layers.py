@@ -117,7 +117,7 @@ class PackedLinear:
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], pack: bool,
                  packed_rows: tuple[int, int] = (1, 1 << 62), native: bool = False, native_f32: bool = False):
         self.weight = weight.detach()
-        # fp32 verification passes (2..ROWS rows) on the native kernel, on the weight as it is (no copy)
+        # fp32 decode passes (F32_MIN_ROWS..ROWS rows) on the native kernel, on the weight as it is (no copy)
         self.native_f32 = native_f32 and weight.dtype == torch.float32 and weight.device.type == "cpu" \
             and self.weight.is_contiguous() and (bias is None or bias.dtype == torch.float32)
         self.packed_rows = packed_rows  # input rows (positions) for which the packed kernel runs
@@ -144,7 +144,7 @@ class PackedLinear:
         if self.native is not None and rows <= native_bf16.ROWS and x.dtype == torch.bfloat16:
             y = self.native(x.reshape(rows, shape[-1]).contiguous())
             return y.view(*shape[:-1], y.shape[-1])
-        if self.native_f32 and 2 <= rows <= native_bf16.ROWS and x.dtype == torch.float32:
+        if self.native_f32 and F32_MIN_ROWS <= rows <= native_bf16.ROWS and x.dtype == torch.float32:
             y = native_bf16.linear_f32(x.reshape(rows, shape[-1]), self.weight,
                                        None if self.bias is None else self.bias.contiguous())
             return y.view(*shape[:-1], y.shape[-1])
@@ -152,6 +152,9 @@ class PackedLinear:
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.packed, self.bias, "none", [], "")
         return y.view(*shape[:-1], y.shape[-1])
+
+
+F32_MIN_ROWS = 1  # fp32 passes of this many positions and up (to native_bf16.ROWS) run the native fp32 product
 
 
 def pack_layers(dtype: torch.dtype, device: torch.device) -> bool:
@@ -171,8 +174,8 @@ def native_products(dtype: torch.dtype, device: torch.device, core: str) -> bool
 
 
 def native_f32_products(dtype: torch.dtype, device: torch.device, core: str) -> bool:
-    """Whether fp32 verification passes (2..native_bf16.ROWS positions) run the native fp32 product: CPU fp32 under
-    --core lean where the kernels build. One-position steps and prefill keep MKL either way."""
+    """Whether fp32 decode passes (1..native_bf16.ROWS positions) run the native fp32 product: CPU fp32 under
+    --core lean where the kernels build. Prefill keeps MKL either way."""
     return core == "lean" and device.type == "cpu" and dtype == torch.float32 and native_bf16.library() is not None
 
 
@@ -182,9 +185,10 @@ def pack_head(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def head_packed_rows(dtype: torch.dtype) -> tuple[int, int]:
-    """Positions for which the packed head runs. fp32: verification sizes only (2-16), so that a one-position
-    step and a prefill keep MKL's exact arithmetic (greedy fp32 tokens stay those of transformers' forward);
-    packed and unpacked fp32 logits differ by ~2e-6 relative."""
+    """Positions for which the packed head runs. fp32: verification sizes only (2-16; where the native fp32
+    product runs, it takes them first), so that a one-position step without it and a prefill keep MKL's exact
+    arithmetic (greedy fp32 tokens stay those of transformers' forward); packed and unpacked fp32 logits differ by
+    ~2e-6 relative."""
     return (2, 16) if dtype == torch.float32 else (1, 1 << 62)
 
 
@@ -382,9 +386,9 @@ class LeanCore:
             prepared = [lin.native.data for lin in linears if lin.native is not None]
             huge, total = hugepages.backed(prepared)
             library["native_weights_in_huge_pages"] = f"{huge / 1e6:.0f} of {total / 1e6:.0f} MB"
-        if self.native_f32:  # fp32 verification passes native, one-position steps and prefill the library's
+        if self.native_f32:  # fp32 decode passes native, prefill the library's
             for key, lin in (("layer_kernel", layer.o), ("head_kernel", self.head)):
-                library[key] = f"native-fp32 (2-{native_bf16.ROWS} positions), {library[key]}"
+                library[key] = f"native-fp32 ({F32_MIN_ROWS}-{native_bf16.ROWS} positions), {library[key]}"
         out = {"core": self.core, **library, "kv_cache": "preallocated"}
         if self.native_missing:
             out["native_kernel"] = native_bf16.status()  # why it is not running

@@ -14,9 +14,13 @@ Why hand-written kernels (measured on the team's 2-core AVX512-BF16 CPU, the 30 
   live in 2 MiB pages (rehome, harness.hugepages): with both, a one-position pass after 400 cached positions fell
   from 23.7 to 17.6 ms, and 8 positions from 29.0 to 20.4 (medians of 6 runs interleaved with the earlier kernels).
   Above `ROWS` positions (prefill) oneDNN runs.
-- fp32 verification passes (2..ROWS positions, linear_f32): MKL's small-M path ran 8 rows of the layers' products
-  at 2.0x one row (40.7 against 20.8 ms, weights in huge pages); this kernel at 1.26x (26.2 ms). One-position
-  steps and prefill keep MKL, whose arithmetic the fp32 golden tokens are pinned to.
+- fp32 decode passes (1..ROWS positions, linear_f32): MKL's small-M path ran 8 rows of the layers' products at
+  2.0x one row (40.7 against 20.8 ms, weights in huge pages); this kernel at 1.26x (26.2 ms). One-position steps
+  run it too: on an AMD EPYC (AVX512-BF16, no AMX) MKL's one-row product was 2.4-3.2x slower than this kernel
+  (the 49k-row head 7.1 against 2.9 ms, medians of 30 interleaved repetitions), so an fp32 autoregressive
+  baseline on MKL made every verification pass look cheap (0.55x a step). Greedy fp32 tokens did not move: 40 of
+  40 real prompts (CNN/DM, XSum, GSM8K, HumanEval; 64 tokens; bench/f32_step_kernel.py) gave the same tokens on
+  either kernel. Prefill keeps MKL: the lean core's fp32 prefill logits are transformers', bit for bit.
 It builds only where it can: Linux on x86-64 with AVX512-BF16, a C compiler (`$CC`, else `cc`) and torch's OpenMP
 runtime already in the process (the kernel's threads are then torch's). Elsewhere `status()` says why and the lean
 core keeps oneDNN.
@@ -212,7 +216,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 
 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """fp32 x (2..ROWS rows, K) @ weight (N, K).T (+ bias) for verification passes: the weight streamed once, each
+    """fp32 x (1..ROWS rows, K) @ weight (N, K).T (+ bias) for decode passes: the weight streamed once, each
     row's result independent of the number of rows (ee_linear_f32). weight and bias contiguous fp32 on CPU."""
     rows, k = x.shape
     x = x.contiguous()
