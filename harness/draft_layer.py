@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native_bf16
 from .lean_layers import LayerKV, rotate_half
 
 
@@ -83,6 +84,7 @@ class DraftLayer(nn.Module):
         do = pack_layers(w.dtype, w.device)
         self._packed = {n: PackedLinear(m.weight, m.bias, do, native=native) for n, m in self.named_children()
                         if isinstance(m, nn.Linear)}
+        self._native = native and w.dtype == torch.bfloat16 and w.device.type == "cpu" and self.head_dim <= 256
         return self
 
     def proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +109,11 @@ class DraftLayer(nn.Module):
         if kv is not None:
             past = kv.length
             ks, vs = kv.append(ks, vs)
+            if getattr(self, "_native", False) and b == 1 and q <= native_bf16.ROWS and not torch.is_grad_enabled():
+                # drafting: the native attention over the cache (torch's SDPA for one query over ~600 cached
+                # positions cost ~1 ms here, as much as the rest of the draft step)
+                a = native_bf16.attention(qs, kv.k, kv.v, kv.length, self.head_dim ** -0.5)
+                return self._rest(h, a)
         groups = self.heads // self.kv_heads
         if groups > 1:
             ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
@@ -115,7 +122,11 @@ class DraftLayer(nn.Module):
         else:  # a chunk after cached positions: causal, aligned to the bottom right
             allowed = torch.arange(past + q, device=h.device)[None, :] <= past + torch.arange(q, device=h.device)[:, None]
             a = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed)
-        h = h + self.proj("o_proj", a.transpose(1, 2).reshape(b, q, -1))
+        return self._rest(h, a.transpose(1, 2).reshape(b, q, -1))
+
+    def _rest(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """After attention (a: (b, q, heads * head_dim)): the output projection, residual and the MLP if any."""
+        h = h + self.proj("o_proj", a)
         if self.mlp_width:
             x = self.post_attention_layernorm(h)
             h = h + self.proj("down_proj", F.silu(self.proj("gate_proj", x)) * self.proj("up_proj", x))

@@ -160,6 +160,32 @@ def test_exit_adapters_and_the_candidate_head_run_the_native_product_and_follow_
         m._exit_weight = saved
 
 
+@needs_native
+@torch.inference_mode()
+def test_a_draft_layer_attends_natively_as_torch_does(bf16_native):
+    """A draft module's layer (the shipped EAGLE head's) drafting after a cache: native attention and products
+    against its torch path (SDPA, oneDNN), one position and a catch-up chunk, within bf16 rounding."""
+    from harness.generators import eagle
+    from harness.lean_layers import LayerKV
+
+    m = bf16_native
+    layer = eagle.stored(m).layer
+    assert layer._native and layer._packed["q_proj"].native is not None
+    x = torch.randn(1, 300, m.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    cos, sin = m.rotary(x, 0)
+    try:
+        for q in (1, 3):
+            outs = []
+            for native in (True, False):
+                layer.pack(native)
+                kv = LayerKV()
+                layer(x[:, :290], cos[:, :290], sin[:, :290], kv)
+                outs.append(layer(x[:, 290:290 + q], cos[:, 290:290 + q], sin[:, 290:290 + q], kv).float())
+            assert torch.allclose(outs[0], outs[1], rtol=2 ** -6, atol=2 ** -6 * float(outs[1].abs().max()))
+    finally:
+        layer.pack(True)
+
+
 def test_the_library_core_and_an_unbuildable_kernel_are_reported(monkeypatch, tmp_path, capsys):
     from harness.lean_layers import native_products
 
