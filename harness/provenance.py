@@ -58,12 +58,21 @@ def environment(device: torch.device) -> dict:
 
 
 def speculation_verdict(generator: Generator) -> Optional[dict]:
-    """The attached artifact's self-speculation recommendation, for the methods it is about (else None)."""
-    from .speedup_model import costed_on, recommendation
+    """The attached artifact's speculation verdict for this method: the exit adapters' self-speculation
+    recommendation, or a trained drafter's (speedup_model.drafter_verdict); None for other methods."""
+    from .speedup_model import costed_on, drafter_verdict, recommendation
 
     art = getattr(generator.model, "exits", None)
-    if art is None or generator.artifact_key() != "self_speculative":
+    if art is None:
         return None
+    if generator.artifact_key() != "self_speculative":
+        v = drafter_verdict(art, generator.artifact_key())
+        if v is None:
+            return None
+        hardware = (art.provenance.get(generator.drafter_name()) or {}).get("hardware") \
+            if hasattr(generator, "drafter_name") else None
+        return dict(v, fitted_dtype=v["costed_on"]["dtype"], fitted_device=v["costed_on"]["device"],
+                    fitted_hardware=hardware)
     rec = recommendation(art)
     if rec is None:
         return None

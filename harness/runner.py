@@ -148,8 +148,10 @@ class Benchmark:
             print(f"{self.generator.name}: calibrated {', '.join(sorted(skipped['knobs']))} not taken: the exit artifact "
                   f"was calibrated in {skipped['calibrated_dtype']} and this run is {skipped['run_dtype']} (its "
                   f"guarantee does not transfer); --dtype {skipped['calibrated_dtype']} uses it", file=sys.stderr)
-        self.verdict = speculation_verdict(self.generator)  # the artifact's self-speculation verdict, if it has one
+        self.verdict = speculation_verdict(self.generator)  # the artifact's speculation verdict, if it has one
         verdict = self.verdict
+        drafter = self.generator.artifact_key() != "self_speculative"  # a trained drafter's verdict (its recipe's fit)
+        what = "speculation recommendation" if drafter else "self-speculation recommendation"
         dtype = str(self.model.dtype).removeprefix("torch.")
         elsewhere = verdict and (verdict.get("fitted_dtype") not in (None, dtype)
                                  or verdict.get("fitted_device") not in (None, self.model.device.type))
@@ -161,14 +163,17 @@ class Benchmark:
                   f"{was['costed_on']['device']} {was['costed_on']['dtype']} ({was.get('knobs')}); re-costed on {self.model.device.type} {dtype} from its acceptance pattern: "
                   f"{said}", file=sys.stderr)
         if elsewhere and not control:
-            print(f"{self.generator.name}: the exit artifact's self-speculation recommendation was timed on "
+            print(f"{self.generator.name}: the exit artifact's {what} was timed on "
                   f"{verdict.get('fitted_hardware') or verdict.get('fitted_device')} in {verdict['fitted_dtype']} "
-                  f"(predicted {verdict.get('predicted_speedup', float('nan')):.2f}x there); this run is "
+                  f"(predicted {predicted(verdict['best'])} there); this run is "
                   f"{self.model.device.type} {dtype}, where that prediction was not made", file=sys.stderr)
         if verdict and not verdict["speculate"] and not control:
-            print(f"{self.generator.name}: the exit artifact's recommender predicts no self-speculative setting "
-                  f"clearly above 1.0x on this machine (best {predicted(verdict['best'])}): "
-                  "don't speculate; running the untrained defaults as asked", file=sys.stderr)
+            where = ("as timed at its fit" if drafter else "on this machine") if not elsewhere else "where it was timed"
+            print(f"{self.generator.name}: the exit artifact's recommender predicts no "
+                  f"{'' if drafter else 'self-speculative '}setting clearly above 1.0x {where} (best "
+                  f"{predicted(verdict['best'])}): don't speculate; running "
+                  f"{'its defaults without a recommendation' if drafter else 'the untrained defaults'} as asked",
+                  file=sys.stderr)
         room = self.model.max_context - self.max_steps  # the prompt and the generation must fit the context
         if room < 1:
             raise UsageError(f"--max_steps {self.max_steps} leaves no room for a prompt in this model's "

@@ -215,6 +215,41 @@ def predicted(best: dict) -> str:
     return f"{best.get('predicted_speedup', float('nan')):.2f}x" + (f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else "")
 
 
+DRAFTER_RECIPES = ("eagle", "kangaroo")  # recipes whose fit (train/drafters.fit_and_recommend) recommends settings
+
+
+def drafter_verdict(art, key: str) -> Optional[dict]:
+    """A trained drafter's verdict for the artifact key `key` (eagle, kangaroo, self_speculative:drafter=NAME) from
+    its recipe's fit, under today's rule (worth_speculating on the fit's interval: a fit recorded under an earlier
+    rule says what this rule says), shaped as `recommendation`'s; None without a fit for that key. Unlike the exit
+    adapters' verdict it is not re-costed where a run happens: the fit keeps no acceptance pattern."""
+    for recipe in DRAFTER_RECIPES:
+        fit = ((getattr(art, "provenance", None) or {}).get(recipe) or {}).get("fit") or {}
+        best = (fit.get(key) or {}).get("best")
+        if not isinstance(best, dict) or not best.get("interval"):
+            continue
+        go = worth_speculating(best["interval"])
+        on = fit.get("fitted_on") or {}
+        knobs = {k: best[k] for k in ("num_speculations", "draft_threshold") if k in best} if go else {}
+        return {"speculate": go, "rule": RULE, "knobs": knobs,
+                "best": dict(best, predicted_speedup_ci95=best["interval"]),
+                "predicted_speedup": best.get("predicted_speedup") if go else None,
+                "costed_on": {"device": on.get("device"), "dtype": on.get("dtype")}, "fitted_on": on}
+    return None
+
+
+def follow_drafter_rule(art) -> list[str]:
+    """Make the artifact's drafter recommendations say what today's rule says (in memory): a key whose fit does not
+    clear it keeps only its candidate vocabulary, as a fit under the rule writes it. Returns the keys changed."""
+    changed = []
+    for key in list(art.recommended):
+        v = drafter_verdict(art, key)
+        if v is not None and not v["speculate"] and set(art.recommended[key]) - {"draft_vocab"}:
+            art.recommended[key] = {k: x for k, x in art.recommended[key].items() if k == "draft_vocab"}
+            changed.append(key)
+    return changed
+
+
 def recommendation(art) -> Optional[dict]:
     """The self-speculation verdict an exit artifact's `exit_adapters` recipe recorded (None before it recorded
     one): {"speculate": bool, "knobs": what recommended["self_speculative"] holds ({} = don't speculate: the

@@ -272,6 +272,9 @@ def attach(model, spec: Optional[str]) -> Optional[ExitArtifact]:
     model.set_exits(art)
     if art is not None:
         recost_where_run(model, art)
+        from .speedup_model import follow_drafter_rule
+
+        follow_drafter_rule(art)  # a drafter fit recorded under an earlier rule: its knobs follow today's
     return art
 
 

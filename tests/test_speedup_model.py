@@ -167,3 +167,48 @@ def test_costs_are_timed_interleaved_after_one_warm_up_each():
     assert calls == ["a", "b"] + ["a", "b"] * 3
     assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
     assert len(syncs) == 2 * 2 * 3  # before and after each timed call
+
+
+def test_a_drafter_fit_follows_todays_rule():
+    """A trained drafter's fit recorded under the earlier point rule ("speculate" at 1.03x [0.97-1.10]) says don't
+    speculate under the interval rule: its verdict says so and its knobs go (the candidate vocabulary stays); a fit
+    whose interval lies above 1.0x keeps its knobs."""
+    from harness.speedup_model import drafter_verdict, follow_drafter_rule
+
+    def fit(lo, hi):
+        return {"best": {"num_speculations": 2, "draft_threshold": 0.8, "predicted_speedup": (lo + hi) / 2,
+                         "interval": [lo, hi], "speculate": True}}
+
+    art = ExitArtifact(model={}, recommended={
+        "eagle": {"num_speculations": 2, "draft_threshold": 0.8, "draft_vocab": 100},
+        "self_speculative:drafter=eagle": {"num_speculations": 2, "draft_threshold": 0.8, "draft_vocab": 100},
+        "self_speculative": {"exit_layer": 3}},
+        provenance={"eagle": {"fit": {"fitted_on": {"device": "cpu", "dtype": "bfloat16"}, "eagle": fit(0.97, 1.10),
+                                      "self_speculative:drafter=eagle": fit(1.02, 1.2)}}})
+    v = drafter_verdict(art, "eagle")
+    assert v["speculate"] is False and v["knobs"] == {} and v["best"]["predicted_speedup_ci95"] == [0.97, 1.10]
+    assert drafter_verdict(art, "self_speculative:drafter=eagle")["speculate"] is True
+    assert drafter_verdict(art, "self_speculative") is None  # the exit adapters' verdict is `recommendation`'s
+    assert follow_drafter_rule(art) == ["eagle"]
+    assert art.recommended["eagle"] == {"draft_vocab": 100}
+    assert art.recommended["self_speculative:drafter=eagle"]["num_speculations"] == 2
+    assert art.recommended["self_speculative"] == {"exit_layer": 3}
+
+
+def test_the_shipped_drafters_follow_the_rule_when_attached():
+    """Attaching the shipped artifact applies the rule to its drafter fits: a key whose recorded interval does not lie
+    above 1.0x runs without recommended knobs, and says so through its verdict."""
+    from harness.speedup_model import drafter_verdict
+    from harness.trained_exits import shipped_artifacts
+
+    art = ExitArtifact.load(shipped_artifacts()[0])
+    keys = [k for k in art.recommended if drafter_verdict(art, k) is not None]
+    assert keys, "the shipped artifact holds drafter fits"
+    from harness.speedup_model import follow_drafter_rule
+
+    follow_drafter_rule(art)
+    for key in keys:
+        v = drafter_verdict(art, key)
+        assert v["speculate"] == (v["best"]["interval"][0] > 1.0)
+        if not v["speculate"]:
+            assert set(art.recommended[key]) <= {"draft_vocab"}, key

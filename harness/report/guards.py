@@ -46,7 +46,8 @@ def never_engaged(run: dict) -> bool:
 
 def against_verdict(run: dict) -> str:
     """What the exit artifact's recommender predicted when it said "don't speculate" for a configuration that ran
-    anyway (run.json model.speculation_verdict; the method then runs its untrained defaults, as asked), e.g.
+    anyway (run.json model.speculation_verdict; the method then runs its defaults without a recommendation, as
+    asked), e.g.
     "best 1.02x [0.98-1.05]"; "" where it said speculate, or gave no verdict."""
     from ..speedup_model import predicted
 

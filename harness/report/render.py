@@ -96,7 +96,8 @@ def against_verdict_note(rows: pd.DataFrame) -> list[str]:
     if not said:
         return []
     return ["Run against its exit artifact's verdict (the recommender predicted no setting clearly above 1.0x on "
-            "this device and dtype and said don't speculate; the method ran its untrained defaults as asked): "
+            "this device and dtype and said don't speculate; the method ran its defaults without a recommendation, "
+            "as asked): "
             + ", ".join(said) + "."]
 
 
