@@ -1,6 +1,8 @@
 """What one invocation runs: --strategies / --sweep text turned into the list of configurations, baseline first."""
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Optional
 
 from .config import GenerationConfig, UsageError, for_strategy, parse_value
@@ -54,7 +56,23 @@ def expand_strategies(text: str, base: GenerationConfig, num_layers: int, exits=
             continue  # the baseline is already first
         over = {**known[name].spec_defaults(base, over, num_layers, exits), **over}
         configs.append(for_strategy(base, name, **over))
+    unreached(base, configs, text)
     return configs
+
+
+def unreached(base: GenerationConfig, configs: list[GenerationConfig], text: str) -> None:
+    """A knob the user typed for the whole invocation (not generic) must reach at least one configuration with
+    the value typed: `--strategies eagle --exit_layer 3` would otherwise run as if the flag were not there."""
+    from .config import GENERIC_KNOBS
+
+    for name in sorted(set(base.explicit) - set(GENERIC_KNOBS) - {"generation_strategy", "explicit"}):
+        if not any(name in c.explicit and getattr(c, name) == getattr(base, name) for c in configs):
+            takes = [f.metadata.get("methods") for f in dataclasses.fields(base) if f.name == name]
+            who = (f" (it applies to {', '.join(takes[0])})" if takes and takes[0] else
+                   " (it is the draft depth of self-speculative methods, or autoregressive:exit_layer=E for a "
+                   "static exit)" if name == "exit_layer" else "")
+            raise UsageError(f"--{name} reaches none of --strategies {text}{who}: drop it or name a method that "
+                             "takes it")
 
 
 def expand_sweep(items: list[str], base: GenerationConfig) -> list[GenerationConfig]:

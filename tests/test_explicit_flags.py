@@ -53,3 +53,23 @@ def test_explicit_is_not_a_flag_or_a_knob():
     assert "--explicit" not in make_parser("t").format_help()
     with pytest.raises(UsageError):
         parse_value("explicit", "threshold")
+
+
+@pytest.mark.parametrize("strategies,flag,value,reaches", [
+    ("eagle", "exit_layer", "3", False),  # EAGLE drafts from the last layer: no draft depth to take
+    ("prompt_lookup", "threshold", "0.9", False),
+    ("dynamic:criteria=cosine_similarity", "vocab_k", "10", False),  # a sub-mode that ignores it
+    ("eagle,self_speculative", "exit_layer", "3", True),  # reaches self_speculative
+    ("calm,free", "threshold", "0.9", True),
+])
+def test_a_typed_shared_flag_that_reaches_no_strategy_is_refused(strategies, flag, value, reaches):
+    from harness.config import UsageError
+    from harness.plan import expand_strategies
+
+    base = from_args(GenerationConfig, make_parser("t").parse_args([f"--{flag}", value]))
+    if reaches:
+        configs = expand_strategies(strategies, base, 30)
+        assert any(flag in c.explicit and str(getattr(c, flag)) == value for c in configs)
+        return
+    with pytest.raises(UsageError, match=f"--{flag} reaches none of --strategies"):
+        expand_strategies(strategies, base, 30)
