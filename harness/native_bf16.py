@@ -9,7 +9,9 @@ Why hand-written kernels (measured on the team's 2-core AVX512-BF16 CPU, the 30 
   4 one-query calls by ~2e-3 from layer 5 on), so attention over the cache is native too;
 - speed: on AMX (Sapphire Rapids and later) a tile's multiply costs the same for 1 and 16 rows, so the layers'
   products take 10.9 ms at one position and 12.8 ms at 16 (oneDNN's packed kernel: 16.2 and 16.8); on AVX512-BF16
-  alone (AMD Zen 4) one position is as fast (10.9 ms) but each extra row adds compute (16 ms at 8 rows, 30 at 16).
+  alone (AMD Zen 4) one position is as fast (10.9 ms) but each extra row adds compute (16 ms at 8 rows, 30 at 16);
+  there, up to 4 positions run one per pass over a weight block, every pass prefetching the stream ahead, and
+  2-8 positions cost 1.03-1.21x one position instead of 1.22-1.69x (an AMD EPYC, bench/product_rows.py).
   Attention scores run on tiles too (16 keys against up to 8 query heads per multiply), and the prepared weights
   live in 2 MiB pages (rehome, harness.hugepages): with both, a one-position pass after 400 cached positions fell
   from 23.7 to 17.6 ms, and 8 positions from 29.0 to 20.4 (medians of 6 runs interleaved with the earlier kernels).
