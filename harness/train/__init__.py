@@ -16,7 +16,8 @@ from typing import Callable, Optional
 from ..config import UsageError, add_dataclass_args, check_values
 from .common import TrainConfig, seed_everything
 
-RECIPE_MODULES = ("exit_adapters", "layerskip", "calm", "free", "consistentee", "calibrate", "kangaroo", "eagle")
+RECIPE_MODULES = ("exit_adapters", "layerskip", "calm", "free", "consistentee", "calibrate", "kangaroo", "eagle",
+                  "drafter_refit")
 
 # Where each number of the training CLI may lie, as harness.config.check_values reads them: (field, lowest, highest,
 # lowest included). TrainConfig checks its own on construction; a recipe's options are checked by the CLI, where a
