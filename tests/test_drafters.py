@@ -216,3 +216,35 @@ def test_recipes_write_a_drafters_artifact_fit_it_and_resume(tmp_path):
             assert not set(rec["records"]) & set(prov["training_data"][source]["records"])
         assert set(art.recommended[recipe]) >= {"draft_vocab"}
     assert ExitArtifact.load_file(tmp_path / "exits.safetensors").provenance.keys().isdisjoint({"eagle", "kangaroo"})
+
+
+def test_the_shipped_drafters_were_refitted_with_their_recorded_prompts():
+    """make drafter-refit wrote the shipped recommendations: each drafter's fit replayed on the same held-out
+    prompts, the earlier fit's best settings kept, and the recommendation what its fit's interval says."""
+    from harness.speedup_model import worth_speculating
+
+    art = ExitArtifact.load(ROOT / "harness" / "data" / "exits" / ("SmolLM2-135M-Instruct" + SIBLING))
+    for method in ("eagle", "kangaroo"):
+        prov = art.provenance[method]
+        fit = prov["fit"]
+        assert "drafter_refit" in prov["refit"]["command"]
+        assert set(fit["refitted_from"]) >= {"fitted_on", method, f"self_speculative:drafter={method}"}
+        for key in (method, f"self_speculative:drafter={method}"):
+            best = fit[key]["best"]
+            rec = art.recommended[key]
+            if worth_speculating(best["interval"]):
+                assert rec["num_speculations"] == best["num_speculations"]
+                assert rec["draft_threshold"] == best["draft_threshold"]
+            else:
+                assert set(rec) <= {"draft_vocab"}
+
+
+def test_a_refit_needs_an_artifact_with_drafters(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "harness.train", "--recipe", "drafter_refit", "--exits", "none",
+                           "--output", str(tmp_path / "none.safetensors"), "--work_dir", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 2 and "holds no trained drafter" in proc.stderr, proc.stderr[-500:]
+    assert "Traceback" not in proc.stderr
