@@ -248,3 +248,15 @@ def test_a_refit_needs_an_artifact_with_drafters(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 2 and "holds no trained drafter" in proc.stderr, proc.stderr[-500:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_proposal_has_a_fixed_cost_and_a_cost_per_draft():
+    """The fit's draft costs, hand-computed: proposals of 1..8 drafts at 0.5 + 0.6 n ms (one slow outlier among
+    them) give 0.5 ms a proposal and 0.6 ms a draft; one length alone cannot separate them (all per draft)."""
+    from harness.train.drafters import proposal_costs
+
+    timed = [(0.5e-3 + 0.6e-3 * n, n) for n in range(1, 9) for _ in range(3)] + [(9e-3, 8)]
+    fixed, per = proposal_costs(timed)
+    assert fixed == pytest.approx(0.5e-3) and per == pytest.approx(0.6e-3)
+    assert proposal_costs([(4.0e-3, 8), (4.4e-3, 8)]) == (0.0, pytest.approx(0.525e-3))
+    assert proposal_costs([]) == (0.0, 0.0)
