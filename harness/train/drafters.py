@@ -220,7 +220,7 @@ def fit_chains(method: str, art: ExitArtifact, model, cfg: TrainConfig, opts: Dr
                   step_ms=round(1e3 * costs.step(), 3),
                   verify_ms={q: round(1e3 * v, 3) for q, v in verify.items()})
     return ChainFit(chains, draft_pass, verify,
-                    E * costs.layer if E < L else 0.0, costs.step(), record)
+                    E * costs.layer if E < L else 0.0, costs.step(), record, draft_fixed=draft_fixed)
 
 
 def proposal_costs(proposals: Sequence[tuple[float, int]]) -> tuple[float, float]:
