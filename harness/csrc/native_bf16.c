@@ -79,7 +79,7 @@ static inline __m512 hsum16(const __m512 v[16]) {
  * weights are loaded once for Q rows (loads, not multiplies, bound a small-M product once the weights are hot), and
  * summed by one hsum16 (padded with zeros), whose sums do not depend on Q. */
 static inline void block4(const uint16_t *w, const uint16_t *x, int64_t K, int64_t chunks, __mmask32 tail,
-                          const int Q, int prefetch, float out[4][4]) {
+                          const int Q, float out[4][4]) {
     __m512 a[4][4];
 #pragma GCC unroll 4
     for (int r = 0; r < 4; r++)
@@ -87,10 +87,9 @@ static inline void block4(const uint16_t *w, const uint16_t *x, int64_t K, int64
         for (int q = 0; q < Q; q++) a[r][q] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; c++) {
         const uint16_t *wc = w + 32 * c;
-        if (prefetch) {
+        /* every pass prefetches the stream ahead: a later pass over the block keeps it moving while it computes */
 #pragma GCC unroll 4
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(wc + r * K + PREFETCH), _MM_HINT_T1);
-        }
+        for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(wc + r * K + PREFETCH), _MM_HINT_T1);
         __m512bh xv[4];
 #pragma GCC unroll 4
         for (int q = 0; q < Q; q++) xv[q] = (__m512bh)_mm512_loadu_si512(x + q * K + 32 * c);
@@ -137,12 +136,11 @@ void ee_linear_bf16(const uint16_t *x, const uint16_t *W, const float *bias, uin
             const int Q = M - m < step ? (int)(M - m) : step;
             float out[4][4];
             if (n + 4 <= N) {
-                const int pf = 1; /* a later pass's prefetches keep the stream moving while it computes */
                 switch (Q) { /* constant Q per call, so each copy is unrolled with its accumulators in registers */
-                case 1: block4(w, x + m * K, K, chunks, tail, 1, pf, out); break;
-                case 2: block4(w, x + m * K, K, chunks, tail, 2, pf, out); break;
-                case 3: block4(w, x + m * K, K, chunks, tail, 3, pf, out); break;
-                default: block4(w, x + m * K, K, chunks, tail, 4, pf, out); break;
+                case 1: block4(w, x + m * K, K, chunks, tail, 1, out); break;
+                case 2: block4(w, x + m * K, K, chunks, tail, 2, out); break;
+                case 3: block4(w, x + m * K, K, chunks, tail, 3, out); break;
+                default: block4(w, x + m * K, K, chunks, tail, 4, out); break;
                 }
             } else {
                 for (int q = 0; q < Q; q++)

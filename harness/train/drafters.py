@@ -225,9 +225,8 @@ def fit_chains(method: str, art: ExitArtifact, model, cfg: TrainConfig, opts: Dr
 
 def proposal_costs(proposals: Sequence[tuple[float, int]]) -> tuple[float, float]:
     """(seconds per proposal, seconds per draft pass) from timed proposals of varying length: a line through the
-    median time of each length (robust to a slow outlier):
-    a proposal's cost is not all per pass. EAGLE's head first catches up on the verified positions, once per
-    proposal; a fit that drafts chains of 8 and divides by 8 charged runs that draft 1-2 about half of what they pay
+    median time of each length (robust to a slow outlier). A proposal's cost is not all per pass: EAGLE's head first
+    catches up on the verified positions, once per proposal; a fit that drafts chains of 8 and divides by 8 charged runs that draft 1-2 about half of what they pay
     (0.54 ms a pass in the fit, 0.95-1.14 ms in runs of k = 2 and 1 on the AMD EPYC). Where the lengths do not
     vary enough to separate the two, or the fit says a negative part, it is all per pass (the median)."""
     if not proposals:
