@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=400, help="cached positions before the pass")
     p.add_argument("--max_k", type=int, default=16)
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--cores", nargs="+", default=["lean"], choices=["lean", "lean-library", "transformers"],
+    p.add_argument("--cores", nargs="+", default=["lean"], choices=["lean", "lean-library", "lean-graphs", "transformers"],
                    help="which layer core(s) to time (benchmark.py --core)")
     p.add_argument("--out", default="results/core_costs.json")
     args = p.parse_args()

@@ -217,8 +217,10 @@ class RunConfig:
                    "positions on a native product; on a CPU in bf16, native batch-invariant kernels for passes of "
                    "<= 16 positions, so speculative bf16 output equals autoregressive bf16 output, where they "
                    "build: run.json model.core says), lean-library = the same forward on "
-                   "oneDNN/MKL and SDPA only, transformers = transformers' decoder layers (the reference path, for "
-                   "A/B checks)", choices=("lean", "lean-library", "transformers"))
+                   "oneDNN/MKL and SDPA only, lean-graphs = the lean forward with passes of <= 16 positions replayed "
+                   "from CUDA graphs (CUDA only; K/V in a 4096-slot pool), transformers = transformers' decoder "
+                   "layers (the reference path, for A/B checks)",
+                   choices=("lean", "lean-library", "lean-graphs", "transformers"))
     warmup: int = _f(1, "untimed warm-up generations before measuring: each configuration once on the first prompt; "
                         "with several configurations, also this many full-model passes of a few decode steps on "
                         "every prompt before its timed runs")

@@ -277,19 +277,7 @@ class LeanLayer:
         b, q, _ = h.shape
         if self.native_layer and b == 1 and q <= native_bf16.ROWS:
             return native_bf16.layer(h, self, kv, cos, sin)
-        x = self._rms(h, self.in_w, self.in_eps)
-        if self.fused:
-            qs, ks, vs = self.qkv(x).split((self.q_dim, self.kv_dim, self.kv_dim), dim=-1)
-        else:
-            qs, ks, vs = self.q(x), self.k(x), self.v(x)
-        qs = qs.view(b, q, -1, self.head_dim)
-        ks = ks.view(b, q, -1, self.head_dim)
-        if self.q_norm is not None:
-            qs, ks = self.q_norm(qs), self.k_norm(ks)
-        qs, ks, vs = qs.transpose(1, 2), ks.transpose(1, 2), vs.view(b, q, -1, self.head_dim).transpose(1, 2)
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        qs = qs * c + rotate_half(qs) * s
-        ks = ks * c + rotate_half(ks) * s
+        qs, ks, vs = self._project(h, cos, sin)
         keys, values = kv.append(ks, vs)
         if self.native and b == 1 and q <= native_bf16.ROWS and self.head_dim <= 256:
             # batch-invariant attention: each query over its own prefix, as a one-position step computes it
@@ -305,6 +293,39 @@ class LeanLayer:
                 keys = keys.repeat_interleave(self.groups, dim=1)
                 values = values.repeat_interleave(self.groups, dim=1)
             a = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling)
+        h = h + self.o(a.transpose(1, 2).reshape(b, q, -1))
+        return self._mlp(h)
+
+    def _project(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries, keys and values of the new positions, rotated: (b, heads, q, head_dim) each."""
+        b, q, _ = h.shape
+        x = self._rms(h, self.in_w, self.in_eps)
+        if self.fused:
+            qs, ks, vs = self.qkv(x).split((self.q_dim, self.kv_dim, self.kv_dim), dim=-1)
+        else:
+            qs, ks, vs = self.q(x), self.k(x), self.v(x)
+        qs = qs.view(b, q, -1, self.head_dim)
+        ks = ks.view(b, q, -1, self.head_dim)
+        if self.q_norm is not None:
+            qs, ks = self.q_norm(qs), self.k_norm(ks)
+        qs, ks, vs = qs.transpose(1, 2), ks.transpose(1, 2), vs.view(b, q, -1, self.head_dim).transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        return qs * c + rotate_half(qs) * s, ks * c + rotate_half(ks) * s, vs
+
+    def forward_static(self, h: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The same layer on a fixed-capacity K/V buffer, every shape and address fixed (what a CUDA graph
+        captures, harness.cuda_graphs): the new K/V go to `slots` (a device tensor of positions), and each query
+        attends over the whole capacity under `mask` (True where a slot is at or before its own position)."""
+        b, q, _ = h.shape
+        qs, ks, vs = self._project(h, cos, sin)
+        k_buf.index_copy_(2, slots, ks)
+        v_buf.index_copy_(2, slots, vs)
+        keys, values = k_buf, v_buf
+        if self.groups > 1:
+            keys = keys.repeat_interleave(self.groups, dim=1)
+            values = values.repeat_interleave(self.groups, dim=1)
+        a = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling)
         h = h + self.o(a.transpose(1, 2).reshape(b, q, -1))
         return self._mlp(h)
 
@@ -344,6 +365,7 @@ class LeanCore:
         self.head = self.head_version = None
         self.full_head(lm_head)
         self.products: dict = {}  # id(weight) -> (its version, PackedLinear): small modules' products (product())
+        self.graphs = None  # harness.cuda_graphs.GraphPool under --core lean-graphs (LayeredModel.lean sets it)
 
     def refresh(self, i: int, layer: nn.Module) -> LeanLayer:
         self.layers[i] = LeanLayer(layer, i, self.pack, self.native, self.native_f32)
@@ -390,6 +412,8 @@ class LeanCore:
             for key, lin in (("layer_kernel", layer.o), ("head_kernel", self.head)):
                 library[key] = f"native-fp32 ({F32_MIN_ROWS}-{native_bf16.ROWS} positions), {library[key]}"
         out = {"core": self.core, **library, "kv_cache": "preallocated"}
+        if self.graphs is not None:
+            out.update(self.graphs.describe())
         if self.native_missing:
             out["native_kernel"] = native_bf16.status()  # why it is not running
         return out

@@ -256,6 +256,8 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars drown the harness's own output
     dev = resolve_device(device)
+    if core == "lean-graphs" and dev.type != "cuda":
+        raise UsageError(f"--core lean-graphs replays CUDA graphs: it needs a CUDA device (this run is on {dev.type})")
     dt, dtype_why = resolve_dtype_why(dtype, dev)
     name, where, local = resolve_checkpoint(spec)
     hub_error = UsageError(f"--model {spec}: not a local path and could not be fetched from the hub (offline?); "
@@ -347,7 +349,7 @@ class Counters:
     adapter_flops: int = 0  # FLOPs of trained exit adapters applied before the exit head
 
 
-CORES = ("lean", "lean-library", "transformers")
+CORES = ("lean", "lean-library", "lean-graphs", "transformers")
 
 
 class LayeredModel:
@@ -434,6 +436,10 @@ class LayeredModel:
                 self._lean_reason = "layer not reproduced (adapters or another architecture)"
             else:
                 self._lean = LeanCore(self.layers, self.lm_head, self.dtype, self.device, self.core)
+                if self.core == "lean-graphs" and self.device.type == "cuda":
+                    from .cuda_graphs import CAPACITY, GraphPool
+
+                    self._lean.graphs = GraphPool(self._lean, min(CAPACITY, self.max_context), self.device)
             if self._lean is None:
                 return None
         return self._lean
@@ -442,6 +448,9 @@ class LayeredModel:
         """Switch the inference core (bench A/B runs); the lean core is rebuilt on its next use."""
         if core not in CORES:
             raise UsageError(f"unknown core {core!r}; choose one of {', '.join(CORES)}")
+        if core == "lean-graphs" and self.device.type != "cuda":
+            raise UsageError(f"core lean-graphs replays CUDA graphs: it needs a CUDA device (this model is on "
+                             f"{self.device.type})")
         self.core, self._lean, self._lean_reason = core, None, None
 
     def native_products(self) -> bool:
@@ -468,7 +477,11 @@ class LayeredModel:
         # Preallocated per-layer buffers: cropping moves a length, appending writes in place (DynamicCache
         # concatenates the whole K/V per layer per step). transformers' layers use it through `update`. Sliding
         # windows never evict: `rope` refuses sequences past the window instead.
-        return StaticKV()
+        cache = StaticKV()
+        lean = self.lean()
+        if lean is not None and lean.graphs is not None:  # --core lean-graphs: the newest cache uses the graphs' pool
+            lean.graphs.adopt(cache)
+        return cache
 
     @staticmethod
     def cache_length(cache, layer: int) -> int:
@@ -539,6 +552,20 @@ class LayeredModel:
             raise ValueError(f"rope for positions {rope.pos}+{rope.q} used at {pos}+{q}")
         position_ids, pe, mask = rope.position_ids, rope.position_embeddings, rope.mask
         lean = self.lean()
+        graphs = lean.graphs if lean is not None else None
+        if graphs is not None and graphs.serves(cache, start, stop, pos, q, h.shape[0]):
+            for i in range(start, stop):
+                have = self.cache_length(cache, i)
+                if have != pos:
+                    raise KVHoleError(f"layer {i} holds {have} positions but the input starts at position {pos}")
+                if lean.layers[i].stale():  # a captured graph reads the old weights: repack, capture again
+                    lean.refresh(i, self.layers[i])
+                    graphs.graphs.clear()
+            h = graphs.run(h, start, stop, pe[0], pe[1], pos)
+            for i in range(start, stop):
+                cache.layers[i].length = pos + q
+            self.counters.layer_tokens += (stop - start) * q
+            return h
         for i in range(start, stop):
             have = self.cache_length(cache, i)
             if have != pos:

@@ -18,6 +18,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 LOSSLESS = (dict(generation_strategy="self_speculative", exit_layer=8, num_speculations=4),
             dict(generation_strategy="hybrid_speculative", exit_layer=8, num_speculations=4),
             dict(generation_strategy="prompt_lookup"))
+# The trained drafters (the shipped exit artifact's sibling file), alone and in the self-speculation loops.
+DRAFTERS = (dict(generation_strategy="eagle"), dict(generation_strategy="kangaroo"),
+            dict(generation_strategy="self_speculative", drafter="kangaroo"),
+            dict(generation_strategy="hybrid_speculative", drafter="eagle"))
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +38,23 @@ def gpu_model_fp32():
     return load_model(None, "cuda", "float32", exits="none")
 
 
-def _lossless_matches(model, prompts, dtype: str, n: int = 24):
+@pytest.fixture(scope="module")
+def gpu_drafters_fp32():
+    from harness.model import load_model
+
+    m = load_model(None, "cuda", "float32", exits="auto")
+    if m.exits is None or "eagle.fc.weight" not in m.exits.tensors:
+        pytest.skip("the shipped drafters did not attach")
+    return m
+
+
+def _lossless_matches(model, prompts, dtype: str, n: int = 24, methods=LOSSLESS):
     ar = build_generator(model, GenerationConfig())
     out = []
     for text in prompts:
         ids = model.encode(text)
         ref = ar.generate(ids, StopCondition(model, n, eos_ids=set()))
-        for cfg in LOSSLESS:
+        for cfg in methods:
             got = build_generator(model, GenerationConfig(**cfg)).generate(ids, StopCondition(model, n, eos_ids=set()))
             out.append((cfg["generation_strategy"], compare(got.tokens, ref.tokens, ref.top2_gaps, dtype)))
     return out
@@ -60,6 +74,38 @@ def test_lossless_methods_differ_only_at_near_ties_in_bf16_on_the_gpu(gpu_model,
 def test_lossless_methods_are_exact_in_fp32_on_the_gpu(gpu_model_fp32, real_prompts):
     got = _lossless_matches(gpu_model_fp32, real_prompts[:6], "float32")
     assert all(m.kind == "identical" for _, m in got), [g for g in got if g[1].kind != "identical"]
+
+
+@cuda
+@torch.inference_mode()
+def test_trained_drafters_are_exact_in_fp32_on_the_gpu(gpu_drafters_fp32, real_prompts):
+    got = _lossless_matches(gpu_drafters_fp32, real_prompts[:4], "float32", methods=DRAFTERS)
+    assert all(m.kind == "identical" for _, m in got), [g for g in got if g[1].kind != "identical"]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@torch.inference_mode()
+def test_cuda_graphs_replay_the_lean_core(dtype, real_prompts):
+    """--core lean-graphs: its greedy tokens are the eager lean core's (fp32: exactly; bf16: up to near-ties), its
+    lossless methods stay lossless against its own autoregressive output, and the passes did replay graphs."""
+    from harness.model import load_model
+
+    graphs = load_model(None, "cuda", dtype, exits="none", core="lean-graphs")
+    eager = load_model(None, "cuda", dtype, exits="none")
+    kinds = []
+    for text in real_prompts[:4]:
+        ids = graphs.encode(text)
+        a = build_generator(eager, GenerationConfig()).generate(ids, StopCondition(eager, 24, eos_ids=set()))
+        b = build_generator(graphs, GenerationConfig()).generate(ids, StopCondition(graphs, 24, eos_ids=set()))
+        kinds.append(compare(b.tokens, a.tokens, a.top2_gaps, dtype).kind)
+    want = ("identical",) if dtype == "float32" else ("identical", "near-tie")
+    assert all(k in want for k in kinds), kinds
+    got = _lossless_matches(graphs, real_prompts[:4], dtype)
+    assert all(m.kind in want for _, m in got), [g for g in got if g[1].kind not in want]
+    pool = graphs.lean().graphs
+    assert pool.captures >= 3 and pool.replays > 100, pool.describe()
+    assert graphs.core_summary()["graphs_captured"] == pool.captures
 
 
 @cuda

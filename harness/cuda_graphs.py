@@ -1,0 +1,129 @@
+"""Decode passes replayed from CUDA graphs (`--core lean-graphs`): the lean forward without its launch overhead.
+
+Why: on a GPU the embedded model's decode step is bound by the host issuing ~15 small kernels per layer, not by
+the GPU (results/gpu_h200/speed.log: 18.9 ms per token on an H200, where streaming the weights takes 0.1 ms). A
+graph replays a whole layer range's kernels in one launch. This is what the fast-core issue's `--compile` asked
+for on a GPU; torch.compile itself measured little on the team's CPU (the issue's probe: 67 against 71 ms per
+token in fp32), and CUDA graphs need no compiler.
+
+A graph fixes every shape and address, so captured passes run on a K/V pool of fixed capacity: a pass writes its
+new K/V at positions held in a device tensor, and each query attends over the whole capacity under a mask of the
+slots at or before its own position. The newest cache (`LayeredModel.new_cache`) borrows the pool; an older cache
+still alive moves its K/V to private buffers first, and a cache that outgrows the pool runs eagerly. One graph per
+(layer range, positions), captured on first use; prefill and passes over more than MAX_POSITIONS run eagerly.
+
+The same static pass runs eagerly on a CPU (`GraphPool(capture=False)`): the tests check its arithmetic and its
+bookkeeping there; only the capture itself needs a GPU (tests/test_gpu.py).
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Optional
+
+import torch
+
+MAX_POSITIONS = 16  # passes of up to this many new positions replay graphs: decode steps, drafts, verification
+CAPACITY = 4096  # K/V slots in the pool (capped by the model's context); a longer sequence runs eagerly
+
+
+class GraphPool:
+    """A fixed-capacity K/V pool for every layer, and the graphs captured over it."""
+
+    def __init__(self, lean, capacity: int, device: torch.device, capture: bool = True):
+        first = lean.layers[0]
+        kv_heads = first.kv_dim // first.head_dim
+        self.capacity, self.device, self.capture = capacity, device, capture
+        # zeros, not empty: a masked slot still multiplies its V by a zero weight, and 0 * NaN would be NaN
+        self.k = [torch.zeros(1, kv_heads, capacity, first.head_dim, dtype=lean.dtype, device=device)
+                  for _ in lean.layers]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.lean = lean
+        self.owner: Optional[weakref.ref] = None  # the cache whose K/V live in the pool
+        self.graphs: dict = {}  # (start, stop, positions) -> _Captured
+        self.captures, self.capture_seconds, self.replays = 0, 0.0, 0
+
+    # -- the pool's tenant ----------------------------------------------------------
+    def adopt(self, cache) -> None:
+        """Give the pool to a new, empty cache; the previous owner, if still alive, keeps private copies."""
+        old = self.owner() if self.owner is not None else None
+        if old is not None and old is not cache:
+            for i, kv in enumerate(old.layers):
+                if i < len(self.k) and kv.k is self.k[i]:
+                    kv.k, kv.v = kv.k[:, :, :kv.length].clone(), kv.v[:, :, :kv.length].clone()
+        for i in range(len(self.k)):
+            kv = cache.layer(i)
+            kv.k, kv.v, kv.length = self.k[i], self.v[i], 0
+        self.owner = weakref.ref(cache)
+
+    def serves(self, cache, start: int, stop: int, pos: int, q: int, batch: int) -> bool:
+        """Whether a pass over layers [start, stop) at positions pos..pos+q-1 can run from the pool."""
+        if batch != 1 or q > MAX_POSITIONS or pos + q > self.capacity or self.owner is None \
+                or self.owner() is not cache:
+            return False
+        return all(i < len(cache.layers) and cache.layers[i].k is self.k[i] for i in range(start, stop))
+
+    # -- passes ----------------------------------------------------------------------
+    def run(self, h: torch.Tensor, start: int, stop: int, cos: torch.Tensor, sin: torch.Tensor,
+            pos: int) -> torch.Tensor:
+        """Layers [start, stop) over h's positions from `pos` (the caller moves the cache lengths)."""
+        q = h.shape[1]
+        key = (start, stop, q)
+        got = self.graphs.get(key)
+        if got is None:
+            t0 = time.perf_counter()
+            got = _Captured(self, start, stop, h, cos, sin, pos)
+            self.graphs[key] = got
+            self.captures += 1
+            self.capture_seconds += time.perf_counter() - t0
+        self.replays += 1
+        return got(h, cos, sin, pos)
+
+    def describe(self) -> dict:
+        return {"cuda_graphs": f"passes of <= {MAX_POSITIONS} positions; {self.capacity} K/V slots",
+                "graphs_captured": self.captures, "capture_seconds": round(self.capture_seconds, 3)}
+
+
+class _Captured:
+    """One layer range at one pass size: static inputs, and the graph (or, uncaptured, the eager static pass)."""
+
+    def __init__(self, pool: GraphPool, start: int, stop: int, h, cos, sin, pos: int):
+        self.pool, self.start, self.stop = pool, start, stop
+        q = h.shape[1]
+        self.h, self.cos, self.sin = h.clone(), cos.clone(), sin.clone()
+        self.pos = torch.full((1,), pos, dtype=torch.long, device=pool.device)
+        self.offsets = torch.arange(q, device=pool.device)
+        self.every_slot = torch.arange(pool.capacity, device=pool.device)
+        self.graph = None
+        if not pool.capture:
+            return
+        # Warm-up passes write K/V at pos..pos+q-1 only: slots the real pass overwrites next (the caller checked
+        # that every layer in the range holds exactly the positions before pos).
+        side = torch.cuda.Stream(device=pool.device)
+        side.wait_stream(torch.cuda.current_stream(pool.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._pass()
+        torch.cuda.current_stream(pool.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._pass()
+
+    def _pass(self) -> torch.Tensor:
+        slots = self.pos + self.offsets
+        mask = (self.every_slot.unsqueeze(0) <= slots.unsqueeze(1))[None, None]  # (1, 1, q, capacity)
+        h = self.h
+        for i in range(self.start, self.stop):
+            h = self.pool.lean.layers[i].forward_static(h, self.pool.k[i], self.pool.v[i], self.cos, self.sin,
+                                                        slots, mask)
+        return h
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
+        self.h.copy_(h)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        self.pos.fill_(pos)
+        if self.graph is None:
+            return self._pass()
+        self.graph.replay()
+        return self.out.clone()  # the graph's output buffer is rewritten by its next replay
