@@ -322,9 +322,10 @@ class LeanLayer:
         k_buf.index_copy_(2, slots, ks)
         v_buf.index_copy_(2, slots, vs)
         keys, values = k_buf, v_buf
-        if self.groups > 1:
-            keys = keys.repeat_interleave(self.groups, dim=1)
-            values = values.repeat_interleave(self.groups, dim=1)
+        if self.groups > 1:  # repeat_interleave's values, by a view and one copy (nothing a capture cannot hold)
+            kb, kvh, cap, dim = k_buf.shape
+            keys = keys[:, :, None].expand(kb, kvh, self.groups, cap, dim).reshape(kb, kvh * self.groups, cap, dim)
+            values = values[:, :, None].expand(kb, kvh, self.groups, cap, dim).reshape(kb, kvh * self.groups, cap, dim)
         a = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling)
         h = h + self.o(a.transpose(1, 2).reshape(b, q, -1))
         return self._mlp(h)

@@ -87,8 +87,8 @@ def test_trained_drafters_are_exact_in_fp32_on_the_gpu(gpu_drafters_fp32, real_p
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @torch.inference_mode()
 def test_cuda_graphs_replay_the_lean_core(dtype, real_prompts):
-    """--core lean-graphs: its greedy tokens are the eager lean core's (fp32: exactly; bf16: up to near-ties), its
-    lossless methods stay lossless against its own autoregressive output, and the passes did replay graphs."""
+    """--core lean-graphs: its greedy tokens are the eager lean core's up to near-ties, its lossless methods stay
+    lossless against its own autoregressive output (exactly in fp32), and the passes did replay graphs."""
     from harness.model import load_model
 
     graphs = load_model(None, "cuda", dtype, exits="none", core="lean-graphs")
@@ -99,8 +99,9 @@ def test_cuda_graphs_replay_the_lean_core(dtype, real_prompts):
         a = build_generator(eager, GenerationConfig()).generate(ids, StopCondition(eager, 24, eos_ids=set()))
         b = build_generator(graphs, GenerationConfig()).generate(ids, StopCondition(graphs, 24, eos_ids=set()))
         kinds.append(compare(b.tokens, a.tokens, a.top2_gaps, dtype).kind)
+    # against the eager core (attention over the valid positions, not the masked capacity): near-ties at most
+    assert all(k in ("identical", "near-tie") for k in kinds), kinds
     want = ("identical",) if dtype == "float32" else ("identical", "near-tie")
-    assert all(k in want for k in kinds), kinds
     got = _lossless_matches(graphs, real_prompts[:4], dtype)
     assert all(m.kind in want for _, m in got), [g for g in got if g[1].kind not in want]
     pool = graphs.lean().graphs
