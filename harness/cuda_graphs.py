@@ -7,8 +7,8 @@ for on a GPU; torch.compile itself measured little on the team's CPU (the issue'
 token in fp32), and CUDA graphs need no compiler.
 
 A graph fixes every shape and address, so captured passes run on a K/V pool of fixed capacity: a pass writes its
-new K/V at positions held in a device tensor, and each query attends over the whole capacity under a mask of the
-slots at or before its own position. The newest cache (`LayeredModel.new_cache`) borrows the pool; an older cache
+new K/V at positions held in a device tensor, and each query attends over the pool's first `span` slots (a power
+of two that holds the sequence) under a mask of the slots after its own position. The newest cache (`LayeredModel.new_cache`) borrows the pool; an older cache
 still alive moves its K/V to private buffers first, and a cache that outgrows the pool runs eagerly. One graph per
 (layer range, positions), captured on first use; prefill and passes over more than MAX_POSITIONS run eagerly.
 
@@ -25,6 +25,13 @@ import torch
 
 MAX_POSITIONS = 16  # passes of up to this many new positions replay graphs: decode steps, drafts, verification
 CAPACITY = 4096  # K/V slots in the pool (capped by the model's context); a longer sequence runs eagerly
+
+
+def span(length: int, capacity: int) -> int:
+    """Slots a pass attends over: the power of two (256 at least) that holds `length` positions, within the pool.
+    Attention costs what it reads, so a 700-token sequence reads 1024 slots, not the pool's 4096; each span is
+    its own graph (at most 5 per layer range and pass size)."""
+    return min(capacity, max(256, 1 << (length - 1).bit_length()))
 
 
 class GraphPool:
@@ -68,11 +75,11 @@ class GraphPool:
             pos: int) -> torch.Tensor:
         """Layers [start, stop) over h's positions from `pos` (the caller moves the cache lengths)."""
         q = h.shape[1]
-        key = (start, stop, q)
+        key = (start, stop, q, span(pos + q, self.capacity))
         got = self.graphs.get(key)
         if got is None:
             t0 = time.perf_counter()
-            got = _Captured(self, start, stop, h, cos, sin, pos)
+            got = _Captured(self, start, stop, key[3], h, cos, sin, pos)
             self.graphs[key] = got
             self.captures += 1
             self.capture_seconds += time.perf_counter() - t0
@@ -87,13 +94,14 @@ class GraphPool:
 class _Captured:
     """One layer range at one pass size: static inputs, and the graph (or, uncaptured, the eager static pass)."""
 
-    def __init__(self, pool: GraphPool, start: int, stop: int, h, cos, sin, pos: int):
+    def __init__(self, pool: GraphPool, start: int, stop: int, slots: int, h, cos, sin, pos: int):
         self.pool, self.start, self.stop = pool, start, stop
         q = h.shape[1]
         self.h, self.cos, self.sin = h.clone(), cos.clone(), sin.clone()
         self.pos = torch.full((1,), pos, dtype=torch.long, device=pool.device)
         self.offsets = torch.arange(q, device=pool.device)
-        self.every_slot = torch.arange(pool.capacity, device=pool.device)
+        self.every_slot = torch.arange(slots, device=pool.device)  # the first `slots` of the pool are attended
+        self.groups = pool.lean.layers[0].groups
         self.graph = None
         if not pool.capture:
             return
@@ -111,11 +119,13 @@ class _Captured:
 
     def _pass(self) -> torch.Tensor:
         slots = self.pos + self.offsets
-        mask = (self.every_slot.unsqueeze(0) <= slots.unsqueeze(1))[None, None]  # (1, 1, q, capacity)
+        # (1, 1, groups * q, slots): row g*q+i is query i of a K/V head's g-th query head (forward_static's grouping)
+        masked = (self.every_slot.unsqueeze(0) > slots.unsqueeze(1)).repeat(self.groups, 1)[None, None]
+        n = self.every_slot.shape[0]
         h = self.h
         for i in range(self.start, self.stop):
-            h = self.pool.lean.layers[i].forward_static(h, self.pool.k[i], self.pool.v[i], self.cos, self.sin,
-                                                        slots, mask)
+            h = self.pool.lean.layers[i].forward_static(h, self.pool.k[i][:, :, :n], self.pool.v[i][:, :, :n],
+                                                        self.cos, self.sin, slots, masked)
         return h
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:

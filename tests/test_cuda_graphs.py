@@ -39,14 +39,16 @@ def pooled(model):
 
 @torch.inference_mode()
 def test_static_pass_gives_the_lean_cores_tokens(model, real_prompts, pooled):
-    prompts = [model.encode(p)[-200:] for p in real_prompts[:3]]
+    # 250 + 20 tokens cross a span (256 -> 512 slots); short prompts are repeated to reach 250
+    prompts = [(model.encode(p) * 4)[-250:] for p in real_prompts[:3]]
     want = [[_tokens(model, ids, cfg) for cfg in METHODS] for ids in prompts]
     pool = pooled(1024)
     got = [[_tokens(model, ids, cfg) for cfg in METHODS] for ids in prompts]
     assert got == want
-    # every decode pass (1..16 positions) went through the pool: one per (range, size), replayed many times
+    # every decode pass (1..16 positions) went through the pool: one per (range, size, span), replayed many times
     assert pool.captures >= 3 and pool.replays > 3 * 20
-    assert (0, model.num_layers, 1) in pool.graphs and (0, 8, 1) in pool.graphs
+    assert {(0, model.num_layers, 1), (0, 8, 1)} <= {key[:3] for key in pool.graphs}
+    assert {key[3] for key in pool.graphs} == {256, 512}
 
 
 @torch.inference_mode()
@@ -87,6 +89,13 @@ def test_a_sequence_longer_than_the_pool_runs_eagerly_with_the_same_tokens(model
     pool = pooled(60)  # the 50-token prompt fits; the 61st position does not
     got = [_tokens(model, ids, cfg, n=24) for cfg in METHODS]
     assert got == want and pool.replays > 0
+
+
+def test_a_pass_attends_over_the_power_of_two_that_holds_the_sequence():
+    from harness.cuda_graphs import span
+
+    assert [span(n, 4096) for n in (1, 256, 257, 700, 1024, 1025, 4096)] == [256, 256, 512, 1024, 1024, 2048, 4096]
+    assert span(3000, 2048) == 2048  # never past the pool (a longer sequence does not reach the graphs)
 
 
 def test_lean_graphs_is_refused_off_cuda(model):
