@@ -87,8 +87,9 @@ class GraphPool:
         return got(h, cos, sin, pos)
 
     def describe(self) -> dict:
-        return {"cuda_graphs": f"passes of <= {MAX_POSITIONS} positions; {self.capacity} K/V slots",
-                "graphs_captured": self.captures, "capture_seconds": round(self.capture_seconds, 3)}
+        return {"cuda_graphs": f"passes of <= {MAX_POSITIONS} positions replayed; {self.capacity} K/V slots, "
+                               "attended over the power of two that holds the sequence; captures are counted per "
+                               "generation (graph_captures, graph_capture_seconds) and left out of decode time"}
 
 
 class _Captured:
@@ -116,6 +117,7 @@ class _Captured:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = self._pass()
+        torch.cuda.synchronize(pool.device)  # the warm-up's work is part of the capture's cost, not the next pass's
 
     def _pass(self) -> torch.Tensor:
         slots = self.pos + self.offsets

@@ -59,7 +59,7 @@ class ExampleRecord:
     drafted: Optional[int]  # speculative methods: drafted tokens; null otherwise
     accepted: Optional[int]  # speculative methods: drafted tokens accepted (and kept); null otherwise
     acceptance_rate: Optional[float]  # accepted / drafted; null when not speculative
-    repeats: list  # every timed repeat: {repeat, slot (0 = ran first on this example), prefill_seconds, decode_seconds, new_tokens}
+    repeats: list  # every timed repeat: {repeat, slot (0 = ran first on this example), prefill_seconds, decode_seconds, new_tokens; graph_captures, graph_capture_seconds where CUDA graphs were captured (left out of decode_seconds)}
     method_log: Optional[dict]  # method state after this example, e.g. FREE's adaptive threshold trajectory entry
     breakdown: Optional[dict] = None  # first repeat's decode seconds per component, section calls, timer cost (--breakdown)
     config_sha256: Optional[str] = None  # the configuration that made this record (RunInfo.config_sha256); resume checks it

@@ -347,6 +347,8 @@ class Counters:
     head_rows: int = 0  # vocabulary rows of the exit head evaluated, summed over positions
     head_calls: int = 0  # exit-head evaluations (positions), full or reduced vocabulary
     adapter_flops: int = 0  # FLOPs of trained exit adapters applied before the exit head
+    graph_captures: int = 0  # CUDA graphs captured (--core lean-graphs): one-time work, not decoding
+    graph_capture_seconds: float = 0.0  # wall time those captures took (device synchronized)
 
 
 CORES = ("lean", "lean-library", "lean-graphs", "transformers")
@@ -561,7 +563,10 @@ class LayeredModel:
                 if lean.layers[i].stale():  # a captured graph reads the old weights: repack, capture again
                     lean.refresh(i, self.layers[i])
                     graphs.graphs.clear()
+            captures, seconds = graphs.captures, graphs.capture_seconds
             h = graphs.run(h, start, stop, pe[0], pe[1], pos)
+            self.counters.graph_captures += graphs.captures - captures
+            self.counters.graph_capture_seconds += graphs.capture_seconds - seconds
             for i in range(start, stop):
                 cache.layers[i].length = pos + q
             self.counters.layer_tokens += (stop - start) * q

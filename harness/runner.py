@@ -79,6 +79,8 @@ def conversation(turns: list[tuple[GenerationResult, str]]) -> GenerationResult:
         breakdown=None, verify_passes=_sum([r.verify_passes for r in results]),
         draft_passes=_sum([r.draft_passes for r in results]), top2_gaps=cat("top2_gaps"),
         accept_lengths=cat("accept_lengths"), step_drafts=cat("step_drafts"),
+        graph_captures=sum(r.graph_captures for r in results),
+        graph_capture_seconds=sum(r.graph_capture_seconds for r in results),
         turns=[{"text": text, "new_tokens": len(r.tokens), "prefill_seconds": r.prefill_seconds,
                 "decode_seconds": r.decode_seconds, "accept_lengths": r.accept_lengths, "step_drafts": r.step_drafts}
                for r, text in turns])
@@ -108,7 +110,9 @@ def make_record(index: int, ex: Example, prompt_ids: list, truncated: bool, runs
         drafted=res.drafted, accepted=res.accepted,
         acceptance_rate=res.accepted / res.drafted if res.drafted else None,
         repeats=[{"repeat": i, "slot": slot, "prefill_seconds": r.prefill_seconds,
-                  "decode_seconds": r.decode_seconds, "new_tokens": len(r.tokens)} for i, (r, slot) in enumerate(runs)],
+                  "decode_seconds": r.decode_seconds, "new_tokens": len(r.tokens),
+                  **({"graph_captures": r.graph_captures, "graph_capture_seconds": r.graph_capture_seconds}
+                     if r.graph_captures else {})} for i, (r, slot) in enumerate(runs)],
         method_log=None, breakdown=res.breakdown, verify_passes=res.verify_passes, draft_passes=res.draft_passes,
         top2_gaps=[round(g, 4) for g in res.top2_gaps] if res.top2_gaps is not None else None,
         accept_lengths=res.accept_lengths, step_drafts=res.step_drafts, category=ex.meta.get("category"),

@@ -18,8 +18,12 @@ METHODS = (dict(), dict(generation_strategy="prompt_lookup"),
            dict(generation_strategy="self_speculative", exit_layer=8, num_speculations=3))
 
 
+def _generate(model, ids, cfg, n=20):
+    return build_generator(model, GenerationConfig(**cfg)).generate(ids, StopCondition(model, n, eos_ids=set()))
+
+
 def _tokens(model, ids, cfg, n=20):
-    return build_generator(model, GenerationConfig(**cfg)).generate(ids, StopCondition(model, n, eos_ids=set())).tokens
+    return _generate(model, ids, cfg, n).tokens
 
 
 @pytest.fixture
@@ -43,8 +47,11 @@ def test_static_pass_gives_the_lean_cores_tokens(model, real_prompts, pooled):
     prompts = [(model.encode(p) * 4)[-250:] for p in real_prompts[:3]]
     want = [[_tokens(model, ids, cfg) for cfg in METHODS] for ids in prompts]
     pool = pooled(1024)
-    got = [[_tokens(model, ids, cfg) for cfg in METHODS] for ids in prompts]
-    assert got == want
+    results = [[_generate(model, ids, cfg) for cfg in METHODS] for ids in prompts]
+    assert [[r.tokens for r in row] for row in results] == want
+    # each capture is counted in the generation that paid it, and left out of its decode time
+    assert sum(r.graph_captures for row in results for r in row) == pool.captures
+    assert results[0][0].graph_captures > 0 and results[0][0].graph_capture_seconds > 0
     # every decode pass (1..16 positions) went through the pool: one per (range, size, span), replayed many times
     assert pool.captures >= 3 and pool.replays > 3 * 20
     assert {(0, model.num_layers, 1), (0, 8, 1)} <= {key[:3] for key in pool.graphs}

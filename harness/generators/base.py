@@ -49,6 +49,8 @@ class GenerationResult:
     accept_lengths: Optional[list] = None  # speculative methods: tokens emitted by each decode full-model pass
     step_drafts: Optional[list] = None  # drafting methods: tokens drafted before each of those passes
     turns: Optional[list] = None  # a conversation: per turn {text, new_tokens, prefill_seconds, ...} (see runner)
+    graph_captures: int = 0  # --core lean-graphs: CUDA graphs captured during decode (first pass of a new shape)
+    graph_capture_seconds: float = 0.0  # their one-time cost, left out of decode_seconds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -279,11 +281,15 @@ class Generator(ABC):
         c = self.model.counters
         keep, reason = out.done
         breakdown = self.timer.report()
+        # A graph is captured once per shape and replayed ever after: its capture is set-up, like a compile, so
+        # decode time leaves it out and the record keeps it (graph_capture_seconds).
+        decode = t_end - t_prefill - c.graph_capture_seconds
         if breakdown is not None:
-            breakdown["decode_seconds"] = t_end - t_prefill
+            breakdown["decode_seconds"] = decode
         return GenerationResult(
             tokens=out.tokens[:keep], exit_layers=out.exit_layers[:keep], prefill_seconds=t_prefill - t_start,
-            decode_seconds=t_end - t_prefill, stop_reason=reason, layer_forwards=c.layer_tokens,
+            decode_seconds=decode, stop_reason=reason, layer_forwards=c.layer_tokens,
+            graph_captures=c.graph_captures, graph_capture_seconds=c.graph_capture_seconds,
             head_calls=c.head_calls, head_rows=c.head_rows,
             exit_head_flops=float(self.model.head_flops(1) * c.head_rows + c.adapter_flops),
             kv_fill_flops=float(self.model.kv_fill_flops(c.kv_fill_tokens)), breakdown=breakdown, **extra)
