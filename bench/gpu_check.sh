@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one command, for a CUDA machine (about 8 minutes on one H200). In the project's venv
+# The GPU checks in one command, for a CUDA machine (about 11 minutes on one H200). In the project's venv
 # (`make TORCH_SPEC=torch setup`) or any environment with the package's requirements:
 #     PY=.venv/bin/python bash bench/gpu_check.sh [OUT_DIR]        (default OUT_DIR: results/gpu_check)
 # 1. tests:             the GPU-only tests (tests/test_gpu.py: lossless methods and the trained drafters exact in fp32,

@@ -107,17 +107,19 @@ class _Captured:
         if not pool.capture:
             return
         # Warm-up passes write K/V at pos..pos+q-1 only: slots the real pass overwrites next (the caller checked
-        # that every layer in the range holds exactly the positions before pos).
-        side = torch.cuda.Stream(device=pool.device)
-        side.wait_stream(torch.cuda.current_stream(pool.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._pass()
-        torch.cuda.current_stream(pool.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._pass()
-        torch.cuda.synchronize(pool.device)  # the warm-up's work is part of the capture's cost, not the next pass's
+        # that every layer in the range holds exactly the positions before pos). The model's GPU is made current:
+        # a capture records on the current device (a torchrun rank's model may sit on another).
+        with torch.cuda.device(pool.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._pass()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._pass()
+            torch.cuda.synchronize()  # the warm-up's work is part of the capture's cost, not the next pass's
 
     def _pass(self) -> torch.Tensor:
         slots = self.pos + self.offsets
@@ -137,5 +139,6 @@ class _Captured:
         self.pos.fill_(pos)
         if self.graph is None:
             return self._pass()
-        self.graph.replay()
-        return self.out.clone()  # the graph's output buffer is rewritten by its next replay
+        with torch.cuda.device(self.pool.device):  # replayed on the stream of the GPU it was captured on
+            self.graph.replay()
+            return self.out.clone()  # the graph's output buffer is rewritten by its next replay

@@ -188,3 +188,51 @@ def test_readme_spec_bench_tables_and_figures_are_the_committed_reports():
         row = " | ".join(rows[name])
         assert speedup in row and f"95% CI {ci}," in row, (name, row)
         assert quoted in section
+
+
+# -- the second GPU check (docs/usage.md "Second GPU check", docs/model_core.md "CUDA graphs"): results/gpu_h200/2026-11-30
+GPU2 = GPU / "2026-11-30"
+
+
+def test_second_gpu_check_figures_are_the_committed_runs():
+    import csv
+    import json
+
+    text = " ".join((DOCS / "usage.md").read_text(encoding="utf-8").split("**Second GPU check, 2026-11-30**")[1]
+                    .split("\n### ")[0].split())
+    graphs_doc = " ".join((DOCS / "model_core.md").read_text(encoding="utf-8").split("**CUDA graphs**")[1]
+                          .split("\n\n")[0].split())
+    assert "12 passed, 2 skipped in 110.78s" in (GPU2 / "tests.log").read_text() and "12 passed, 2 skipped" in text
+    assert "2 passed, 6 deselected in 46.03s" in (GPU2 / "tests_graphs.log").read_text()
+
+    def rows(folder):
+        return {(r["strategy"], r["label"], r["control"]): r for r in csv.DictReader((GPU2 / folder / "report" /
+                                                                                     "report.csv").open())}
+
+    def figure(r):
+        return (f"{float(r['decode_speedup']):.2f}x [{float(r['decode_speedup_ci95_low']):.2f}-"
+                f"{float(r['decode_speedup_ci95_high']):.2f}]")
+
+    for folder, quoted in (("speed", ("hybrid_speculative", "prompt_lookup", "hf_prompt_lookup", "kangaroo",
+                                      "self_speculative", "eagle")),
+                           ("speed_graphs", ("prompt_lookup", "hybrid_speculative", "hf_prompt_lookup"))):
+        for (strategy, label, control), r in rows(folder).items():
+            if strategy in quoted or control == "True":
+                assert figure(r) in text, (folder, label, figure(r))
+            if strategy == "autoregressive" and control == "False":
+                assert f"autoregressive {float(r['decode_ms_per_token_median']):.1f} ms/token" in text
+    ar = next(r for (s, _, c), r in rows("speed_graphs").items() if s == "autoregressive" and c == "False")
+    assert f"took {float(ar['decode_ms_per_token_median']):.1f} ms per token" in graphs_doc
+
+    def curve(name):
+        return {(c["dtype"], c["core"]): {p["k"]: 1e3 * p["total"] for p in c["points"]}
+                for c in json.loads((GPU2 / name).read_text())["curves"]}
+
+    after, before = curve("core_costs_graphs.json"), curve("core_costs.json")
+    bf, f32 = after[("bfloat16", "lean-graphs")], after[("float32", "lean-graphs")]
+    worst = max(bf[k] / bf[1] for k in range(2, 9))
+    for doc in (text, graphs_doc):
+        assert f"{bf[1]:.1f} ms" in doc and f"{worst:.2f}x" in doc and f"{f32[1]:.1f} ms" in doc
+    assert f"{before[('bfloat16', 'lean-graphs')][1]:.1f} ms bf16 and {before[('float32', 'lean-graphs')][1]:.1f} " \
+           f"ms fp32, against the eager lean core's {before[('bfloat16', 'lean')][1]:.1f} and " \
+           f"{before[('float32', 'lean')][1]:.1f} ms" in text
