@@ -290,6 +290,11 @@ def load_model(spec: Optional[str] = None, device: str = "auto", dtype: str = "a
     from .trained_exits import attach
 
     attach(model, exits)
+    if core == "lean-graphs":  # the graphs replay the lean forward: where it does not run, say so (no silent fallback)
+        with torch.inference_mode():
+            if model.lean() is None:
+                raise UsageError(f"--core lean-graphs replays the lean core, which does not run this model "
+                                 f"({model._lean_reason}); use --core lean or --core transformers")
     model.load_seconds = time.perf_counter() - t0
     return model
 

@@ -110,6 +110,15 @@ def test_cuda_graphs_replay_the_lean_core(dtype, real_prompts):
 
 
 @cuda
+def test_cuda_graphs_are_refused_where_the_lean_core_does_not_run():
+    from harness.config import UsageError
+    from harness.model import load_model
+
+    with pytest.raises(UsageError, match="lean-graphs replays the lean core.*device map"):
+        load_model(None, "cuda", "bfloat16", "auto", exits="none", core="lean-graphs")
+
+
+@cuda
 @torch.inference_mode()
 def test_lean_core_on_cuda_gives_transformers_logits(gpu_model_fp32, real_prompts):
     m = gpu_model_fp32
