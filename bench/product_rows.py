@@ -1,4 +1,4 @@
-"""The native bf16 product's cost per number of positions: the 30 layers' products of SmolLM2-135M's shape (random
+"""The native product's cost per number of positions (bf16, or `--dtype float32` for the fp32 one): the 30 layers' products of SmolLM2-135M's shape (random
 weights in huge pages, as the core prepares them) at 1..16 positions, repetitions interleaved in random order,
 medians, and each as a ratio to one position. `--lib` times another build of the kernel (an earlier commit's, to
 compare), loaded in place of this checkout's. Run it alone (it times); alternate two builds in separate processes.
@@ -33,25 +33,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lib", help="a build of harness/csrc/native_bf16.c to time instead of this checkout's")
     ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="float32: the fp32 product of fp32 decode passes (ee_linear_f32), weights as the core keeps them")
     args = ap.parse_args()
     if native_bf16.library() is None:
         raise UsageError(f"the native kernels do not build here: {native_bf16.status().get('why')}")
     if args.lib:
         new = ctypes.CDLL(args.lib)
-        for name in ("ee_linear_bf16", "ee_linear_bf16_amx"):
+        for name in ("ee_linear_bf16", "ee_linear_bf16_amx", "ee_linear_f32"):
             fn, ref = getattr(new, name), getattr(native_bf16._lib, name)
             fn.argtypes, fn.restype = ref.argtypes, ref.restype
         native_bf16._lib = new
     g = torch.Generator().manual_seed(0)
-    weights = [native_bf16.Weight((torch.randn(n, k, generator=g) * 0.05).bfloat16(), None)
-               for _ in range(30) for n, k in SHAPES]
-    native_bf16.rehome(weights)
-    x = {k: torch.randn(16, k, generator=g).bfloat16() for _, k in SHAPES}
+    x = {k: torch.randn(16, k, generator=g) for _, k in SHAPES}
     ins = [x[k] for _ in range(30) for _, k in SHAPES]
+    if args.dtype == "float32":
+        from harness import hugepages
 
-    def step(q: int) -> None:
-        for w, xi in zip(weights, ins):
-            w(xi[:q])
+        # in huge pages, as load_model keeps a CPU model's parameters (hugepages.rehome_parameters)
+        weights = hugepages.copies([torch.randn(n, k, generator=g) * 0.05 for _ in range(30) for n, k in SHAPES])
+
+        def step(q: int) -> None:
+            for w, xi in zip(weights, ins):
+                native_bf16.linear_f32(xi[:q], w, None)
+    else:
+        weights = [native_bf16.Weight((torch.randn(n, k, generator=g) * 0.05).bfloat16(), None)
+                   for _ in range(30) for n, k in SHAPES]
+        native_bf16.rehome(weights)
+        ins = [xi.bfloat16() for xi in ins]
+
+        def step(q: int) -> None:
+            for w, xi in zip(weights, ins):
+                w(xi[:q])
 
     times: dict = {q: [] for q in POSITIONS}
     for q in POSITIONS:
@@ -64,7 +77,8 @@ def main() -> None:
             step(q)
             times[q].append(time.perf_counter() - t)
     med = {q: sorted(ts)[len(ts) // 2] for q, ts in times.items()}
-    print(f"{args.lib or 'this checkout'} ({'amx' if native_bf16._amx else 'avx512-bf16'}), ms and ratio to 1:")
+    kind = "fp32" if args.dtype == "float32" else "amx" if native_bf16._amx else "avx512-bf16"
+    print(f"{args.lib or 'this checkout'} ({kind}), ms and ratio to 1:")
     print(" ".join(f"{q}: {1e3 * med[q]:.2f} ({med[q] / med[1]:.2f})" for q in POSITIONS))
 
 

@@ -39,7 +39,8 @@ def test_linear_matches_a_float_reference_and_each_row_is_computed_alone(rows, n
 
 @needs_native
 @pytest.mark.parametrize("rows,n,k,bias", [(2, 1536, 576, False), (8, 1001, 577, True), (16, 13, 40, True),
-                                           (5, 7, 1100, True), (3, 49152 // 64, 576, False)])
+                                           (5, 7, 1100, True), (3, 49152 // 64, 576, False), (12, 1001, 577, True),
+                                           (7, 6, 33, False)])
 def test_fp32_verification_product_matches_float64_and_each_row_is_computed_alone(rows, n, k, bias):
     g = torch.Generator().manual_seed(rows * n + k)
     x = torch.randn(rows, k, generator=g)
@@ -48,9 +49,9 @@ def test_fp32_verification_product_matches_float64_and_each_row_is_computed_alon
     got = native_bf16.linear_f32(x, w, b)
     want = x.double() @ w.double().T + (b.double() if bias else 0)
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
-    for i in range(rows):  # the same bits in a pass of 2 rows as among all of them (one row runs MKL instead)
+    for i in range(rows):  # the same bits alone and in a pass of 2 rows as among all of them (other pass kernels)
         pair = native_bf16.linear_f32(torch.stack([x[i], x[(i + 1) % rows]]), w, b)
-        assert torch.equal(pair[0], got[i])
+        assert torch.equal(pair[0], got[i]) and torch.equal(native_bf16.linear_f32(x[i:i + 1], w, b)[0], got[i])
 
 
 @needs_native

@@ -236,3 +236,14 @@ def test_second_gpu_check_figures_are_the_committed_runs():
     assert f"{before[('bfloat16', 'lean-graphs')][1]:.1f} ms bf16 and {before[('float32', 'lean-graphs')][1]:.1f} " \
            f"ms fp32, against the eager lean core's {before[('bfloat16', 'lean')][1]:.1f} and " \
            f"{before[('float32', 'lean')][1]:.1f} ms" in text
+
+
+def test_fp32_block2_curve_figures_are_the_committed_curve():
+    import json
+
+    (c,) = json.loads((SPEED / "core_costs_amd_epyc_fp32_block2.json").read_text())["curves"]
+    total = {p["k"]: 1e3 * p["total"] for p in c["points"]}
+    ratios = [total[k] / total[1] for k in range(2, 9)]
+    flat = " ".join(CORE.split())
+    assert f"memory at {c['bandwidth'] / 1e9:.0f} GB/s): fp32 {total[1]:.1f} ms a step, " \
+           f"{min(ratios):.2f}-{max(ratios):.2f}x for k = 2..8 (k = 4, still one pass of 4, {ratios[2]:.2f}x)" in flat
