@@ -22,7 +22,7 @@ KINDS = [pytest.param(True, id="amx", marks=pytest.mark.skipif(not native_bf16._
 @needs_native
 @pytest.mark.parametrize("amx", KINDS)
 @pytest.mark.parametrize("rows,n,k,bias", [(1, 960, 576, False), (7, 1001, 577, True), (16, 13, 40, True),
-                                           (16, 576, 1536, True), (5, 3072, 576, False)])
+                                           (16, 576, 1536, True), (5, 3072, 576, False), (12, 1001, 577, True)])
 def test_linear_matches_a_float_reference_and_each_row_is_computed_alone(rows, n, k, bias, amx, monkeypatch):
     monkeypatch.setattr(native_bf16, "_amx", amx)
     g = torch.Generator().manual_seed(rows * n)
