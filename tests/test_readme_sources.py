@@ -247,3 +247,23 @@ def test_fp32_block2_curve_figures_are_the_committed_curve():
     flat = " ".join(CORE.split())
     assert f"memory at {c['bandwidth'] / 1e9:.0f} GB/s): fp32 {total[1]:.1f} ms a step, " \
            f"{min(ratios):.2f}-{max(ratios):.2f}x for k = 2..8 (k = 4, still one pass of 4, {ratios[2]:.2f}x)" in flat
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert f"`core_costs_amd_epyc_fp32_block2.json` at {c['bandwidth'] / 1e9:.0f} GB/s: " \
+           f"{min(ratios):.2f}-{max(ratios):.2f}x in fp32" in readme
+
+
+def test_drafters_spec_bench_table_is_the_committed_report():
+    import csv
+
+    text = (DOCS / "drafters.md").read_text(encoding="utf-8").split("**On Spec-Bench's slice**")[1].split("\n\n")[1]
+    rows = {r[0]: r for r in _table_rows(text, "")}
+    report = {(r["strategy"], r["control"]): r for r in
+              csv.DictReader((ROOT / "results" / "drafters" / "spec_bench" / "report" / "report.csv").open())}
+    for key, (strategy, control) in (("A/A control", ("autoregressive", "True")), ("`eagle` k2 t0.8", ("eagle", "False")),
+                                     ("`prompt_lookup`", ("prompt_lookup", "False")),
+                                     ("`hybrid_speculative:drafter=eagle` k1 t0", ("hybrid_speculative", "False"))):
+        r = report[(strategy, control)]
+        row = next(v for k, v in rows.items() if k.startswith(key))
+        assert row[1] == (f"{float(r['decode_speedup']):.2f}x [{float(r['decode_speedup_ci95_low']):.2f}-"
+                          f"{float(r['decode_speedup_ci95_high']):.2f}]"), (key, row)
+        assert row[2] == f"{float(r['tau']):.2f}" and row[3] == f"{float(r['oracle_speedup']):.2f}x", (key, row)
