@@ -175,7 +175,7 @@ results: setup
 			--out $(RESULTS)/diagnostics/$${task}_exits_$$ex || exit 1; done; done
 	$(MAKE) spec-bench
 
-# The Spec-Bench slice of the reference results, its own invocation (about 25 minutes here): every category, the
+# The Spec-Bench slice of the reference results, its own invocation (about 5 minutes here): every category, the
 # same 2 questions per category (MT-bench's with both turns), 64 new tokens per turn, the default dtype, the
 # shipped exits, and its report (results/spec_bench/report: report.md ending in the per-category section,
 # spec_bench.csv, the heatmap). Its own folder: the rest of results/reference is fp32 at 24 tokens from an older
@@ -213,7 +213,7 @@ drafter-results: setup
 	$(PY) -m harness.report $(DRAFT_RESULTS)/runs --out $(DRAFT_RESULTS)/report
 
 # The trained drafters on Spec-Bench's categories (docs/drafters.md): the spec-bench slice's questions and settings,
-# its own invocation with baseline and A/A control and prompt lookup beside hybrid drafting; about 20 minutes here.
+# its own invocation with baseline and A/A control and prompt lookup beside hybrid drafting; about 3 minutes here.
 DRAFT_SPEC := results/drafters/spec_bench
 DRAFT_SPEC_STRATEGIES := eagle,kangaroo,hybrid_speculative:drafter=eagle,prompt_lookup
 drafter-spec-bench: setup
