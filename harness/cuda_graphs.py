@@ -25,6 +25,7 @@ import torch
 
 MAX_POSITIONS = 16  # passes of up to this many new positions replay graphs: decode steps, drafts, verification
 CAPACITY = 4096  # K/V slots in the pool (capped by the model's context); a longer sequence runs eagerly
+MAX_GRAPHS = 512  # graphs kept per pool: a method calling many layer ranges (an exit per layer) runs eagerly past it
 
 
 def span(length: int, capacity: int) -> int:
@@ -68,6 +69,8 @@ class GraphPool:
         if batch != 1 or q > MAX_POSITIONS or pos + q > self.capacity or self.owner is None \
                 or self.owner() is not cache:
             return False
+        if len(self.graphs) >= MAX_GRAPHS and (start, stop, q, span(pos + q, self.capacity)) not in self.graphs:
+            return False  # each graph holds its own memory: no more of them
         return all(i < len(cache.layers) and cache.layers[i].k is self.k[i] for i in range(start, stop))
 
     # -- passes ----------------------------------------------------------------------
@@ -87,7 +90,8 @@ class GraphPool:
         return got(h, cos, sin, pos)
 
     def describe(self) -> dict:
-        return {"cuda_graphs": f"passes of <= {MAX_POSITIONS} positions replayed; {self.capacity} K/V slots, "
+        return {"cuda_graphs": f"passes of <= {MAX_POSITIONS} positions replayed (at most {MAX_GRAPHS} graphs); "
+                               f"{self.capacity} K/V slots, "
                                "attended over the power of two that holds the sequence; captures are counted per "
                                "generation (graph_captures, graph_capture_seconds) and left out of decode time"}
 

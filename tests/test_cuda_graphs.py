@@ -98,6 +98,19 @@ def test_a_sequence_longer_than_the_pool_runs_eagerly_with_the_same_tokens(model
     assert got == want and pool.replays > 0
 
 
+@torch.inference_mode()
+def test_past_the_graph_cap_new_shapes_run_eagerly_and_known_ones_still_replay(model, real_prompts, pooled,
+                                                                                monkeypatch):
+    from harness import cuda_graphs
+
+    ids = model.encode(real_prompts[3])[:40]
+    want = [_tokens(model, ids, cfg, n=16) for cfg in METHODS]
+    pool = pooled(256)
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+    got = [_tokens(model, ids, cfg, n=16) for cfg in METHODS]
+    assert got == want and pool.captures == 2 and pool.replays > 16
+
+
 def test_a_pass_attends_over_the_power_of_two_that_holds_the_sequence():
     from harness.cuda_graphs import span
 
