@@ -82,8 +82,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=10, help="test prompts per task")
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens per test prompt")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--exits", default="auto", help="exit artifact (its drafters sibling is read with it); default: "
+                                                     "the shipped one")
     args = ap.parse_args()
-    m = load_model(None, "cpu", args.dtype, exits="auto")
+    m = load_model(None, "cpu", args.dtype, exits=args.exits)
     print(line("the fit's held-out prompts", first_draft_hits(m, args.method, fit_sequences(m, args.method))), flush=True)
     ar = build_generator(m, GenerationConfig())
     for task in TASKS:

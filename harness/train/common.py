@@ -180,11 +180,13 @@ def trained_records(art, name: str) -> tuple[set[int], list[str]]:
 
 @torch.no_grad()
 def greedy_continuations_of(model, pending: dict[str, list[int]], count: int, max_new: int, prompt_tokens: int,
-                            min_new: int = 1, progress: Optional[str] = None) -> tuple[list, dict, int]:
+                            min_new: int = 1, progress: Optional[str] = None,
+                            task_stops: bool = True) -> tuple[list, dict, int]:
     """The full model's greedy continuations of up to `count` documents taken in turn from each source's list
     (`pending`, consumed from the front): each in its task's prompt format cut from the left to `prompt_tokens`,
-    ended as evaluation ends it (the task's stop strings, EOS, or `max_new` tokens). Continuations shorter than
-    `min_new` tokens are skipped. Returns ([(prompt + continuation ids, prompt length)], record indices used per
+    ended as evaluation ends it (the task's stop strings, EOS, or `max_new` tokens; without `task_stops` only EOS
+    and `max_new` end it: training data, where text past a stop string is still the model's own). Continuations
+    shorter than `min_new` tokens are skipped. Returns ([(prompt + continuation ids, prompt length)], record indices used per
     source, skipped)."""
     from ..config import GenerationConfig
     from ..generators import StopCondition, build_generator
@@ -204,7 +206,7 @@ def greedy_continuations_of(model, pending: dict[str, list[int]], count: int, ma
             i = pending[s].pop(0)
             task = TASKS[SPLITS[s][0]]
             ids = model.encode(task.prompt(source_records(s)[i]))[-prompt_tokens:]
-            res = gen.generate(ids, StopCondition(model, max_new, task.stop))
+            res = gen.generate(ids, StopCondition(model, max_new, task.stop if task_stops else ()))
             if len(res.tokens) < min_new:
                 skipped += 1
                 continue

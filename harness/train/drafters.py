@@ -44,12 +44,22 @@ class DrafterOptions:
                                   "sequences (alternating over the --data sources; the last documents of each pool)")
     drafter_tokens: int = _f(64, "most new tokens per greedy continuation (the task's stop strings and EOS also end "
                                  "it); its prompt is cut from the left to --seq_len minus this")
+    drafter_task_stops: bool = _f(True, "end those continuations at the task's stop strings as evaluation does; "
+                                        "false: only EOS and --drafter_tokens end them (the model's own text past a "
+                                        "stop string is still what a drafter must predict)")
     drafter_continuations: Optional[str] = _f(None, "file keeping those continuations, reused when made with the same "
                                                     "model and settings (default <work_dir>/continuations.json)")
+    drafter_loss_on: str = _f("responses", "positions the loss is taken on: 'responses' = the text rows and the "
+                                           "continuations' new tokens, not their prompts (EAGLE's loss_mask, which "
+                                           "leaves out the user's turns: SafeAILab/EAGLE v1 at 4a9cf3a, "
+                                           "eagle/ge_data/ge_data_all_vicuna.py:86-120, eagle/train/main.py:244); "
+                                           "'all' = every real position, prompts too (what make drafters uses: "
+                                           "with 256 continuations it drafted better, docs/drafters.md)")
     drafter_vocab: int = _f(8192, "draft-head rows: the --exits artifact's candidate vocabulary (it must have this "
                                   "many); 0 = every row")
-    drafter_fit_prompts: int = _f(16, "held-out prompts (the --holdout_docs tail) whose greedy continuations fit the "
-                                      "recommended draft length and threshold; 0 = recommend nothing")
+    drafter_fit_prompts: int = _f(48, "held-out prompts (the --holdout_docs tail) whose greedy continuations fit the "
+                                      "recommended draft length and threshold (the median prompt's speedup, with a "
+                                      "bootstrap interval over prompts); 0 = recommend nothing")
     drafter_fit_tokens: int = _f(64, "new tokens per greedy continuation of the fit")
     drafter_fit_chain: int = _f(8, "drafts recorded at each position of the fit (the longest draft length tried)")
     drafter_fit_dtype: str = _f("auto", "dtype of the model copy the fit drafts and times on: what benchmark runs "
@@ -59,22 +69,24 @@ class DrafterOptions:
 # -- data ---------------------------------------------------------------------------------------------
 def continuation_key(model, cfg: TrainConfig, opts: DrafterOptions) -> dict:
     return {"model": model.checkpoint, "data": cfg.data, "holdout_docs": cfg.holdout_docs, "seq_len": cfg.seq_len,
-            "prompts": opts.drafter_prompts, "tokens": opts.drafter_tokens, "dtype": str(model.dtype)}
+            "prompts": opts.drafter_prompts, "tokens": opts.drafter_tokens, "dtype": str(model.dtype),
+            **({} if opts.drafter_task_stops else {"task_stops": False})}
 
 
 @torch.no_grad()
-def training_continuations(model, cfg: TrainConfig, opts: DrafterOptions) -> tuple[list[list[int]], dict]:
-    """(prompt tail + greedy continuation ids, documents record): the last documents of each source's training pool
-    in the task's prompt format, alternating over sources; read from / written to --drafter_continuations."""
+def training_continuations(model, cfg: TrainConfig, opts: DrafterOptions) -> tuple[list[list[int]], dict, list[int]]:
+    """(prompt tail + greedy continuation ids, documents record, prompt lengths): the last documents of each
+    source's training pool in the task's prompt format, alternating over sources; read from / written to
+    --drafter_continuations."""
 
     work, _ = cfg.paths()
     path = Path(opts.drafter_continuations or work / "continuations.json")
     key = continuation_key(model, cfg, opts)
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("key") == key:
+        if saved.get("key") == key and "prompt_lengths" in saved:
             print(f"{cfg.recipe}: {len(saved['sequences'])} greedy continuations from {path}")
-            return saved["sequences"], saved["documents"]
+            return saved["sequences"], saved["documents"], saved["prompt_lengths"]
     if opts.drafter_tokens >= cfg.seq_len:
         raise UsageError(f"--drafter_tokens {opts.drafter_tokens} leaves no prompt in --seq_len {cfg.seq_len}")
     sources = [s.strip() for s in cfg.data.split(",") if s.strip()]
@@ -84,14 +96,15 @@ def training_continuations(model, cfg: TrainConfig, opts: DrafterOptions) -> tup
         pending[s] = list(reversed(pool))  # the pool's last documents first
     found, used, _ = greedy_continuations_of(model, pending, opts.drafter_prompts, opts.drafter_tokens,
                                              cfg.seq_len - opts.drafter_tokens,
-                                             progress=f"{cfg.recipe}: greedy continuations")
-    seqs = [ids for ids, _ in found]
+                                             progress=f"{cfg.recipe}: greedy continuations",
+                                             task_stops=opts.drafter_task_stops)
+    seqs, lengths = [ids for ids, _ in found], [n for _, n in found]
     documents = {s: documents_record(s, v) for s, v in used.items() if v}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "sequences": seqs, "documents": documents}))
+    tmp.write_text(json.dumps({"key": key, "sequences": seqs, "documents": documents, "prompt_lengths": lengths}))
     tmp.replace(path)
-    return seqs, documents
+    return seqs, documents, lengths
 
 
 def padded(seqs: Sequence[Sequence[int]], length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +116,16 @@ def padded(seqs: Sequence[Sequence[int]], length: int, pad: int) -> tuple[torch.
         ids[r, :len(s)] = torch.tensor(s)
         mask[r, :len(s)] = True
     return ids, mask
+
+
+def generated_positions(seqs: Sequence[Sequence[int]], prompt_lengths: Sequence[int], length: int) -> torch.Tensor:
+    """(N, length) True at each sequence's tokens after its prompt, in padded()'s layout (the last `length` tokens
+    of each sequence, from column 0)."""
+    out = torch.zeros((len(seqs), length), dtype=torch.bool)
+    for r, (s, n) in enumerate(zip(seqs, prompt_lengths)):
+        cut = max(0, len(s) - length)
+        out[r, max(0, n - cut):len(s) - cut] = True
+    return out
 
 
 def candidate_rows(model, art: Optional[ExitArtifact], size: int) -> Optional[torch.Tensor]:
@@ -273,21 +296,30 @@ def walk(chain_seq: list, k: int, threshold: float, stop: str, fit: ChainFit) ->
     return seconds, tokens, steps, drafted, accepted
 
 
+def per_sequence_speedup(fit: ChainFit, walked: tuple) -> float:
+    """One sequence's predicted speedup: autoregressive steps for its tokens over the walk's seconds."""
+    seconds, tokens = walked[0], walked[1]
+    return fit.step * tokens / seconds if seconds else 0.0
+
+
 def predict(fit: ChainFit, k: int, threshold: float, stop: str) -> dict:
-    """Predicted tokens per verification, acceptance and speedup over the fit's sequences (pooled)."""
-    totals = [walk(c, k, threshold, stop, fit) for c in fit.chains]
-    seconds, tokens, steps, drafted, accepted = (sum(x[i] for x in totals) for i in range(5))
+    """Predicted tokens per verification and acceptance over the fit's sequences (pooled), and the speedup as
+    reports state it: the median over sequences of each one's speedup, every prompt weighing the same (pooled
+    seconds let one long, repetitive continuation outweigh a dozen short answers: the first fits did)."""
+    walked = [walk(c, k, threshold, stop, fit) for c in fit.chains]
+    seconds, tokens, steps, drafted, accepted = (sum(x[i] for x in walked) for i in range(5))
+    per = [per_sequence_speedup(fit, w) for w in walked if w[0]]
     return {"num_speculations": k, "draft_threshold": threshold, "stop": stop,
             "tokens_per_step": tokens / steps if steps else 0.0, "acceptance": accepted / drafted if drafted else 0.0,
-            "predicted_speedup": fit.step * tokens / seconds if seconds else 0.0}
+            "predicted_speedup": statistics.median(per) if per else 0.0,
+            "pooled_speedup": fit.step * tokens / seconds if seconds else 0.0}
 
 
 def interval(fit: ChainFit, k: int, threshold: float, stop: str, reps: int = 2000, seed: int = 0) -> list[float]:
-    """95% percentile bootstrap of the predicted speedup over sequences (a prompt is the unit)."""
-    per = [walk(c, k, threshold, stop, fit)[:2] for c in fit.chains]
+    """95% percentile bootstrap of the predicted (median) speedup over sequences (a prompt is the unit)."""
+    per = [per_sequence_speedup(fit, w) for w in (walk(c, k, threshold, stop, fit) for c in fit.chains) if w[0]]
     rng = random.Random(seed)
-    stats = sorted(fit.step * sum(p[1] for p in pick) / sum(p[0] for p in pick)
-                   for pick in ([per[rng.randrange(len(per))] for _ in per] for _ in range(reps)))
+    stats = sorted(statistics.median([per[rng.randrange(len(per))] for _ in per]) for _ in range(reps))
     return [round(stats[int(0.025 * (reps - 1))], 3), round(stats[int(0.975 * (reps - 1))], 3)]
 
 
@@ -337,22 +369,32 @@ def drafter_data(cfg: TrainConfig, opts: DrafterOptions, model, layer: Optional[
     """Training and held-out sequences (text rows of the training pools + greedy continuations of training-pool
     prompts) with the trunk's final-normed features and, if `layer`, its raw states after that many layers.
 
-    Returns ids (N, T), mask (N, T; False on padding), final (N, T, d), states (N, T, d) or None, train / held
+    Returns ids (N, T), mask (N, T; False on padding), loss_mask (N, T; the positions --drafter_loss_on trains:
+    a target feature's / a drafted token's position), generated (N, T; the continuations' new tokens), final
+    (N, T, d), states (N, T, d) or None, train / held
     (row indices: held = the last --eval_sequences text rows and the last eighth of the continuations), and
     training_data (documents read, per source)."""
     from .common import hidden_states, train_eval_split, training_documents
 
+    if opts.drafter_loss_on not in ("responses", "all"):
+        raise UsageError(f"--drafter_loss_on must be 'responses' or 'all', got {opts.drafter_loss_on!r}")
     text_train, text_held = train_eval_split(cfg, model.tokenizer)
     text_train = text_train[:opts.drafter_text_sequences]
-    conts, cont_docs = training_continuations(run_model(model, cfg, opts), cfg, opts) if opts.drafter_prompts \
-        else ([], {})
+    conts, cont_docs, prompt_lengths = training_continuations(run_model(model, cfg, opts), cfg, opts) \
+        if opts.drafter_prompts else ([], {}, [])
     pad = model.tokenizer.eos_token_id or 0
     cont_ids, cont_mask = padded(conts, cfg.seq_len, pad) if conts else (torch.zeros(0, cfg.seq_len, dtype=torch.long),
                                                                        torch.zeros(0, cfg.seq_len, dtype=torch.bool))
+    cont_new = generated_positions(conts, prompt_lengths, cfg.seq_len)
+    cont_loss = cont_new if opts.drafter_loss_on == "responses" else cont_mask
     n_cont_held = len(conts) // 8
     ids = torch.cat([text_train, cont_ids[:len(conts) - n_cont_held], text_held, cont_ids[len(conts) - n_cont_held:]])
     mask = torch.cat([torch.ones_like(text_train, dtype=torch.bool), cont_mask[:len(conts) - n_cont_held],
                       torch.ones_like(text_held, dtype=torch.bool), cont_mask[len(conts) - n_cont_held:]])
+    loss_mask = torch.cat([torch.ones_like(text_train, dtype=torch.bool), cont_loss[:len(conts) - n_cont_held],
+                           torch.ones_like(text_held, dtype=torch.bool), cont_loss[len(conts) - n_cont_held:]])
+    generated = torch.cat([torch.zeros_like(text_train, dtype=torch.bool), cont_new[:len(conts) - n_cont_held],
+                           torch.zeros_like(text_held, dtype=torch.bool), cont_new[len(conts) - n_cont_held:]])
     n_train = len(text_train) + len(conts) - n_cont_held
     final, states = [], []
     from tqdm.auto import tqdm
@@ -367,7 +409,8 @@ def drafter_data(cfg: TrainConfig, opts: DrafterOptions, model, layer: Optional[
     for s, rec in cont_docs.items():  # the continuations' prompts: training-pool documents too
         prev = set(training_data.get(s, {}).get("records", []))
         training_data[s] = documents_record(s, sorted(prev | set(rec["records"])))
-    return {"ids": ids, "mask": mask, "final": torch.cat(final), "states": torch.cat(states) if states else None,
+    return {"ids": ids, "mask": mask, "loss_mask": loss_mask, "generated": generated, "final": torch.cat(final),
+            "states": torch.cat(states) if states else None,
             "train": torch.arange(n_train), "held": torch.arange(n_train, len(ids)), "training_data": training_data,
             "continuations": len(conts), "text_sequences": len(text_train)}
 
@@ -384,10 +427,11 @@ def soft_ce(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_agreement(model, predict_logits, data: dict, rows: Optional[torch.Tensor], shift: int) -> float:
+def held_agreement(model, predict_logits, data: dict, rows: Optional[torch.Tensor], shift: int,
+                   where: str = "mask") -> float:
     """Teacher-forced top-1 agreement of the draft (on its rows) with the full model's greedy token, on the held
-    rows' real tokens. predict_logits(index tensor) -> (B, T - shift, rows) logits for targets at positions
-    shift..T-1."""
+    rows' real tokens (where="generated": only the continuations' new tokens, what runs draft on).
+    predict_logits(index tensor) -> (B, T - shift, rows) logits for targets at positions shift..T-1."""
     W = model.lm_head.weight.detach().float()
     hits = total = 0
     for i in range(0, len(data["held"]), 8):
@@ -397,7 +441,7 @@ def held_agreement(model, predict_logits, data: dict, rows: Optional[torch.Tenso
         if rows is not None:
             draft = rows[draft]
         target = (data["final"][idx][:, shift:] @ W.T).argmax(-1)
-        m = data["mask"][idx][:, shift:]
+        m = data[where][idx][:, shift:]
         if shift:
             m = m & data["mask"][idx][:, :-shift]
         hits += int(((draft == target) & m).sum())
@@ -438,7 +482,7 @@ def finish(method: str, cfg: TrainConfig, opts: DrafterOptions, model, module: t
     fit = fit_and_recommend(method, art, model, cfg, opts, data["training_data"], {method: "keep", loop_key: "drop"}) \
         if opts.drafter_fit_prompts else None
     art.provenance[method] = provenance(
-        cfg, time.perf_counter() - seconds_from, {**metrics, "untrained_agree_heldout": untrained["agree_heldout"]},
+        cfg, time.perf_counter() - seconds_from, {**metrics, **{f"untrained_{k}": v for k, v in untrained.items()}},
         options=asdict(opts), training_data=data["training_data"],
         train_sequences=int(len(data["train"])), held_sequences=int(len(data["held"])),
         data_note=f"{data['text_sequences']} text sequences of the training pools of {cfg.data} and "
@@ -448,7 +492,9 @@ def finish(method: str, cfg: TrainConfig, opts: DrafterOptions, model, module: t
     _, out = cfg.paths()
     art.save(out)
     print(f"{method}: held-out teacher-forced agreement {untrained['agree_heldout']:.3f} -> "
-          f"{metrics['agree_heldout']:.3f}")
+          f"{metrics['agree_heldout']:.3f}; on the continuations' new tokens "
+          f"{untrained.get('agree_heldout_generated', float('nan')):.3f} -> "
+          f"{metrics.get('agree_heldout_generated', float('nan')):.3f}")
     if fit is not None:
         for key in (method, loop_key):
             print(f"{method}: {key}: {verdict_line(fit[key]['best'])}")

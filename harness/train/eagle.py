@@ -65,14 +65,16 @@ def run(cfg: TrainConfig, opts: EagleOptions, model):
 
     def loss(idx: torch.Tensor, step: int):
         pred, target = forward(idx, True)
-        m = data["mask"][idx][:, 1:] & data["mask"][idx][:, :-1]
+        m = data["loss_mask"][idx][:, 1:] & data["mask"][idx][:, :-1]
         v = F.smooth_l1_loss(pred[m], target[m])
         p = soft_ce(pred[m] @ Wv.T, target[m] @ Wv.T)
         return opts.eagle_regression_weight * v + opts.eagle_ce_weight * p, {"vloss": float(v), "ploss": float(p)}
 
     def evaluate() -> dict:
         with torch.no_grad():
-            return {"agree_heldout": held_agreement(model, lambda idx: forward(idx, False)[0] @ Wv.T, data, rows, 1)}
+            logits = lambda idx: forward(idx, False)[0] @ Wv.T
+            return {"agree_heldout": held_agreement(model, logits, data, rows, 1),
+                    "agree_heldout_generated": held_agreement(model, logits, data, rows, 1, "generated")}
 
     untrained = evaluate()
     metrics = Loop(cfg, {"eagle": head}, loss, evaluate).run(data["train"])

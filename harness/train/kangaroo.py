@@ -54,13 +54,15 @@ def run(cfg: TrainConfig, opts: KangarooOptions, model):
         return adapter(data["states"][idx], cos, sin)
 
     def loss(idx: torch.Tensor, step: int):
-        m = data["mask"][idx]
+        m = data["loss_mask"][idx]
         ce = soft_ce(forward(idx)[m] @ Wv.T, data["final"][idx][m] @ Wv.T)
         return ce, {"ce": float(ce)}
 
     def evaluate() -> dict:
         with torch.no_grad():
-            return {"agree_heldout": held_agreement(model, lambda idx: forward(idx) @ Wv.T, data, rows, 0)}
+            logits = lambda idx: forward(idx) @ Wv.T
+            return {"agree_heldout": held_agreement(model, logits, data, rows, 0),
+                    "agree_heldout_generated": held_agreement(model, logits, data, rows, 0, "generated")}
 
     untrained = evaluate()
     metrics = Loop(cfg, {"kangaroo": adapter}, loss, evaluate).run(data["train"])
