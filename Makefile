@@ -121,12 +121,15 @@ exits: setup
 # then each fitted on greedy continuations of held-out prompts for its recommended draft length and threshold.
 # Sequences of 1024 tokens: runs draft after whole articles (CNN/DM and XSum prompts are 500-1000 tokens), and
 # drafters trained on 256-token sequences never saw such positions (their acceptance on test prompts was half the fit's).
-# About 25 minutes on the team's 2-core CPU (the seconds of each are in the artifact's provenance).
+# Continuations run 64 tokens past the tasks' stop strings (the model's own text is what drafts must predict) and the
+# loss covers prompts too (--drafter_loss_on all: EAGLE's prompt-free loss drafted worse here, docs/drafters.md).
+# About 35 minutes on the team's 2-core CPU (the seconds of each are in the artifact's provenance).
 DRAFTERS := harness/data/exits/SmolLM2-135M-Instruct.drafters.safetensors
 DRAFTER_RUN := --exits $(EXITS) --output $(DRAFTERS) --seed 0 --holdout_docs 200 --max_docs 1000 --seq_len 1024 \
-	--batch_size 1 --eval_sequences 4 --log_every 100 --save_every 100 --drafter_text_sequences 64 \
-	--drafter_prompts 96 --drafter_tokens 64 --drafter_continuations $(EXITS_WORK)/drafter_continuations.json \
-	--drafter_fit_prompts 16 --drafter_fit_tokens 64 --drafter_fit_chain 8
+	--batch_size 1 --eval_sequences 4 --log_every 100 --save_every 100 --drafter_text_sequences 32 \
+	--drafter_prompts 256 --drafter_tokens 64 --drafter_task_stops false --drafter_loss_on all \
+	--drafter_continuations $(EXITS_WORK)/drafter_continuations.json \
+	--drafter_fit_prompts 48 --drafter_fit_tokens 64 --drafter_fit_chain 8
 drafters: setup
 	rm -rf $(DRAFTERS) $(EXITS_WORK)/eagle $(EXITS_WORK)/kangaroo $(EXITS_WORK)/drafter_continuations.json
 	$(PY) -m harness.train --recipe eagle $(DRAFTER_RUN) --work_dir $(EXITS_WORK)/eagle --steps 1200 --lr 1e-3
@@ -215,7 +218,7 @@ drafter-results: setup
 # The trained drafters on Spec-Bench's categories (docs/drafters.md): the spec-bench slice's questions and settings,
 # its own invocation with baseline and A/A control and prompt lookup beside hybrid drafting; about 3 minutes here.
 DRAFT_SPEC := results/drafters/spec_bench
-DRAFT_SPEC_STRATEGIES := eagle,kangaroo,hybrid_speculative:drafter=eagle,prompt_lookup
+DRAFT_SPEC_STRATEGIES := eagle,kangaroo,self_speculative:drafter=kangaroo,hybrid_speculative:drafter=eagle,prompt_lookup
 drafter-spec-bench: setup
 	rm -rf $(DRAFT_SPEC)
 	$(PY) benchmark.py $(SPEC_RUN) --strategies $(DRAFT_SPEC_STRATEGIES) --output_dir $(DRAFT_SPEC)/runs
