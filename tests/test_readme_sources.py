@@ -259,11 +259,43 @@ def test_drafters_spec_bench_table_is_the_committed_report():
     rows = {r[0]: r for r in _table_rows(text, "")}
     report = {(r["strategy"], r["control"]): r for r in
               csv.DictReader((ROOT / "results" / "drafters" / "spec_bench" / "report" / "report.csv").open())}
-    for key, (strategy, control) in (("A/A control", ("autoregressive", "True")), ("`eagle` k2 t0.8", ("eagle", "False")),
+    for key, (strategy, control) in (("A/A control", ("autoregressive", "True")), ("`eagle` (", ("eagle", "False")),
+                                     ("`kangaroo` (", ("kangaroo", "False")),
+                                     ("`self_speculative:drafter=kangaroo` k1 t0.1", ("self_speculative", "False")),
                                      ("`prompt_lookup`", ("prompt_lookup", "False")),
-                                     ("`hybrid_speculative:drafter=eagle` k1 t0", ("hybrid_speculative", "False"))):
+                                     ("`hybrid_speculative:drafter=eagle` (", ("hybrid_speculative", "False"))):
         r = report[(strategy, control)]
         row = next(v for k, v in rows.items() if k.startswith(key))
         assert row[1] == (f"{float(r['decode_speedup']):.2f}x [{float(r['decode_speedup_ci95_low']):.2f}-"
                           f"{float(r['decode_speedup_ci95_high']):.2f}]"), (key, row)
         assert row[2] == f"{float(r['tau']):.2f}" and row[3] == f"{float(r['oracle_speedup']):.2f}x", (key, row)
+
+
+def test_drafters_speed_tables_are_the_committed_report():
+    """docs/drafters.md's and the README's trained-drafter tables: each measured cell is
+    results/drafters/report/report.csv (CNN/DM with its 95% CI, XSum and GSM8K with min-max)."""
+    import csv
+
+    report = {(r["dataset"], r["strategy"], r["control"]): r for r in
+              csv.DictReader((ROOT / "results" / "drafters" / "report" / "report.csv").open())}
+
+    def cell(task, strategy, control="False"):
+        r = report[(task, strategy, control)]
+        x = f"{float(r['decode_speedup']):.2f}x"
+        if task == "cnn_dm_summarization":
+            return f"{x} [{float(r['decode_speedup_ci95_low']):.2f}-{float(r['decode_speedup_ci95_high']):.2f}]"
+        return f"{x} ({float(r['decode_speedup_min']):.2f}-{float(r['decode_speedup_max']):.2f})"
+
+    keys = (("A/A control", "autoregressive", "True"),
+            ("`self_speculative:drafter=kangaroo`", "self_speculative", "False"),
+            ("`kangaroo`", "kangaroo", "False"), ("`eagle`", "eagle", "False"),
+            ("`hybrid_speculative:drafter=eagle`", "hybrid_speculative", "False"),
+            ("`prompt_lookup`", "prompt_lookup", "False"))
+    docs = (DOCS / "drafters.md").read_text(encoding="utf-8").split("## Predicted and measured")[1]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").split("### Trained drafters")[1].split("###")[0]
+    for text, first in ((docs, 2), (readme, 3)):
+        rows = [r for r in _table_rows(text, "") if len(r) >= first + 3]
+        for key, strategy, control in keys:
+            row = next(r for r in rows if r[0] == key or r[0].startswith(key + " "))
+            assert row[first:first + 3] == [cell(t, strategy, control) for t in
+                                            ("cnn_dm_summarization", "xsum_summarization", "gsm8k")], (key, row)
