@@ -9,8 +9,9 @@ The fit: the trained module is attached to a copy of the model in the dtype runs
 method's own generator drafts a full chain (--drafter_fit_chain drafts, no stop) at every decode position of the
 full model's greedy continuations of held-out prompts (the --holdout_docs tail, never trained on), teacher-forced
 on those tokens: at each position the draft module's caches hold exactly what generation gives them there. Each
-draft's correctness and confidence are recorded, and costs are timed on the same copy: a draft pass (median over the
-fit) and a verification pass over q positions (speedup_model.measure_costs). A walk along each sequence then
+draft's correctness and confidence are recorded, and costs are timed on the same copy: a proposal (a line through
+its fixed cost and its cost per draft), a one-position verification along the walk (the step), and a verification
+pass over q positions (speedup_model.measure_costs: its shape, scaled to that step). A walk along each sequence then
 predicts the speedup of every (draft length, threshold) under the method's stop rule; the best is recommended, or
 "don't speculate" when its 95% interval does not lie above 1.0x (speedup_model.worth_speculating).
 """
@@ -210,6 +211,7 @@ def fit_chains(method: str, art: ExitArtifact, model, cfg: TrainConfig, opts: Dr
                                                       else 0))
     (proposer,) = [p for p in gen.proposers if isinstance(p, ModelProposer)]
     chains, proposals = [], []  # proposals: (seconds, draft passes) of each timed proposal
+    scored = []  # seconds of each one-position verification from the proposal's depth, timed beside the proposals
     with torch.inference_mode():
         for ids, n in seqs:
             cache, _, _, _ = gen.prefill(ids[:n], keep=gen.keep_layer)
@@ -227,7 +229,10 @@ def fit_chains(method: str, art: ExitArtifact, model, cfg: TrainConfig, opts: Dr
                 else:
                     seq.append([])
                     one = Proposal([], depth=fit_model.num_layers, source="none")
+                t0 = gen.clock()
                 gen.score(one, ids[t], t, cache)
+                if room > 0:  # from the proposal's depth, as the cost curve's one-position pass
+                    scored.append(gen.clock() - t0)
                 fit_model.crop(cache, t + 1)
                 proposer.accepted(one, 0, ids[t + 1], t, gen.scored)
             chains.append(seq)
@@ -236,14 +241,21 @@ def fit_chains(method: str, art: ExitArtifact, model, cfg: TrainConfig, opts: Dr
     costs = measure_costs(fit_model, None, context=context, max_q=k + 1)
     E = getattr(proposer, "exit_layer", fit_model.num_layers)
     L = fit_model.num_layers
-    verify = {q: (L - E if E < L else L) * costs.layer_chunk[q] + costs.head[q] for q in costs.layer_chunk}
+    curve = {q: (L - E if E < L else L) * costs.layer_chunk[q] + costs.head[q] for q in costs.layer_chunk}
+    # The cost curve gives verification's shape (its passes are timed together, interleaved); its level comes from
+    # the one-position verifications timed along the walk, beside the proposals they are compared with. Timed apart,
+    # a shared machine's speed can move between the two (memory bandwidth here flips between ~40 and ~75 GB/s): a
+    # re-fit whose curve was timed in a slow spell predicted 1.14x for a setting the first fit put at 1.02x.
+    scale = statistics.median(scored) / curve[1] if scored else 1.0
+    step = costs.step() * scale
+    verify = {q: v * scale for q, v in curve.items()}
     record.update(dtype=str(fit_model.dtype).removeprefix("torch."), device=str(fit_model.device), cost_context=context,
                   draft_pass_ms=round(1e3 * draft_pass, 3) if proposals else None,
                   draft_fixed_ms=round(1e3 * draft_fixed, 3) if proposals else None,
-                  step_ms=round(1e3 * costs.step(), 3),
+                  step_ms=round(1e3 * step, 3), curve_scale=round(scale, 3),
                   verify_ms={q: round(1e3 * v, 3) for q, v in verify.items()})
     return ChainFit(chains, draft_pass, verify,
-                    E * costs.layer if E < L else 0.0, costs.step(), record, draft_fixed=draft_fixed)
+                    E * costs.layer * scale if E < L else 0.0, step, record, draft_fixed=draft_fixed)
 
 
 def proposal_costs(proposals: Sequence[tuple[float, int]]) -> tuple[float, float]:
