@@ -260,7 +260,7 @@ def test_drafters_spec_bench_table_is_the_committed_report():
     report = {(r["strategy"], r["control"]): r for r in
               csv.DictReader((ROOT / "results" / "drafters" / "spec_bench" / "report" / "report.csv").open())}
     for key, (strategy, control) in (("A/A control", ("autoregressive", "True")), ("`eagle` (", ("eagle", "False")),
-                                     ("`kangaroo` (", ("kangaroo", "False")),
+                                     ("`kangaroo` k3 t0.3", ("kangaroo", "False")),
                                      ("`self_speculative:drafter=kangaroo` k1 t0.1", ("self_speculative", "False")),
                                      ("`prompt_lookup`", ("prompt_lookup", "False")),
                                      ("`hybrid_speculative:drafter=eagle` (", ("hybrid_speculative", "False"))):
