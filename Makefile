@@ -196,7 +196,7 @@ spec-bench: setup
 
 # The trained drafters' recommended settings fitted again on this machine, the modules unchanged (their provenance
 # keeps the earlier fit's best settings under fit.refitted_from): the same held-out prompts, costs timed here. Run it
-# ALONE (it times); ~40 s here.
+# ALONE (it times); ~85 s here. Its verdicts move with this shared machine's timing noise (docs/drafters.md).
 drafter-refit: setup
 	$(PY) -m harness.train --recipe drafter_refit --exits $(EXITS) --output $(DRAFTERS) --seed 0 \
 		--work_dir $(EXITS_WORK)/drafter_refit
