@@ -123,7 +123,7 @@ exits: setup
 # drafters trained on 256-token sequences never saw such positions (their acceptance on test prompts was half the fit's).
 # Continuations run 64 tokens past the tasks' stop strings (the model's own text is what drafts must predict) and the
 # loss covers prompts too (--drafter_loss_on all: EAGLE's prompt-free loss drafted worse here, docs/drafters.md).
-# About 35 minutes on the team's 2-core CPU (the seconds of each are in the artifact's provenance).
+# About 38 minutes on the team's 2-core CPU (the seconds of each are in the artifact's provenance).
 DRAFTERS := harness/data/exits/SmolLM2-135M-Instruct.drafters.safetensors
 DRAFTER_RUN := --exits $(EXITS) --output $(DRAFTERS) --seed 0 --holdout_docs 200 --max_docs 1000 --seq_len 1024 \
 	--batch_size 1 --eval_sequences 4 --log_every 100 --save_every 100 --drafter_text_sequences 32 \

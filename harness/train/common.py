@@ -186,8 +186,8 @@ def greedy_continuations_of(model, pending: dict[str, list[int]], count: int, ma
     (`pending`, consumed from the front): each in its task's prompt format cut from the left to `prompt_tokens`,
     ended as evaluation ends it (the task's stop strings, EOS, or `max_new` tokens; without `task_stops` only EOS
     and `max_new` end it: training data, where text past a stop string is still the model's own). Continuations
-    shorter than `min_new` tokens are skipped. Returns ([(prompt + continuation ids, prompt length)], record indices used per
-    source, skipped)."""
+    shorter than `min_new` tokens are skipped. Returns ([(prompt + continuation ids, prompt length)], record indices
+    used per source, skipped)."""
     from ..config import GenerationConfig
     from ..generators import StopCondition, build_generator
     from ..tasks import TASKS

@@ -399,15 +399,18 @@ def drafter_data(cfg: TrainConfig, opts: DrafterOptions, model, layer: Optional[
                                                                        torch.zeros(0, cfg.seq_len, dtype=torch.bool))
     cont_new = generated_positions(conts, prompt_lengths, cfg.seq_len)
     cont_loss = cont_new if opts.drafter_loss_on == "responses" else cont_mask
-    n_cont_held = len(conts) // 8
-    ids = torch.cat([text_train, cont_ids[:len(conts) - n_cont_held], text_held, cont_ids[len(conts) - n_cont_held:]])
-    mask = torch.cat([torch.ones_like(text_train, dtype=torch.bool), cont_mask[:len(conts) - n_cont_held],
-                      torch.ones_like(text_held, dtype=torch.bool), cont_mask[len(conts) - n_cont_held:]])
-    loss_mask = torch.cat([torch.ones_like(text_train, dtype=torch.bool), cont_loss[:len(conts) - n_cont_held],
-                           torch.ones_like(text_held, dtype=torch.bool), cont_loss[len(conts) - n_cont_held:]])
-    generated = torch.cat([torch.zeros_like(text_train, dtype=torch.bool), cont_new[:len(conts) - n_cont_held],
-                           torch.zeros_like(text_held, dtype=torch.bool), cont_new[len(conts) - n_cont_held:]])
-    n_train = len(text_train) + len(conts) - n_cont_held
+    cut = len(conts) - len(conts) // 8  # the last eighth of the continuations is held out
+
+    def rows(cont: torch.Tensor, text_flag: Optional[bool] = None) -> torch.Tensor:
+        """Training text, training continuations, held text, held continuations; the text rows as themselves or,
+        for a per-position flag, all `text_flag`."""
+        def text(t):
+            return t if text_flag is None else torch.full_like(t, text_flag, dtype=torch.bool)
+        return torch.cat([text(text_train), cont[:cut], text(text_held), cont[cut:]])
+
+    ids, mask, loss_mask = rows(cont_ids), rows(cont_mask, True), rows(cont_loss, True)
+    generated = rows(cont_new, False)
+    n_train = len(text_train) + cut
     final, states = [], []
     from tqdm.auto import tqdm
 
