@@ -151,7 +151,8 @@ shipped: setup
 
 # Reference results on the embedded model (docs/reference_results.md; hours on a 2-core CPU): every method and
 # transformers peer on the four tasks (full prompts, at most 64 new tokens, the default dtype), with the shipped
-# trained exits and without them (the methods that read exits), then the report (regenerable byte for byte from the
+# trained exits and without them (the methods that read exits), the trained drafters' rows as an invocation of their
+# own (DRAFT_STRATEGIES, with its baseline and A/A control), then the report (regenerable byte for byte from the
 # logs: tests/test_reference.py) and exit diagnostics. 10 examples of CNN/DM and HumanEval; 20 of XSum and GSM8K,
 # where some prompts end at once (a newline or a stop first) and 10 would leave fewer than 10 paired decodes, too
 # few for an interval. Logs are gzipped (deterministically) to keep the committed folder small.
@@ -168,7 +169,9 @@ results: setup
 		$(PY) benchmark.py $(REF_RUN) --dataset $$tasks --num_samples $$n --exits $(EXITS) --strategies all,$(REF_EXTRA) \
 			--output_dir $(RESULTS)/runs/trained_exits || exit 1; \
 		$(PY) benchmark.py $(REF_RUN) --dataset $$tasks --num_samples $$n --exits none --strategies $(REF_UNTRAINED) \
-			--output_dir $(RESULTS)/runs/untrained_exits || exit 1; done
+			--output_dir $(RESULTS)/runs/untrained_exits || exit 1; \
+		$(PY) benchmark.py $(REF_RUN) --dataset $$tasks --num_samples $$n --exits $(EXITS) --strategies $(DRAFT_STRATEGIES) \
+			--output_dir $(RESULTS)/runs/drafters || exit 1; done
 	find $(RESULTS)/runs -name report -type d -prune -exec rm -rf {} +
 	find $(RESULTS)/runs -name examples.jsonl -exec gzip -9 -n {} +
 	find $(RESULTS)/runs -name .lock -delete

@@ -44,11 +44,24 @@ def commit_of(root: Path) -> Optional[str]:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform's guess: speed figures belong to a machine, and
+    "x86_64" names none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     versions = library_versions()
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "packages": versions, "git_commit": git_commit(),
-           "device": str(device), "device_name": platform.processor() or platform.machine(),
+           "device": str(device), "device_name": cpu_name(),
            "world_size": int(os.environ.get("WORLD_SIZE", 1)),
            "nodes": max(1, int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1)),
            "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1))}

@@ -17,6 +17,7 @@ TASKS = {"cnn_dm_summarization", "xsum_summarization", "human_eval", "gsm8k"}
 TRAINED = {"autoregressive", "self_speculative", "hybrid_speculative", "calm", "free", "dynamic", "policy",
            "prompt_lookup", "kangaroo", "eagle", "hf_generate", "hf_prompt_lookup", "hf_assistant_early_exit"}
 UNTRAINED = {"autoregressive", "self_speculative", "hybrid_speculative", "calm", "free", "dynamic"}
+DRAFTERS = {"autoregressive", "eagle", "kangaroo", "self_speculative", "hybrid_speculative", "prompt_lookup"}  # Makefile
 CRITERIA = {"cosine_similarity", "token_repeat", "entropy_based", "max_probability", "convergence"}
 
 
@@ -26,15 +27,23 @@ def runs():
 
 
 def test_every_task_method_and_peer_with_and_without_trained_exits(runs):
+    """Three invocations per task: everything with the shipped exits, the exit readers without them, and the
+    trained drafters' own (issue 21: one invocation of their own, its baseline and A/A control)."""
+    assert {Path(r["path"]).relative_to(REF / "runs").parts[0] for r in runs} == {"trained_exits", "untrained_exits",
+                                                                                  "drafters"}
     for task in TASKS:
-        for exits, wanted in (("trained_exits", TRAINED), ("untrained_exits", UNTRAINED)):
+        for exits, wanted in (("trained_exits", TRAINED), ("untrained_exits", UNTRAINED), ("drafters", DRAFTERS)):
             mine = [r for r in runs if r["run"]["task"]["name"] == task and
                     Path(r["path"]).relative_to(REF / "runs").parts[0] == exits]
             assert {r["run"]["strategy"] for r in mine} == wanted, (task, exits)
-            assert {r["run"]["knobs"].get("criteria") for r in mine if r["run"]["strategy"] == "dynamic"} == CRITERIA
+            if "dynamic" in wanted:
+                assert {r["run"]["knobs"].get("criteria") for r in mine if r["run"]["strategy"] == "dynamic"} == CRITERIA
             assert sum(bool(r["run"]["control"]) for r in mine) == 1  # each invocation has its A/A control
             attached = {bool(r["run"]["model"]["exits"]) for r in mine}
-            assert attached == {exits == "trained_exits"}
+            assert attached == {exits != "untrained_exits"}
+        drafted = {r["run"]["knobs"].get("drafter") for r in runs if r["run"]["task"]["name"] == task and
+                   Path(r["path"]).relative_to(REF / "runs").parts[0] == "drafters"}
+        assert {"kangaroo", "eagle"} <= drafted, drafted  # SS:drafter=kangaroo, hybrid:drafter=eagle
     examples = {"cnn_dm_summarization": 10, "human_eval": 10, "xsum_summarization": 20, "gsm8k": 20}  # REF_SETS
     for r in runs:
         assert len(r["examples"]) == examples[r["run"]["task"]["name"]] and r["summary"]["status"] == "complete"
@@ -42,7 +51,7 @@ def test_every_task_method_and_peer_with_and_without_trained_exits(runs):
 
 
 def _commits(runs) -> dict:
-    """Invocation (trained_exits / untrained_exits) -> the git_commit values its logs recorded."""
+    """Invocation (trained_exits / untrained_exits / drafters) -> the git_commit values its logs recorded."""
     commits: dict = {}
     for r in runs:
         commits.setdefault(Path(r["path"]).relative_to(REF / "runs").parts[0], set()).add(
