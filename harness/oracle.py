@@ -10,15 +10,20 @@ passes, and when its drafts are cheap. Given the run's counts and the cost curve
     N = sum(new_tokens - prefills)       decoded tokens          V = sum(verify_passes)   full-depth passes
     D = sum(drafted)                     drafted tokens          F = sum(draft_passes)    drafter forwards
     w = 1 + D / V                        mean verify width (positions per verification pass)
-    verify(w) = c_layers(w) * (L - E) / L + c_head(w)   early-exit drafts at depth E (exit_layer set and F > 0):
-                                                        the scorer runs only layers E..L-1 over the drafted positions
-              = c_total(w)                              otherwise (lookup drafts, transformers' peers without E)
-    draft     = c_layers(1) * E / L + c_head(1)         one early-exit draft forward (0 without an exit layer)
+    verify(w) = c_layers(w) * (L - S) / L + c_head(w)   S: the layer verification starts at (a drafter that keeps its
+                                                        layer-E states: LayerSkip's exit, Kangaroo's adapter; else 0)
+    draft     = c_layers(1) * d / L                     one drafter forward: d trunk-layer equivalents of weights, r of
+                + c_head(1) * r / n_vocab               the vocabulary's rows (its reduced draft vocabulary, if any)
     oracle    = N * c_total(1) / (V * verify(w) + F * draft)
 
-Plain autoregressive decoding (V = N, D = F = 0) comes out at exactly 1. Layer cost is taken as proportional to the
-number of layers run, and a draft's head as the full lm_head (a reduced draft vocabulary or trained exit adapters are
-not modelled); hybrid speculation's lookup steps, which verify at full depth, are costed as early-exit ones (cheaper).
+Each model drafter states its (d, r, S) in its own method file (self_speculative.DRAFTER_SHAPES: the early exit
+runs E layers, plus its trained adapter's weights where one is attached at E; Kangaroo runs E layers plus its
+attention adapter; EAGLE runs its one decoder layer plus its input projection, from the last layer's features,
+so S = 0). A module's weights are counted in units of one trunk layer's, (parameters - n_vocab * hidden) / L, the cost
+that scales with bytes streamed, as a memory-bound decode step does. Without a `drafter` knob (transformers'
+assistant early exit) an exit_layer E means d = S = E, r = n_vocab. Plain autoregressive decoding (V = N, D = F = 0)
+comes out at exactly 1. Hybrid speculation's lookup steps, which verify at full depth, are costed as its model
+drafter's (cheaper when that drafter keeps layer-E states).
 transformers' peers do not report how many tokens they drafted: their accepted tokens stand in for D there
 (accepted <= drafted: the width and the verify cost are underestimated, which can only raise the oracle).
 A large gap between the oracle and the observed speedup is implementation overhead; a low oracle means the drafts
@@ -64,17 +69,55 @@ def counts(records: Sequence[dict]) -> Optional[Counts]:
                   draft_passes=sum(int(r.get("draft_passes") or 0) for r in rows))
 
 
-def oracle_speedup(curve: dict, c: Counts, num_layers: int, exit_layer: Optional[int]) -> Optional[float]:
+@dataclass(frozen=True)
+class DraftShape:
+    """What one drafter forward streams, in the oracle's units."""
+
+    layers: float  # d: trunk layers it runs plus its own module's weights, in trunk-layer equivalents
+    head_rows: int  # r: vocabulary rows its readout multiplies
+    verify_from: int  # S: the layer verification starts at (E when the drafts' layer-E states are reused, else 0)
+
+
+def layer_weights(model: dict) -> Optional[float]:
+    """One trunk layer's parameters, from run.json's model record: (parameters - vocab * hidden) / layers (a tied
+    head counted once; an untied one's second copy adds under 1/L of a layer's worth to each)."""
+    try:
+        per = (int(model["parameters"]) - int(model["vocab_size"]) * int(model["hidden_size"])) / int(model["num_layers"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return per if per > 0 else None
+
+
+def draft_shape(info: dict) -> Optional[DraftShape]:
+    """The shape of one of the run's drafter forwards: the method's `drafter` (its file's DRAFTER_SHAPES entry), else
+    an exit_layer knob's early exit, else None (no model drafter)."""
+    knobs, model = info.get("knobs") or {}, info.get("model") or {}
+    name, E = knobs.get("drafter"), knobs.get("exit_layer")
+    if name:
+        from .generators import load_all
+        from .generators.self_speculative import DRAFTER_SHAPES
+
+        load_all()  # the trained drafters register their shapes from their method files
+        shape = DRAFTER_SHAPES.get(name)
+        return shape(model, knobs) if shape is not None else None
+    if E is not None:  # head_rows 0 (a record without vocab_size): the full head, as oracle_speedup reads it
+        return DraftShape(layers=float(E), head_rows=int(model.get("vocab_size") or 0), verify_from=int(E))
+    return None
+
+
+def oracle_speedup(curve: dict, c: Counts, num_layers: int, shape: Optional[DraftShape],
+                   vocab: Optional[int] = None) -> Optional[float]:
     """The speedup of the module doc's formula, or None when it is undefined (no verification pass, no curve
-    points, a zero cost)."""
+    points, a zero cost). `vocab` (n_vocab) scales a draft readout of shape.head_rows rows; None = the full head."""
     if not curve or not curve.get("points") or c.verify_passes <= 0 or num_layers <= 0:
         return None
     L = num_layers
-    early = exit_layer is not None and 0 < exit_layer < L and c.draft_passes > 0
     w = 1.0 + c.drafted / c.verify_passes
-    if early:
-        verify = curve_cost(curve, "layers", w) * (L - exit_layer) / L + curve_cost(curve, "head", w)
-        draft = curve_cost(curve, "layers", 1) * exit_layer / L + curve_cost(curve, "head", 1)
+    if shape is not None and c.draft_passes > 0:
+        S = min(max(int(shape.verify_from), 0), L)
+        verify = curve_cost(curve, "layers", w) * (L - S) / L + curve_cost(curve, "head", w)
+        rows = min(shape.head_rows / vocab, 1.0) if vocab and shape.head_rows > 0 else 1.0
+        draft = curve_cost(curve, "layers", 1) * shape.layers / L + curve_cost(curve, "head", 1) * rows
     else:
         verify, draft = curve_cost(curve, "total", w), 0.0
     cost = c.verify_passes * verify + c.draft_passes * draft
@@ -85,7 +128,8 @@ def run_oracle(info: dict, records: Sequence[dict]) -> Optional[float]:
     """oracle_speedup of one run (run.json dict, its example records): None without a cost curve, without the
     model's layer count, or when no record reports verify_passes."""
     curve, c = info.get("cost_curve"), counts(records)
-    num_layers = (info.get("model") or {}).get("num_layers")
+    model = info.get("model") or {}
+    num_layers = model.get("num_layers")
     if not curve or c is None or not num_layers:
         return None
-    return oracle_speedup(curve, c, int(num_layers), (info.get("knobs") or {}).get("exit_layer"))
+    return oracle_speedup(curve, c, int(num_layers), draft_shape(info), model.get("vocab_size"))

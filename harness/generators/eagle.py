@@ -27,7 +27,7 @@ from ..draft_layer import DraftLayer
 from ..lean_layers import LayerKV
 from .base import register
 from .proposers import ModelProposer, Proposal, Scored
-from .self_speculative import MODEL_DRAFTERS, SelfSpeculative, TrainedDrafter
+from .self_speculative import DRAFTER_SHAPES, MODEL_DRAFTERS, SelfSpeculative, TrainedDrafter, draft_rows
 
 PREFIX = "eagle."  # the head's tensors in an exit artifact
 EAGLE_CHAIN = 5
@@ -160,7 +160,19 @@ def proposer(gen: SelfSpeculative) -> EagleProposer:
     return EagleProposer(gen.model, head, gen.k, gen.rows, gen.threshold, gen.sampler, gen.ids, gen.draft_stop)
 
 
+def shape(model: dict, knobs: dict):
+    """For the oracle: one decoder layer of the trunk's shape plus the input projection fc (2 hidden x hidden, and
+    its bias); it reads the last layer's features, so verification runs at full depth."""
+    from ..oracle import DraftShape, layer_weights
+
+    per, h = layer_weights(model), model.get("hidden_size")
+    if per is None or not h:
+        return None
+    return DraftShape(layers=1 + (2 * h * h + h) / per, head_rows=draft_rows(model, knobs), verify_from=0)
+
+
 MODEL_DRAFTERS["eagle"] = proposer
+DRAFTER_SHAPES["eagle"] = shape
 
 
 @register("eagle")

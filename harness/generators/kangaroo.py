@@ -29,7 +29,7 @@ from ..draft_layer import DraftLayer
 from ..lean_layers import LayerKV
 from .base import register
 from .proposers import EarlyExitProposer, Proposal, Scored
-from .self_speculative import MODEL_DRAFTERS, SelfSpeculative, TrainedDrafter
+from .self_speculative import DRAFTER_SHAPES, MODEL_DRAFTERS, SelfSpeculative, TrainedDrafter, draft_rows
 
 PREFIX = "kangaroo."  # the adapter's tensors in an exit artifact
 KANGAROO_STEPS, KANGAROO_THRESHOLD = 6, 0.6
@@ -127,7 +127,20 @@ def proposer(gen: SelfSpeculative) -> KangarooProposer:
     return KangarooProposer(m, adapter, E, gen.k, gen.rows, gen.threshold, gen.sampler, gen.ids, gen.draft_stop)
 
 
+def shape(model: dict, knobs: dict):
+    """For the oracle: E trunk layers plus the adapter's attention (q, k, v, o counted as four hidden x hidden
+    products, an upper bound under grouped K/V); verification resumes from layer E."""
+    from ..oracle import DraftShape, layer_weights
+
+    E, per = knobs.get("exit_layer"), layer_weights(model)
+    if E is None or per is None:
+        return None
+    return DraftShape(layers=E + 4 * model["hidden_size"] ** 2 / per, head_rows=draft_rows(model, knobs),
+                      verify_from=E)
+
+
 MODEL_DRAFTERS["kangaroo"] = proposer
+DRAFTER_SHAPES["kangaroo"] = shape
 
 
 @register("kangaroo")

@@ -33,6 +33,31 @@ from .proposers import LOOKUP_MATCHES, EarlyExitProposer, LookupProposer, ModelP
 # "exit" is LayerSkip's early exit (below); trained drafters register theirs from their own method files
 # (kangaroo.py, eagle.py), so self_speculative:drafter=kangaroo is LayerSkip's loop with Kangaroo's adapter.
 MODEL_DRAFTERS: dict = {}
+# What one forward of each of those drafters streams, for the report's oracle speedup (harness/oracle.py):
+# name -> fn(run.json model record, run knobs) -> oracle.DraftShape, or None when the record lacks a figure.
+DRAFTER_SHAPES: dict = {}
+
+
+def draft_rows(model: dict, knobs: dict) -> int:
+    """Vocabulary rows of a draft readout: the run's draft_vocab (the candidate rows), else the full head."""
+    return int(knobs.get("draft_vocab") or model["vocab_size"])
+
+
+def exit_shape(model: dict, knobs: dict):
+    """LayerSkip's early exit: E trunk layers, plus the trained adapter's two products (hidden x width each) where
+    an attached artifact has one at E (model.exit_logits reads it there); verification resumes from layer E."""
+    from ..oracle import DraftShape, layer_weights
+
+    E, per = knobs.get("exit_layer"), layer_weights(model)
+    if E is None or per is None:
+        return None
+    exits = model.get("exits") or {}
+    adapter = 2 * model["hidden_size"] * exits["adapter_width"] / per \
+        if E in (exits.get("adapter_layers") or ()) and exits.get("adapter_width") else 0.0
+    return DraftShape(layers=E + adapter, head_rows=draft_rows(model, knobs), verify_from=E)
+
+
+DRAFTER_SHAPES["exit"] = exit_shape
 
 DEFAULT_SPECULATIONS = 6
 
