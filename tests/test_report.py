@@ -290,6 +290,25 @@ def test_summary_cells_show_n_and_ci_or_n_too_small(tmp_path):
             assert re.search(r"\] n=\d+|n=\d+ \(n too small\)", cell), cell
 
 
+def test_one_configuration_from_two_invocation_folders_is_one_summary_row_per_folder(tmp_path):
+    """results/reference runs prompt lookup in its trained_exits and drafters invocations, one per task set: the
+    summary tells them apart by the folder each invocation wrote to, so each row spans every task."""
+    root = tmp_path / "runs"
+    for folder, ms in (("first", 40.0), ("second", 25.0)):
+        for task in ("gsm8k", "cnn_dm_lm"):
+            for run, strategy, t in (("base", "autoregressive", 50.0), ("lookup", "prompt_lookup", ms)):
+                info = _info(f"{folder}_{task}_{run}", strategy, None if run == "base" else {}, task)
+                info["command"] = ["benchmark.py", "--output_dir", f"results/x/{folder}"]
+                info["schedule"] = {"invocation": f"{folder}_{task}"}
+                _write(root / folder, info, _examples(N, t))
+    df, out = _report(root, tmp_path)
+    assert set(df["series"]) == {"first", "second"}
+    s = pd.read_csv(out / "summary_by_task.csv").set_index("method")
+    assert {"lookup (first)", "lookup (second)"} <= set(s.index) and "lookup" not in s.index
+    assert s.loc["lookup (first)", "gsm8k"].startswith("1.25x") and s.loc["lookup (first)", "cnn_dm_lm"] != "-"
+    assert s.loc["lookup (second)", "gsm8k"].startswith("2.00x") and s.loc["lookup (second)", "cnn_dm_lm"] != "-"
+
+
 def test_quality_deltas_get_paired_cis_and_prose_states_only_what_they_exclude(tmp_path):
     root = tmp_path / "runs"
     _write(root, _info("base"), _examples(N, 50.0, score=1.0))

@@ -207,14 +207,20 @@ def across_tasks(df: pd.DataFrame) -> pd.DataFrame:
     """Per method (rows: model, `exits` column, short label) and task (columns): decode speedup and the delta of
     the task's main quality metric, each with its 95% CI and n (or "n too small"), degenerate cells flagged.
     Labels are unique per configuration (`assign_labels`); the same configuration from two invocations gets the
-    invocation beside its label."""
+    folder its invocation wrote to beside its label (`series`, so that one row still spans the tasks), or the
+    invocation where the folder does not tell them apart."""
     cells: dict = {}
+    rows_ = df[~df.apply(is_baseline_row, axis=1)] if len(df) else df
+    col = rows_["series"] if "series" in rows_ else pd.Series("", index=rows_.index)
+    folders = col.fillna("").groupby([rows_["model"], rows_["exits"], rows_["label"]]).nunique() if len(rows_) else {}
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         q = primary_quality(g)
         for _, r in g.iterrows():
             if is_baseline_row(r):
                 continue
             key = (model, r["exits"], r["label"])
+            if folders[key] > 1 and r.get("series"):  # run by invocations that wrote to different folders
+                key = (model, r["exits"], f"{r['label']} ({r['series']})")
             if dataset in cells.get(key, {}):  # the same configuration from another invocation
                 key = (model, r["exits"], f"{r['label']} ({r['invocation']})")
             cells.setdefault(key, {})[dataset] = _summary_cell(r, q)

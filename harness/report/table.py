@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Optional
 
 import numpy as np
@@ -106,6 +107,7 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
         row = {
             "model": info["model"]["name"], "dataset": info["task"]["name"], "strategy": info["strategy"],
             "method": full, "invocation": field(info, "schedule", "invocation") or info["run_id"],
+            "series": series(info),
             "exits": exits_status(info), "label": short,
             "knobs": json.dumps(info["knobs"], sort_keys=True), "control": bool(info.get("control", False)),
             "run_id": info["run_id"], "status": summ.get("status", "no summary"), "n": n,
@@ -173,8 +175,22 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
     return df
 
 
+def series(info: dict) -> str:
+    """The folder the run's benchmark.py invocation wrote to (the last part of its --output_dir), "" without one:
+    what the same configuration run by two invocations on every task (results/reference's trained_exits and
+    drafters) is told apart by across tasks, where the per-task invocation id differs from task to task."""
+    cmd = [str(a) for a in info.get("command") or []]
+    for i, a in enumerate(cmd):
+        if a.startswith("--output_dir="):
+            return os.path.basename(os.path.normpath(a.split("=", 1)[1]))
+        if a == "--output_dir" and i + 1 < len(cmd):
+            return os.path.basename(os.path.normpath(cmd[i + 1]))
+    return ""
+
+
 _COLUMNS = [
-    "model", "dataset", "strategy", "method", "invocation", "exits", "label", "knobs", "control", "run_id", "status",
+    "model", "dataset", "strategy", "method", "invocation", "series", "exits", "label", "knobs", "control", "run_id",
+    "status",
     "n", "empty_outputs", "degenerate", "flag", "decode_ms_per_token_median", "decode_ms_per_token_q25",
     "decode_ms_per_token_q75", "prefill_seconds_median", "e2e_tokens_per_second_median", "avg_exit_layer",
     "acceptance_rate", "tau", "layer_forwards_per_token", "exit_head_flops_per_token", "confidence_flops_per_token",
