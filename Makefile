@@ -149,7 +149,8 @@ shipped: setup
 	find $(SHIPPED)/runs -name .lock -delete
 	$(PY) -m harness.report $(SHIPPED)/runs --out $(SHIPPED)/report
 
-# Reference results on the embedded model (docs/reference_results.md; hours on a 2-core CPU): every method and
+# Reference results on the embedded model (docs/reference_results.md; 46 minutes on the team's 2-core AMD EPYC with
+# the diagnostics and the Spec-Bench slice, run alone): every method and
 # transformers peer on the four tasks (full prompts, at most 64 new tokens, the default dtype), with the shipped
 # trained exits and without them (the methods that read exits), the trained drafters' rows as an invocation of their
 # own (DRAFT_STRATEGIES, with its baseline and A/A control), then the report (regenerable byte for byte from the
@@ -184,8 +185,9 @@ results: setup
 # The Spec-Bench slice of the reference results, its own invocation (about 5 minutes here): every category, the
 # same 2 questions per category (MT-bench's with both turns), 64 new tokens per turn, the default dtype, the
 # shipped exits, and its report (results/spec_bench/report: report.md ending in the per-category section,
-# spec_bench.csv, the heatmap). Its own folder: the rest of results/reference is fp32 at 24 tokens from an older
-# core, and one summary across tasks would put the two side by side as if comparable. `make spec-bench` re-makes only this slice.
+# spec_bench.csv, the heatmap). Its own folder: Spec-Bench's conversations (two turns, per-category tables) are not
+# the reference's single-prompt tasks, and one summary across tasks would put them side by side as if comparable.
+# `make spec-bench` re-makes only this slice.
 SPEC := results/spec_bench
 SPEC_RUN := --dataset spec_bench --num_samples 2 --max_steps 64 --seed 0 --exits $(EXITS)
 SPEC_STRATEGIES := self_speculative,prompt_lookup,hybrid_speculative,hf_prompt_lookup,calm,free
