@@ -29,7 +29,7 @@ from ..draft_layer import DraftLayer
 from ..lean_layers import LayerKV
 from .base import register
 from .proposers import EarlyExitProposer, Proposal, Scored
-from .self_speculative import DRAFTER_SHAPES, MODEL_DRAFTERS, SelfSpeculative, TrainedDrafter, draft_rows
+from .self_speculative import DRAFTER_SHAPES, MODEL_DRAFTERS, SelfSpeculative, TrainedDrafter, early_exit_shape
 
 PREFIX = "kangaroo."  # the adapter's tensors in an exit artifact
 KANGAROO_STEPS, KANGAROO_THRESHOLD = 6, 0.6
@@ -130,13 +130,7 @@ def proposer(gen: SelfSpeculative) -> KangarooProposer:
 def shape(model: dict, knobs: dict):
     """For the oracle: E trunk layers plus the adapter's attention (q, k, v, o counted as four hidden x hidden
     products, an upper bound under grouped K/V); verification resumes from layer E."""
-    from ..oracle import DraftShape, layer_weights
-
-    E, per = knobs.get("exit_layer"), layer_weights(model)
-    if E is None or per is None:
-        return None
-    return DraftShape(layers=E + 4 * model["hidden_size"] ** 2 / per, head_rows=draft_rows(model, knobs),
-                      verify_from=E)
+    return early_exit_shape(model, knobs, 4 * model.get("hidden_size", 0) ** 2)
 
 
 MODEL_DRAFTERS["kangaroo"] = proposer

@@ -43,18 +43,24 @@ def draft_rows(model: dict, knobs: dict) -> int:
     return int(knobs.get("draft_vocab") or model["vocab_size"])
 
 
-def exit_shape(model: dict, knobs: dict):
-    """LayerSkip's early exit: E trunk layers, plus the trained adapter's two products (hidden x width each) where
-    an attached artifact has one at E (model.exit_logits reads it there); verification resumes from layer E."""
+def early_exit_shape(model: dict, knobs: dict, module_weights: float):
+    """A drafter that runs the first E (exit_layer) trunk layers and then a module of `module_weights` parameters,
+    whose layer-E states verification resumes from; None when the records lack a figure."""
     from ..oracle import DraftShape, layer_weights
 
     E, per = knobs.get("exit_layer"), layer_weights(model)
     if E is None or per is None:
         return None
+    return DraftShape(layers=E + module_weights / per, head_rows=draft_rows(model, knobs), verify_from=E)
+
+
+def exit_shape(model: dict, knobs: dict):
+    """LayerSkip's early exit: plus the trained adapter's two products (hidden x width each) where an attached
+    artifact has one at E (model.exit_logits reads it there)."""
     exits = model.get("exits") or {}
-    adapter = 2 * model["hidden_size"] * exits["adapter_width"] / per \
-        if E in (exits.get("adapter_layers") or ()) and exits.get("adapter_width") else 0.0
-    return DraftShape(layers=E + adapter, head_rows=draft_rows(model, knobs), verify_from=E)
+    adapter = 2 * model.get("hidden_size", 0) * exits["adapter_width"] \
+        if knobs.get("exit_layer") in (exits.get("adapter_layers") or ()) and exits.get("adapter_width") else 0.0
+    return early_exit_shape(model, knobs, adapter)
 
 
 DRAFTER_SHAPES["exit"] = exit_shape

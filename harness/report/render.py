@@ -210,13 +210,14 @@ def across_tasks(df: pd.DataFrame) -> pd.DataFrame:
     folder its invocation wrote to beside its label (`series`, so that one row still spans the tasks), or the
     invocation where the folder does not tell them apart."""
     cells: dict = {}
-    rows_ = df[~df.apply(is_baseline_row, axis=1)] if len(df) else df
-    col = rows_["series"] if "series" in rows_ else pd.Series("", index=rows_.index)
-    folders = col.fillna("").groupby([rows_["model"], rows_["exits"], rows_["label"]]).nunique() if len(rows_) else {}
+    if df.empty:
+        return pd.DataFrame()
+    base = df.apply(is_baseline_row, axis=1)
+    folders = df[~base].groupby(["model", "exits", "label"])["series"].nunique()
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         q = primary_quality(g)
-        for _, r in g.iterrows():
-            if is_baseline_row(r):
+        for i, r in g.iterrows():
+            if base[i]:
                 continue
             key = (model, r["exits"], r["label"])
             if folders[key] > 1 and r.get("series"):  # run by invocations that wrote to different folders
